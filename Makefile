@@ -1,0 +1,42 @@
+# glymphmpi: `make demo` runs the main job, `make test` passes the tests.
+# Both install whatever is missing first (hpc/install.sh is idempotent).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NP ?= 2
+# Open MPI as root (CI, containers) and more ranks than cores.
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export OMPI_MCA_rmaps_base_oversubscribe := 1
+export OMPI_MCA_btl_vader_single_copy_mechanism := none
+export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
+export OMP_NUM_THREADS ?= 1
+export MPLBACKEND := Agg
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-serial test-mpi test-slurm test-slow lint clean
+
+install:
+	@bash hpc/install.sh
+
+demo: install
+	$(VENV)/bin/glymph demo --out demo-output
+
+test: install
+	$(MAKE) --no-print-directory test-serial
+	$(MAKE) --no-print-directory test-mpi
+
+test-serial:
+	$(PY) -m pytest -m "not slurm and not gpu and not slow" $(PYTEST_ARGS)
+
+test-mpi:
+	mpirun -n $(NP) bash tests/mpi_pytest.sh -m "mpi and not slow" $(PYTEST_ARGS)
+
+test-slow:
+	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check glymphmpi tests benchmarks
+
+clean:
+	rm -rf demo-output .pytest_cache build *.egg-info

@@ -1,0 +1,5 @@
+import sys
+
+from glymphmpi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""The ``glymph`` command: parse, load config, dispatch.
+
+Method subcommands plug in by module: every ``glymphmpi/<name>/cli.py`` that
+exists is asked to ``register(subparsers)``; those modules stay light (heavy
+imports happen inside their run functions).
+
+Exit codes: 0 done; 2 bad input or usage (one line, no traceback); 1 internal
+failure; 75 stopped by a signal after writing a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import pkgutil
+import sys
+
+from glymphmpi import __version__
+from glymphmpi.errors import EXIT_FAILURE, EXIT_INPUT, GlymphError, InputError
+from glymphmpi.log import setup_logging
+from glymphmpi.parallel import launcher_env
+
+log = logging.getLogger("glymphmpi.cli")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _plugin_modules():
+    import glymphmpi
+
+    for info in sorted(pkgutil.iter_modules(glymphmpi.__path__), key=lambda i: i.name):
+        if info.ispkg and importlib.util.find_spec(f"glymphmpi.{info.name}.cli") is not None:
+            yield importlib.import_module(f"glymphmpi.{info.name}.cli")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="glymph", description="Molecular transport in the brain from contrast-enhanced MRI.")
+    p.add_argument("--version", action="version", version=f"glymphmpi {__version__}")
+    p.add_argument("--quiet", action="store_true", help="warnings only, no progress bars")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("info", help="environment: MPI, PETSc, DOLFINx, torch, GPU, SLURM")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_cmd_info)
+
+    s = sub.add_parser("synth", help="write a synthetic subject")
+    ss = s.add_subparsers(dest="kind", metavar="KIND", parser_class=_Parser)
+    ss.required = True
+    g = ss.add_parser("gaussian-spheres", help="the rOMT paper's Gaussian-sphere series")
+    g.add_argument("--out", required=True)
+    g.add_argument("--n", type=int, default=50, help="grid size n (n^3 voxels)")
+    g.add_argument("--images", type=int, default=5)
+    g.add_argument("--id", default="gauss")
+    g.add_argument("--dt-h", type=float, default=1.0, help="hours between images")
+    g.set_defaults(func=_cmd_synth_gauss)
+    b = ss.add_parser("brain-diffusion", help="diffusion phantom in MNI152 white matter")
+    b.add_argument("--out", required=True)
+    b.add_argument("--block", type=int, nargs=3, default=[36, 36, 36], metavar=("NI", "NJ", "NK"))
+    b.add_argument("--centre-mm", type=float, nargs=3, default=None)
+    b.add_argument("--D", type=float, default=0.72, help="true D in mm^2/h")
+    b.add_argument("--times", default="0,7,24,46", help="scan times in hours, comma-separated")
+    b.add_argument("--noise", type=float, default=0.0, help="noise std relative to the peak")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dt-h", type=float, default=0.05, help="forward-solve time step (h)")
+    b.add_argument("--id", default="phantom")
+    b.set_defaults(func=_cmd_synth_brain)
+
+    s = sub.add_parser("subject", help="check or create subject files")
+    ss = s.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    ss.required = True
+    c = ss.add_parser("check", help="validate a subject and print what was found")
+    c.add_argument("subject")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_subject_check)
+    i = ss.add_parser("init", help="subject.toml from a 4D NIfTI and its times")
+    i.add_argument("series", help="4D NIfTI (x, y, z, time)")
+    i.add_argument("--times", required=True, help="hours, comma-separated, one per volume")
+    i.add_argument("--out", required=True, help="directory for subject.toml and 3D scans")
+    i.add_argument("--id", required=True)
+    m = i.add_mutually_exclusive_group(required=True)
+    m.add_argument("--mask")
+    m.add_argument("--auto-mask", type=float, metavar="FRACTION",
+                   help="mask = voxels whose max over time exceeds FRACTION of the global max")
+    i.set_defaults(func=_cmd_subject_init)
+
+    s = sub.add_parser("demo", help="the main job on a small synthetic cohort")
+    s.add_argument("--out", default="demo-output")
+    s.set_defaults(func=_cmd_demo)
+
+    for mod in _plugin_modules():
+        mod.register(sub)
+    return p
+
+
+def _parse_times(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--times {text!r}: expected numbers separated by commas") from None
+
+
+# ------------------------------------------------------------------ commands
+def _cmd_info(args) -> int:
+    from glymphmpi.info import environment_report, format_report
+
+    rep = environment_report()
+    if args.json:
+        import json
+
+        print(json.dumps(rep, indent=2))
+    else:
+        print(format_report(rep))
+    return 0
+
+
+def _cmd_synth_gauss(args) -> int:
+    from glymphmpi.synth import gaussian_spheres
+
+    if args.n < 4 or args.images < 2:
+        raise InputError("need --n >= 4 and --images >= 2")
+    path = gaussian_spheres.write(args.out, n=args.n, n_images=args.images, sid=args.id, dt_h=args.dt_h)
+    print(path)
+    return 0
+
+
+def _cmd_synth_brain(args) -> int:
+    from glymphmpi.synth import brain_diffusion as bd
+
+    times = tuple(_parse_times(args.times))
+    spec = bd.PhantomSpec(block=tuple(args.block), centre_mm=None if args.centre_mm is None else
+                          tuple(args.centre_mm), D_mm2_per_h=args.D, times_h=times,
+                          noise=args.noise, seed=args.seed, dt_h=args.dt_h)
+    if args.D <= 0 or args.noise < 0 or args.dt_h <= 0 or len(times) < 2 or any(
+            b <= a for a, b in zip(times, times[1:])):
+        raise InputError("need D > 0, noise >= 0, dt > 0 and at least 2 increasing times")
+    path = bd.write(args.out, spec, sid=args.id)
+    print(path)
+    return 0
+
+
+def _cmd_subject_check(args) -> int:
+    from glymphmpi.subject import load_subject
+
+    subj = load_subject(args.subject)
+    d = subj.describe()
+    if args.json:
+        import json
+
+        print(json.dumps(d, indent=2))
+    else:
+        print(f"subject {d['id']}: OK")
+        print(f"  grid        {d['shape'][0]} x {d['shape'][1]} x {d['shape'][2]} voxels, "
+              f"voxel {' x '.join(f'{v:g}' for v in d['voxel_size_mm'])} mm")
+        print(f"  scans       {len(d['times_h'])} at t = {', '.join(f'{t:g}' for t in d['times_h'])} h")
+        print(f"  mask        {d['mask_voxels']} voxels, {d['mask_volume_ml']:.3f} mL")
+        print("  mass/scan   " + ", ".join(f"{m:.4g}" for m in d["mass_per_scan"]) + " (conc x mm^3)")
+    return 0
+
+
+def _cmd_subject_init(args) -> int:
+    from glymphmpi.subject import init_from_4d
+
+    path = init_from_4d(args.series, _parse_times(args.times), args.out, args.id,
+                        mask_path=args.mask, auto_mask_fraction=args.auto_mask)
+    print(path)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from glymphmpi.demo import run_demo
+
+    return run_demo(args.out, quiet=args.quiet)
+
+
+# ------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    rank = launcher_env()["rank"]
+    setup_logging(rank, verbose=args.verbose, quiet=args.quiet)
+    from glymphmpi.store import StopFlag
+
+    try:
+        with StopFlag.installed():
+            rc = args.func(args)
+        return int(rc or 0)
+    except GlymphError as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"glymph: error: {msg}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("glymph: interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # an internal failure: keep the traceback for a bug report
+        log.exception("internal error")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

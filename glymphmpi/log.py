@@ -1,0 +1,45 @@
+"""Logging set-up: INFO on rank 0 only, warnings everywhere, optional log file."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+_FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(rank: int = 0, verbose: bool = False, quiet: bool = False) -> None:
+    root = logging.getLogger("glymphmpi")
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if rank != 0:
+        level = max(level, logging.WARNING)
+    root.setLevel(logging.DEBUG)
+    for h in list(root.handlers):
+        if getattr(h, "_glymph_console", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter(("[rank %d] " % rank if rank else "") + "%(message)s"))
+    handler._glymph_console = True
+    root.addHandler(handler)
+    root.propagate = False
+
+
+def add_file_log(path, rank: int = 0) -> logging.Handler | None:
+    """Also log (rank 0 only) to ``path`` (the run's log.txt)."""
+    if rank != 0:
+        return None
+    handler = logging.FileHandler(path, mode="a")
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter(_FMT))
+    logging.getLogger("glymphmpi").addHandler(handler)
+    return handler
+
+
+def progress(iterable=None, quiet: bool | None = None, **kw):
+    """tqdm progress bar, off when quiet or stderr is not a TTY."""
+    from tqdm import tqdm
+
+    if quiet is None:
+        quiet = not sys.stderr.isatty()
+    return tqdm(iterable, disable=quiet, **kw)

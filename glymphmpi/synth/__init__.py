@@ -1,0 +1,1 @@
+"""Synthetic subjects: the rOMT paper's Gaussian spheres and a brain diffusion phantom."""
