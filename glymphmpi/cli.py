@@ -31,11 +31,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _plugin_modules():
+    """Every ``glymphmpi/<pkg>/cli.py`` and ``cli_*.py`` (sorted), imported."""
     import glymphmpi
 
     for info in sorted(pkgutil.iter_modules(glymphmpi.__path__), key=lambda i: i.name):
-        if info.ispkg and importlib.util.find_spec(f"glymphmpi.{info.name}.cli") is not None:
-            yield importlib.import_module(f"glymphmpi.{info.name}.cli")
+        if not info.ispkg:
+            continue
+        pkg = importlib.import_module(f"glymphmpi.{info.name}")
+        for sub in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+            if not sub.ispkg and (sub.name == "cli" or sub.name.startswith("cli_")):
+                yield importlib.import_module(f"glymphmpi.{info.name}.{sub.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,29 +41,43 @@ class SubjectConfig:
 _BUILTIN = {"subject": SubjectConfig}
 
 
-def config_class(section: str):
-    """The config dataclass of a table name; raises with the valid names."""
-    if section in _BUILTIN:
-        return _BUILTIN[section]
-    try:
-        mod = importlib.import_module(f"glymphmpi.{section}.config")
-        return mod.CONFIG
-    except (ImportError, AttributeError):
-        raise InputError(
-            f"unknown config table [{section}]; valid tables: {', '.join(known_sections())}"
-        ) from None
+def _registry() -> dict:
+    """Table name -> dataclass, from every ``glymphmpi/<pkg>/config*.py``.
 
-
-def known_sections() -> list[str]:
+    A module exposes ``CONFIGS = {"table": Class, ...}`` or ``CONFIG = Class``
+    (table name = the subpackage's name). Modules are light (no heavy imports).
+    """
     import pkgutil
 
     import glymphmpi
 
-    names = list(_BUILTIN)
+    reg = dict(_BUILTIN)
     for info in pkgutil.iter_modules(glymphmpi.__path__):
-        if info.ispkg and importlib.util.find_spec(f"glymphmpi.{info.name}.config"):
-            names.append(info.name)
-    return sorted(names)
+        if not info.ispkg:
+            continue
+        pkg = importlib.import_module(f"glymphmpi.{info.name}")
+        for sub in pkgutil.iter_modules(pkg.__path__):
+            if sub.ispkg or not (sub.name == "config" or sub.name.startswith("config_")
+                                 or sub.name.endswith("_config")):
+                continue
+            mod = importlib.import_module(f"glymphmpi.{info.name}.{sub.name}")
+            if hasattr(mod, "CONFIGS"):
+                reg.update(mod.CONFIGS)
+            elif hasattr(mod, "CONFIG"):
+                reg[info.name] = mod.CONFIG
+    return reg
+
+
+def config_class(section: str):
+    """The config dataclass of a table name; raises with the valid names."""
+    reg = _registry()
+    if section not in reg:
+        raise InputError(f"unknown config table [{section}]; valid tables: {', '.join(sorted(reg))}")
+    return reg[section]
+
+
+def known_sections() -> list[str]:
+    return sorted(_registry())
 
 
 def _type_ok(value, tp) -> tuple[bool, Any]:

@@ -1,0 +1,1 @@
+"""Figures (PNG), VTK/XDMF export and cohort summaries. One module per method."""
