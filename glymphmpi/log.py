@@ -19,7 +19,7 @@ def setup_logging(rank: int = 0, verbose: bool = False, quiet: bool = False) -> 
             root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     handler.setLevel(level)
-    handler.setFormatter(logging.Formatter(("[rank %d] " % rank if rank else "") + "%(message)s"))
+    handler.setFormatter(logging.Formatter((f"[rank {rank}] " if rank else "") + "%(message)s"))
     handler._glymph_console = True
     root.addHandler(handler)
     root.propagate = False

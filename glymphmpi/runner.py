@@ -11,7 +11,7 @@ final summary last.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from glymphmpi.config import load_config
 from glymphmpi.errors import GlymphError

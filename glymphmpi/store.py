@@ -96,13 +96,16 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def write_nifti(path, data, affine, header_extra: dict | None = None) -> Path:
-    """Write a NIfTI image atomically (``.nii`` or ``.nii.gz``) with the given affine."""
+def write_nifti(path, data, affine, header_extra: dict | None = None, keep_dtype: bool = False) -> Path:
+    """Write a NIfTI image atomically (``.nii`` or ``.nii.gz``) with the given affine.
+
+    float64 data is stored as float32 unless ``keep_dtype``.
+    """
     import nibabel as nib
 
     path = Path(path)
     arr = np.asarray(data)
-    if arr.dtype == np.float64:
+    if arr.dtype == np.float64 and not keep_dtype:
         arr = arr.astype(np.float32)
     if arr.dtype == bool:
         arr = arr.astype(np.uint8)
@@ -139,7 +142,8 @@ def _write_node(grp, key: str, value) -> None:
         ds = grp.create_dataset(key, data=np.bool_(value))
         ds.attrs["kind"] = "bool"
         return
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and not (
+            isinstance(value, int) and not -(2**63) <= value < 2**63):
         ds = grp.create_dataset(key, data=value)
         ds.attrs["kind"] = "scalar"
         return
@@ -224,7 +228,7 @@ def provenance(config=None, subject_id: str | None = None, mpi_size: int = 1) ->
         "git_sha": git_sha(),
         "config": to_json(config) if config is not None else "{}",
         "subject": subject_id or "",
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "mpi_size": int(mpi_size),
         "hostname": socket.gethostname(),
     }
@@ -449,7 +453,7 @@ class RunDir:
         s = self.status()
         return bool(s and s.get("status") == "complete")
 
-    def prepare(self) -> "RunDir":
+    def prepare(self) -> RunDir:
         """Create the directory; refuse complete output without ``force``."""
         err = None
         if self.rank == 0:
@@ -503,7 +507,7 @@ class RunDir:
             "mpi_ranks": self.size,
             "version": __version__,
             "git_sha": git_sha(),
-            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "hostname": socket.gethostname(),
         }
         summary.update(results)
@@ -522,7 +526,7 @@ class RunDir:
             "status": status, "method": method, "subject": subject_id, "error": reason,
             "exit_code": exit_code, "resumable": self.checkpoint.exists(),
             "version": __version__, "hostname": socket.gethostname(),
-            "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         })
 
 

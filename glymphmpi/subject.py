@@ -257,10 +257,9 @@ def load_subject(path, config: SubjectConfig | None = None) -> Subject:
 
 
 def write_subject(out_dir, sid: str, times_h, scans, mask, affine, anatomy=None,
-                  scan_name="conc_{i:02d}.nii.gz", description: str | None = None) -> Path:
+                  scan_name="conc_{i:02d}.nii.gz", description: str | None = None,
+                  dtype=np.float32) -> Path:
     """Write NIfTI scans, mask and subject.toml into ``out_dir`` (atomic writes)."""
-    import tomli_w
-
     from glymphmpi.store import atomic_write_bytes, write_nifti
 
     out = Path(out_dir)
@@ -271,18 +270,27 @@ def write_subject(out_dir, sid: str, times_h, scans, mask, affine, anatomy=None,
     entries = []
     for i, (t, img) in enumerate(zip(times_h, scans)):
         name = scan_name.format(i=i, t=t)
-        write_nifti(out / name, np.asarray(img, dtype=np.float32), affine)
+        write_nifti(out / name, np.asarray(img, dtype=dtype), affine, keep_dtype=True)
         entries.append({"time_h": float(t), "path": name})
-    doc = {"id": sid, "mask": "mask.nii.gz"}
+    lines = [f"id = {_toml_str(sid)}", 'mask = "mask.nii.gz"']
     if description:
-        doc["description"] = description
+        lines.append(f"description = {_toml_str(description)}")
     if anatomy is not None:
         write_nifti(out / "anatomy.nii.gz", np.asarray(anatomy, dtype=np.float32), affine)
-        doc["anatomy"] = "anatomy.nii.gz"
-    doc["scans"] = entries
+        lines.append('anatomy = "anatomy.nii.gz"')
+    for e in entries:
+        lines += ["", "[[scans]]", f"time_h = {e['time_h']!r}", f"path = {_toml_str(e['path'])}"]
+    text = "\n".join(lines) + "\n"
     toml_path = out / "subject.toml"
-    atomic_write_bytes(toml_path, tomli_w.dumps(doc).encode())
+    atomic_write_bytes(toml_path, text.encode())
     return toml_path
+
+
+def _toml_str(text: str) -> str:
+    """A TOML basic string (tomli_w escapes it correctly)."""
+    import tomli_w
+
+    return tomli_w.dumps({"v": text}).split("=", 1)[1].strip()
 
 
 def init_from_4d(series_path, times_h, out_dir, sid: str, mask_path=None,

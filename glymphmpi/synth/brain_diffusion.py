@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
 from scipy import ndimage
 
 from glymphmpi.errors import InputError
@@ -278,7 +277,7 @@ def write(out_dir, spec: PhantomSpec, sid: str = "phantom"):
     scans, clean, mask, affine, truth = make_phantom(spec)
     path = write_subject(out_dir, sid, spec.times_h, scans, mask, affine,
                          description=f"brain diffusion phantom, D = {spec.D_mm2_per_h} mm^2/h")
-    for i, t in enumerate(spec.times_h):
+    for i in range(len(spec.times_h)):
         write_nifti(Path(out_dir) / "truth" / f"clean_{i:02d}.nii.gz", clean[i], affine)
     atomic_write_json(Path(out_dir) / "truth.json", truth)
     return path

@@ -88,7 +88,7 @@ def write(out_dir, n: int = 50, n_images: int = 5, sid: str = "gauss", dt_h: flo
     affine = np.eye(4)
     times = [k * dt_h for k in range(n_images)]
     path = write_subject(out_dir, sid, times, images, mask, affine,
-                         description="rOMT Gaussian spheres (Chen et al.)")
+                         description="rOMT Gaussian spheres (Chen et al.)", dtype=np.float64)
     truth["times_h"] = times
     atomic_write_json(Path(out_dir) / "truth.json", truth)
     return path

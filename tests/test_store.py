@@ -1,0 +1,218 @@
+"""Store: atomic writes under random kills, HDF5 round trips, checkpoints, run directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from glymphmpi.errors import InputError, Preempted
+from glymphmpi.store import (
+    Checkpointer,
+    RunDir,
+    StopFlag,
+    atomic_write_json,
+    read_h5_tree,
+    write_h5_tree,
+    write_nifti,
+)
+
+
+def test_h5_tree_round_trip(tmp_path):
+    rng = np.random.default_rng(3)
+    state = rng.bit_generator.state
+    tree = {"a": np.arange(10.0), "big": rng.normal(size=(20, 30, 10)), "n": 3, "x": 2.5,
+            "s": "hello", "flag": True, "hist": [1.0, 2.0, 3.5], "g": {"inner": np.eye(3)},
+            "rng": state, "none": None}
+    write_h5_tree(tmp_path / "t.h5", tree, {"who": "me", "cfg": {"k": 1}})
+    back, attrs = read_h5_tree(tmp_path / "t.h5")
+    np.testing.assert_array_equal(back["big"], tree["big"])
+    assert back["n"] == 3 and back["x"] == 2.5 and back["s"] == "hello" and back["flag"] is True
+    assert back["hist"] == [1.0, 2.0, 3.5]
+    np.testing.assert_array_equal(back["g"]["inner"], np.eye(3))
+    assert back["rng"] == state and "none" not in back
+    assert attrs["who"] == "me" and json.loads(attrs["cfg"]) == {"k": 1}
+    r2 = np.random.default_rng()
+    r2.bit_generator.state = back["rng"]
+    assert r2.normal() == np.random.default_rng(3).normal()
+
+
+def test_atomic_write_leaves_old_file_on_error(tmp_path):
+    from glymphmpi.store import atomic_path
+
+    p = tmp_path / "x.json"
+    atomic_write_json(p, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("boom")
+    assert json.loads(p.read_text()) == {"v": 1}
+    assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_nifti_written_with_affine(tmp_path):
+    import nibabel as nib
+
+    aff = np.array([[0, -1.5, 0, 10], [2, 0, 0, -5], [0, 0, 1, 3], [0, 0, 0, 1]], float)
+    data = np.random.default_rng(0).random((4, 5, 6))
+    write_nifti(tmp_path / "m.nii.gz", data, aff)
+    img = nib.load(str(tmp_path / "m.nii.gz"))
+    np.testing.assert_allclose(img.affine, aff)
+    np.testing.assert_allclose(img.get_fdata(), data, rtol=1e-6)
+
+
+WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from glymphmpi.store import Checkpointer
+    ck = Checkpointer(sys.argv[1], every=1)
+    it = 0
+    rng = np.random.default_rng(int(sys.argv[2]))
+    while True:
+        it += 1
+        n = int(rng.integers(1000, 200000))
+        a = np.full(n, float(it))
+        ck.save({"a": a, "n": n, "check": float(a.sum()), "it": it}, it)
+        print(it, flush=True)
+""")
+
+
+def test_checkpoint_survives_random_kills(tmp_path):
+    """SIGKILL a writer at random instants (25 times): the file left always loads and is consistent."""
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    ck_path = tmp_path / "ck" / "checkpoint.h5"
+    ck_path.parent.mkdir()
+    rng = np.random.default_rng(42)
+    last_seen = 0
+    loaded = 0
+    for trial in range(25):
+        proc = subprocess.Popen([sys.executable, str(script), str(ck_path), str(trial)],
+                                stdout=subprocess.PIPE, text=True)
+        # wait for at least one save, then kill at a random moment
+        first = proc.stdout.readline()
+        assert first.strip(), "writer produced no checkpoint"
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        proc.kill()
+        proc.wait()
+        res = Checkpointer(ck_path).load()
+        assert res is not None, f"trial {trial}: no loadable checkpoint"
+        state, it = res
+        assert state["it"] == it and state["a"].shape == (state["n"],)
+        assert np.all(state["a"] == it) and state["check"] == pytest.approx(it * state["n"])
+        loaded += 1
+        last_seen = it
+        leftovers = [p for p in ck_path.parent.iterdir() if ".tmp-" in p.name]
+        for p in leftovers:  # a killed writer may leave its temporary file: never the real one
+            p.unlink()
+    assert loaded == 25 and last_seen >= 1
+
+
+def test_checkpointer_step_and_signal(tmp_path):
+    ck = Checkpointer(tmp_path / "checkpoint.h5", every=3)
+    calls = []
+
+    def state():
+        calls.append(1)
+        return {"x": np.ones(3)}
+
+    for it in range(1, 7):
+        ck.step(it, state)
+    assert len(calls) == 2 and ck.load()[1] == 6
+    StopFlag.reset()
+    try:
+        StopFlag._handler(signal.SIGTERM, None)
+        with pytest.raises(Preempted):
+            ck.step(7, state)
+        assert ck.load()[1] == 7
+    finally:
+        StopFlag.reset()
+
+
+SIGNALLED = textwrap.dedent("""
+    import sys, time, numpy as np
+    from glymphmpi.store import Checkpointer, StopFlag
+    from glymphmpi.cli import main
+    from glymphmpi.errors import Preempted
+    ck = Checkpointer(sys.argv[1], every=0)
+    with StopFlag.installed():
+        try:
+            for it in range(1, 10**6):
+                time.sleep(0.01)
+                if it == 5:
+                    print("ready", flush=True)
+                ck.step(it, lambda: {"it": it})
+        except Preempted as exc:
+            print(exc, file=sys.stderr)
+            sys.exit(exc.exit_code)
+""")
+
+
+def test_sigterm_gives_checkpoint_and_exit_75(tmp_path):
+    script = tmp_path / "sig.py"
+    script.write_text(SIGNALLED)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "c.h5")], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    state, it = Checkpointer(tmp_path / "c.h5").load()
+    assert it >= 5 and state["it"] == it
+
+
+def test_rundir_refuses_complete_output_without_force(tmp_path):
+    rd = RunDir(tmp_path / "out").prepare()
+    assert all((tmp_path / "out" / d).is_dir() for d in ("maps", "figures", "vtk"))
+    rd.write_results({"a": np.ones(2)}, subject_id="s1")
+    s = rd.write_summary("test", "s1", {"D_mm2_per_h": 0.5})
+    assert s["status"] == "complete" and rd.is_complete()
+    assert json.loads(rd.summary.read_text())["D_mm2_per_h"] == 0.5
+    with pytest.raises(InputError, match="complete output exists"):
+        RunDir(tmp_path / "out").prepare()
+    rd2 = RunDir(tmp_path / "out", force=True).prepare()
+    assert not rd2.summary.exists() and not rd2.results.exists()
+
+
+def test_results_provenance(tmp_path):
+    from glymphmpi import __version__
+    from glymphmpi.config import SubjectConfig
+    from glymphmpi.store import read_results_attrs
+
+    rd = RunDir(tmp_path / "o").prepare()
+    rd.write_results({"v": np.zeros(3)}, config=SubjectConfig(), subject_id="sub-9")
+    attrs = read_results_attrs(rd.results)
+    assert attrs["version"] == __version__ and attrs["subject"] == "sub-9" and attrs["mpi_size"] == 1
+    assert json.loads(attrs["config"]) == {"SubjectConfig": {"max_negative_mass_fraction": 0.1}}
+    assert attrs["created"].endswith("+00:00") and attrs["hostname"]
+    assert len(attrs["git_sha"]) in (40, 7) or attrs["git_sha"] == "unknown"
+
+
+def test_failure_record_and_fresh(tmp_path):
+    rd = RunDir(tmp_path / "o").prepare()
+    ck = rd.checkpointer()
+    ck.save({"x": 1}, 1)
+    rd.write_failure("m", "s", "stopped by a signal", 75)
+    st = rd.status()
+    assert st["status"] == "preempted" and st["resumable"] is True and not rd.is_complete()
+    RunDir(tmp_path / "o").prepare()  # resume: checkpoint kept
+    assert rd.checkpoint.exists()
+    RunDir(tmp_path / "o", fresh=True).prepare()
+    assert not rd.checkpoint.exists()
+
+
+def test_prev_checkpoint_used_when_newest_damaged(tmp_path):
+    ck = Checkpointer(tmp_path / "checkpoint.h5")
+    ck.save({"v": 1}, 1)
+    ck.save({"v": 2}, 2)
+    (tmp_path / "checkpoint.h5").write_bytes(b"garbage")
+    state, it = ck.load()
+    assert it == 1 and state["v"] == 1
+    os.remove(tmp_path / "checkpoint.prev.h5")
+    assert ck.load() is None

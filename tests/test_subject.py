@@ -1,0 +1,243 @@
+"""Subject loading: every validation failure is one line naming the file, exit code 2."""
+
+from __future__ import annotations
+
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from glymphmpi.cli import main
+from glymphmpi.errors import InputError
+from glymphmpi.subject import load_subject, write_subject
+
+AFF = np.diag([0.5, 0.5, 0.8, 1.0])
+
+
+def make(tmp_path, n_scans=3, shape=(6, 5, 4), times=None, sid="sub-01"):
+    rng = np.random.default_rng(0)
+    scans = rng.uniform(0.1, 1.0, (n_scans,) + shape)
+    mask = np.zeros(shape, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    times = times if times is not None else [0.0, 7.0, 24.0, 46.0][:n_scans]
+    return write_subject(tmp_path, sid, times, scans, mask, AFF), scans, mask
+
+
+def rewrite(path, old, new):
+    path.write_text(path.read_text().replace(old, new))
+
+
+def check_cli_error(capsys, toml, needle, name=None):
+    rc = main(["subject", "check", str(toml)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    assert needle in err, err
+    if name:
+        assert name in err, err
+    return err
+
+
+def test_load_good_subject(tmp_path):
+    toml, scans, mask = make(tmp_path)
+    s = load_subject(toml)
+    assert s.id == "sub-01" and s.shape == (6, 5, 4) and s.n_scans == 3
+    np.testing.assert_allclose(s.voxel_size_mm, [0.5, 0.5, 0.8])
+    np.testing.assert_allclose(s.times_h, [0, 7, 24])
+    # float32 on disk: exact to float32 round-off
+    np.testing.assert_allclose(s.scans, scans, rtol=1e-6)
+    assert s.mask_volume_ml == pytest.approx(mask.sum() * 0.5 * 0.5 * 0.8 / 1000)
+    vol = 0.5 * 0.5 * 0.8
+    np.testing.assert_allclose(s.mass_per_scan(), (scans * mask).sum(axis=(1, 2, 3)) * vol, rtol=1e-6)
+    xyz = s.world_coords(np.array([[2, 3, 1]]))
+    np.testing.assert_allclose(xyz, [[1.0, 1.5, 0.8]])
+
+
+def test_check_prints_summary(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    assert main(["subject", "check", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "sub-01: OK" in out and "0.5 x 0.5 x 0.8 mm" in out and "t = 0, 7, 24 h" in out
+
+
+def test_missing_scan_file(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    (tmp_path / "conc_01.nii.gz").unlink()
+    check_cli_error(capsys, toml, "scan file not found", "conc_01.nii.gz")
+
+
+def test_missing_subject_file(tmp_path, capsys):
+    check_cli_error(capsys, tmp_path / "nope.toml", "file not found", "nope.toml")
+
+
+def test_corrupt_nifti(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    p = tmp_path / "conc_02.nii.gz"
+    p.write_bytes(p.read_bytes()[:200])  # truncated gzip
+    check_cli_error(capsys, toml, "not a readable NIfTI", "conc_02.nii.gz")
+
+
+def test_not_gzip_at_all(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    (tmp_path / "mask.nii.gz").write_bytes(b"hello, not an image")
+    check_cli_error(capsys, toml, "not a readable NIfTI mask", "mask.nii.gz")
+
+
+def test_4d_scan(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 4, 2), np.float32), AFF), str(tmp_path / "conc_01.nii.gz"))
+    check_cli_error(capsys, toml, "must be 3D", "conc_01.nii.gz")
+
+
+def test_shape_mismatch(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    nib.save(nib.Nifti1Image(np.ones((6, 5, 5), np.float32), AFF), str(tmp_path / "conc_01.nii.gz"))
+    check_cli_error(capsys, toml, "shape (6, 5, 5) differs", "conc_01.nii.gz")
+
+
+def test_affine_mismatch_beyond_tolerance(tmp_path, capsys):
+    toml, scans, _ = make(tmp_path)
+    aff = AFF.copy()
+    aff[0, 3] += 2e-4  # tolerance is 1e-4 mm
+    nib.save(nib.Nifti1Image(scans[1].astype(np.float32), aff), str(tmp_path / "conc_01.nii.gz"))
+    check_cli_error(capsys, toml, "affine differs", "conc_01.nii.gz")
+
+
+def test_affine_within_tolerance_accepted(tmp_path):
+    toml, scans, _ = make(tmp_path)
+    aff = AFF.copy()
+    aff[0, 3] += 5e-5
+    nib.save(nib.Nifti1Image(scans[1].astype(np.float32), aff), str(tmp_path / "conc_01.nii.gz"))
+    assert load_subject(toml).n_scans == 3
+
+
+def test_nan_values(tmp_path, capsys):
+    toml, scans, _ = make(tmp_path)
+    bad = scans[2].astype(np.float32)
+    bad[2, 2, 2] = np.nan
+    nib.save(nib.Nifti1Image(bad, AFF), str(tmp_path / "conc_02.nii.gz"))
+    check_cli_error(capsys, toml, "1 non-finite values", "conc_02.nii.gz")
+
+
+def test_unsorted_times(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, "time_h = 24.0", "time_h = 5.0")
+    check_cli_error(capsys, toml, "strictly increasing", "subject.toml")
+
+
+def test_equal_times(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, "time_h = 24.0", "time_h = 7.0")
+    check_cli_error(capsys, toml, "strictly increasing")
+
+
+def test_single_scan(tmp_path, capsys):
+    toml, _, _ = make(tmp_path, n_scans=1)
+    check_cli_error(capsys, toml, "at least 2 scans", "subject.toml")
+
+
+def test_empty_mask(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.uint8), AFF), str(tmp_path / "mask.nii.gz"))
+    check_cli_error(capsys, toml, "mask is empty", "mask.nii.gz")
+
+
+def test_bad_id(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, 'id = "sub-01"', 'id = "sub 01/../x"')
+    check_cli_error(capsys, toml, "may contain only letters")
+
+
+def test_unknown_key(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    toml.write_text('colour = "blue"\n' + toml.read_text())
+    check_cli_error(capsys, toml, "unknown key 'colour'")
+
+
+def test_unknown_scan_key(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, "time_h = 7.0", "time_h = 7.0\nweight = 2")
+    check_cli_error(capsys, toml, "scans[1]: unknown key 'weight'")
+
+
+def test_missing_key(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, 'mask = "mask.nii.gz"', "")
+    check_cli_error(capsys, toml, "missing required key 'mask'")
+
+
+def test_malformed_toml(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    toml.write_text(toml.read_text() + "\n[[scans]\n")
+    check_cli_error(capsys, toml, "malformed TOML", "subject.toml")
+
+
+def test_time_not_a_number(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, "time_h = 7.0", 'time_h = "seven"')
+    check_cli_error(capsys, toml, "time_h must be a finite number")
+
+
+def test_all_zero_later_scan(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    nib.save(nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), AFF), str(tmp_path / "conc_02.nii.gz"))
+    check_cli_error(capsys, toml, "all zero inside the mask", "conc_02.nii.gz")
+
+
+def test_small_negatives_clipped_with_one_warning(tmp_path, caplog):
+    toml, scans, mask = make(tmp_path)
+    s1 = scans[1].astype(np.float32).copy()
+    s1[2, 2, 2] = -0.05  # tiny share of the mass
+    nib.save(nib.Nifti1Image(s1, AFF), str(tmp_path / "conc_01.nii.gz"))
+    with caplog.at_level("WARNING", logger="glymphmpi"):
+        s = load_subject(toml)
+    assert s.scans.min() == 0.0
+    warnings = [r for r in caplog.records if "clipped" in r.getMessage()]
+    assert len(warnings) == 1
+    vol = 0.5 * 0.5 * 0.8
+    assert s.clipped_mass[1] == pytest.approx(0.05 * vol, rel=1e-6)
+    assert s.clipped_mass[0] == 0 and s.clipped_mass[2] == 0
+
+
+def test_large_negative_mass_is_error(tmp_path, capsys):
+    toml, scans, mask = make(tmp_path)
+    nib.save(nib.Nifti1Image(-scans[1].astype(np.float32), AFF), str(tmp_path / "conc_01.nii.gz"))
+    check_cli_error(capsys, toml, "negative values hold", "conc_01.nii.gz")
+
+
+def test_negative_limit_is_configurable(tmp_path):
+    from glymphmpi.config import SubjectConfig
+
+    toml, scans, _ = make(tmp_path)
+    s1 = scans[1].astype(np.float32).copy()
+    s1[1:3, 1:3, 1:3] = -0.5
+    nib.save(nib.Nifti1Image(s1, AFF), str(tmp_path / "conc_01.nii.gz"))
+    with pytest.raises(InputError, match="negative values hold"):
+        load_subject(toml, SubjectConfig(max_negative_mass_fraction=0.01))
+    assert load_subject(toml, SubjectConfig(max_negative_mass_fraction=0.9)).scans.min() == 0
+
+
+def test_subject_init_from_4d(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    data = rng.uniform(0, 1, (5, 4, 3, 3)).astype(np.float32)
+    src = tmp_path / "series.nii.gz"
+    nib.save(nib.Nifti1Image(data, AFF), str(src))
+    out = tmp_path / "subj"
+    rc = main(["subject", "init", str(src), "--times", "0,7,24", "--out", str(out), "--id", "s1",
+               "--auto-mask", "0.0"])
+    assert rc == 0
+    s = load_subject(out / "subject.toml")
+    np.testing.assert_allclose(s.scans, np.moveaxis(data, 3, 0), rtol=1e-6)
+    np.testing.assert_allclose(s.affine, AFF)
+    assert s.times_h.tolist() == [0, 7, 24]
+    rc = main(["subject", "init", str(src), "--times", "0,7", "--out", str(out / "x"), "--id", "s1",
+               "--auto-mask", "0.1"])
+    assert rc == 2 and "2 times given for 3 volumes" in capsys.readouterr().err
+
+
+def test_gzip_header_but_garbage(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    (tmp_path / "conc_00.nii.gz").write_bytes(gzip.compress(b"\x00" * 400))
+    check_cli_error(capsys, toml, "not a readable NIfTI", "conc_00.nii.gz")
