@@ -1,0 +1,162 @@
+"""The reduced functional J(D, g) and its gradient over a distributed control vector.
+
+Functional (discretised as written in the issue)::
+
+    J = sum_{i>=1} ||c(t_i) - d_i||^2_{L2}
+        + 1/2 sum_{n=1}^N tau_n [ alpha g^n.Mg g^n + gamma g^n.Kg g^n
+                                  + beta ((g^n - g^{n-1})/tau_n).Mg ((g^n - g^{n-1})/tau_n) ]
+
+with Mg, Kg the boundary mass and tangential-gradient stiffness matrices
+(``ds`` integrals), M the (lumped or consistent) mass matrix for the L2 norm,
+g^0 the first scan's boundary values. The scan at t_0 is the initial state
+and adds nothing. TAO sees J / J_scale with J_scale = sum_{i>=1} ||d_i||^2.
+
+Control vector (PETSc Vec on ``comm``): rank 0 holds delta first, then each
+rank holds g^1..g^N of its owned boundary dofs (step-major); in
+"data-boundary" mode only delta.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class ControlProblem:
+    """Reduced functional of the controls (delta, g) with its discrete-adjoint gradient.
+
+    Args:
+        model: :class:`glymphmpi.fem.forward.DiffusionModel`.
+        data: (p, n_owned) scans sampled at the owned dofs.
+        cfg: :class:`glymphmpi.fem.config.FemConfig`.
+    """
+
+    def __init__(self, model, data: np.ndarray, cfg):
+        from petsc4py import PETSc
+
+        self.PETSc = PETSc
+        self.model = model
+        self.cfg = cfg
+        self.comm = model.comm
+        self.data = data
+        grid = model.grid
+        self.N = grid.n_steps
+        self.full = cfg.mode == "boundary-control"
+        self.nd = 1 if self.comm.rank == 0 else 0
+        self.nb = model.nb_local
+        self.c0 = data[0].copy()
+        # initial / data g: scans interpolated linearly in time at boundary nodes
+        db = data[:, model.bidx]
+        self.g_data = np.empty((self.N + 1, self.nb))
+        obs_t = grid.t[grid.obs_step]
+        idx = np.searchsorted(obs_t, grid.t, side="right") - 1
+        idx = np.clip(idx, 0, obs_t.size - 2)
+        w = ((grid.t - obs_t[idx]) / (obs_t[idx + 1] - obs_t[idx]))[:, None]
+        self.g_data[:] = (1 - w) * db[idx] + w * db[idx + 1]
+        self.J_scale = sum(model.quad(model.M, data[i]) for i in range(1, data.shape[0]))
+        if self.J_scale <= 0:
+            self.J_scale = 1.0
+        self.nloc = self.nd + (self.N * self.nb if self.full else 0)
+        self.evaluations = 0
+        self.last: dict = {}
+
+    # ----------------------------------------------------------- layout
+    def create_vec(self):
+        x = self.PETSc.Vec().createMPI((self.nloc, self.PETSc.DECIDE), comm=self.comm)
+        x.set(0.0)
+        return x
+
+    def initial(self):
+        x = self.create_vec()
+        arr = x.array
+        if self.nd:
+            arr[0] = self.cfg.delta0
+        if self.full:
+            arr[self.nd:] = self.g_data[1:].ravel()
+        x.array[:] = arr
+        return x
+
+    def split(self, x) -> tuple[float, np.ndarray]:
+        """(delta on every rank, g (N+1, nb_local) with g[0] = data)."""
+        arr = x.array_r
+        delta = self.comm.bcast(float(arr[0]) if self.nd else None, root=0)
+        if self.full:
+            g = np.empty((self.N + 1, self.nb))
+            g[0] = self.g_data[0]
+            g[1:] = arr[self.nd:].reshape(self.N, self.nb)
+        else:
+            g = self.g_data
+        return delta, g
+
+    def D_of(self, delta: float) -> tuple[float, float]:
+        """(D, dD/ddelta)."""
+        if self.cfg.parametrization == "direct":
+            return delta, 1.0
+        s = sigmoid(delta)
+        return self.cfg.D_min + s * self.cfg.D_max, self.cfg.D_max * s * (1.0 - s)
+
+    # ----------------------------------------------------------- functional
+    def regularisation(self, g: np.ndarray) -> tuple[float, np.ndarray]:
+        """(R, dR/dg (N+1, nb) with row 0 zero)."""
+        m = self.model
+        a, b, c = self.cfg.alpha, self.cfg.beta, self.cfg.gamma
+        tau = m.grid.tau
+        R = 0.0
+        dR = np.zeros_like(g)
+        full = np.zeros(m.n_owned)
+        for n in range(1, self.N + 1):
+            full[:] = 0.0
+            full[m.bidx] = g[n]
+            Mg_g = m.apply(m.Mg, full)[m.bidx]
+            Kg_g = m.apply(m.Kg, full)[m.bidx]
+            full[m.bidx] = (g[n] - g[n - 1]) / tau[n]
+            Mg_dg = m.apply(m.Mg, full)[m.bidx]
+            R += 0.5 * tau[n] * (a * np.dot(g[n], Mg_g) + c * np.dot(g[n], Kg_g)) \
+                + 0.5 * tau[n] * b * np.dot((g[n] - g[n - 1]) / tau[n], Mg_dg)
+            dR[n] += tau[n] * (a * Mg_g + c * Kg_g) + b * Mg_dg
+            if n > 1:
+                dR[n - 1] -= b * Mg_dg
+        from mpi4py import MPI
+
+        R = self.comm.allreduce(R, op=MPI.SUM)
+        return R, dR
+
+    def evaluate(self, x, grad=None) -> float:
+        """Normalised J(x) / J_scale; fills ``grad`` (same layout) when given."""
+        m = self.model
+        delta, g = self.split(x)
+        D, dD_ddelta = self.D_of(delta)
+        states = m.forward(D, self.c0, g)
+        misfits = []
+        jc = {}
+        for i, n in enumerate(m.grid.obs_step):
+            if i == 0:
+                misfits.append(0.0)
+                continue
+            r = states[n] - self.data[i]
+            misfits.append(m.quad(m.M, r))
+            jc[int(n)] = 2.0 * m.apply(m.M, r)
+        J = float(sum(misfits))
+        R = 0.0
+        if self.full:
+            R, dR = self.regularisation(g)
+            J += R
+        self.evaluations += 1
+        self.last = {"D": D, "delta": delta, "J": J, "R": R, "misfits": misfits, "states": states, "g": g}
+        if grad is not None:
+            dg, dD = m.adjoint(D, states, jc)
+            arr = np.empty(self.nloc)
+            if self.nd:
+                arr[0] = dD * dD_ddelta / self.J_scale
+            if self.full:
+                arr[self.nd:] = ((dg[1:] + dR[1:]) / self.J_scale).ravel()
+            grad.array[:] = arr
+        return J / self.J_scale
