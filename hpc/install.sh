@@ -64,8 +64,12 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$sig" ]; then
   say "venv up to date ($venv)"
 else
   say "pip install -e .[$extras] (constraint numpy<2, torch==2.13.0)"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check \
-      -c "$here/constraints.txt" -e "$root[$extras]"
+  if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check \
+      -c "$here/constraints.txt" -e "$root[$extras]" > "$venv/pip-install.log" 2>&1; then
+    tail -20 "$venv/pip-install.log" >&2
+    echo "install.sh: pip install failed (full log: $venv/pip-install.log)" >&2
+    exit 1
+  fi
   echo "$sig" > "$stamp"
 fi
 "$venv/bin/python" - <<'PY'
