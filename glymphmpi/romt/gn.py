@@ -1,0 +1,283 @@
+"""One rOMT loop: objective, adjoint gradient, Gauss-Newton with PCG and Armijo.
+
+Unknowns: ``u`` of shape (nt, 3, Ml), the velocity (voxels per model time,
+along the index axes) of this rank's particles at every step. The objective
+(free end point; see :mod:`glymphmpi.romt.config` for the scaling)::
+
+    Phi(u) = sum_k dt rho_k^T |v_k|^2                          (kinetic)
+             + beta ||rho_nt - rho_target||^2                   (fit)
+             + gamma sum_k dt sum_d v_{k,d}^T (G^T G) v_{k,d} / 2  (smooth)
+
+Gradient by one forward and one adjoint recursion (O(nt) steps), including
+the kinetic term's dependence on rho_k. The Gauss-Newton Hessian
+
+    H = 2 dt diag(rho_k) + gamma dt G^T G + 2 beta J^T J,   J = d rho_nt / d u
+
+is applied matrix-free (J x: one tangent recursion, J^T y: one adjoint
+recursion), and PCG solves ``H s = -g`` with the diagonal preconditioner
+``2 dt rho_k + gamma dt deg + 2 beta dt^2 rho_k^2 sum_o (dW_o/dw_d)^2`` (kinetic,
+smoothness and the single-step part of J^T J).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from glymphmpi.romt.transport import StepData, Transport
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Terms:
+    """Objective terms (identical on all ranks)."""
+
+    kinetic: float
+    fit: float
+    smooth: float
+
+    @property
+    def total(self) -> float:
+        return self.kinetic + self.fit + self.smooth
+
+
+@dataclass
+class Linearization:
+    """Forward states at a point u: densities and step data."""
+
+    rhos: list  # nt + 1 arrays (N,)
+    steps: list  # nt StepData
+    terms: Terms
+
+
+@dataclass
+class GNState:
+    """Resumable state of a Gauss-Newton solve."""
+
+    u: np.ndarray  # (nt, 3, Ml)
+    history: list = field(default_factory=list)  # objective after each accepted iterate (incl. start)
+    iterations: int = 0
+    pcg_iterations: int = 0
+    g0_norm: float = 0.0
+    done: bool = False
+    reason: str = ""
+
+
+class LoopProblem:
+    """The objective of one loop and its derivatives.
+
+    Args:
+        transport: the step operator (holds the particle split over ranks).
+        rho0: (N,) initial density.
+        target: (N,) density to reach at the end.
+        nt: number of steps.
+        beta, gamma: weights.
+        lap: (Ml, M) rows of the active-set graph Laplacian G^T G owned by this rank.
+    """
+
+    def __init__(self, transport: Transport, rho0: np.ndarray, target: np.ndarray, nt: int,
+                 beta: float, gamma: float, lap: sp.csr_matrix):
+        self.tr = transport
+        self.pc = transport.pc
+        self.rho0 = np.ascontiguousarray(rho0, dtype=np.float64).ravel()
+        self.target = np.ascontiguousarray(target, dtype=np.float64).ravel()
+        self.nt = int(nt)
+        self.dt = transport.dt
+        self.beta = float(beta)
+        self.gamma = float(gamma)
+        self.lap = lap
+        self.lap_t = lap.T.tocsr()  # (M, Ml): full @ lap_t = (lap @ full^T)^T
+        self.lap_diag = np.asarray(lap[:, self.pc.lo:self.pc.hi].diagonal()).copy() \
+            if lap.shape[0] else np.zeros(0)
+
+    @property
+    def u_shape(self) -> tuple:
+        return (self.nt, 3, self.tr.m_local)
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(self.u_shape)
+
+    def dot(self, a: np.ndarray, b: np.ndarray) -> float:
+        return self.pc.sum(float(np.vdot(a, b)))
+
+    # ------------------------------------------------------------ smoothness
+    def _lap_apply(self, u: np.ndarray) -> np.ndarray:
+        """(nt, 3, Ml) -> (nt, 3, Ml): this rank's rows of G^T G applied per component."""
+        full = self.pc.allgather(u.reshape(-1, u.shape[-1]))  # (3 nt, M)
+        return (full @ self.lap_t).reshape(u.shape)
+
+    # ------------------------------------------------------------ forward
+    def forward(self, u: np.ndarray, store: bool = True) -> Linearization:
+        """Densities rho_0..rho_nt and the objective at u (the same on all ranks)."""
+        rho = self.rho0
+        rhos, steps = [rho], []
+        kin = 0.0
+        for k in range(self.nt):
+            sd = self.tr.linearize(u[k])
+            kin += self.dt * float(np.dot(rho[self.tr.local], (u[k] ** 2).sum(axis=0)))
+            rho = self.tr.step(rho, sd)
+            if store:
+                rhos.append(rho)
+                steps.append(sd)
+        r = rho - self.target
+        fit = self.beta * float(np.dot(r, r))
+        lu = self._lap_apply(u)
+        smooth = 0.5 * self.gamma * self.dt * float(np.vdot(u, lu))
+        kin = self.pc.sum(kin)
+        smooth = self.pc.sum(smooth)
+        fit = float(self.pc.bcast(fit))
+        if not store:
+            rhos = [self.rho0, rho]
+        return Linearization(rhos=rhos, steps=steps, terms=Terms(kin, fit, smooth))
+
+    def objective(self, u: np.ndarray) -> Terms:
+        return self.forward(u, store=False).terms
+
+    # ------------------------------------------------------------ derivatives
+    def gradient(self, u: np.ndarray, lin: Linearization) -> np.ndarray:
+        """dPhi/du (nt, 3, Ml) by the adjoint recursion (lin = forward(u))."""
+        g = np.empty(self.u_shape)
+        lam = 2.0 * self.beta * (lin.rhos[-1] - self.target)
+        loc = self.tr.local
+        for k in range(self.nt - 1, -1, -1):
+            rho_k = lin.rhos[k]
+            extra = self.dt * (u[k] ** 2).sum(axis=0) if k > 0 else None
+            lam, dv = self.tr.adjoint_step(lam, rho_k, lin.steps[k], extra)
+            g[k] = dv + 2.0 * self.dt * rho_k[loc] * u[k]
+        g += self.gamma * self.dt * self._lap_apply(u)
+        return g
+
+    def jvp(self, x: np.ndarray, lin: Linearization) -> np.ndarray:
+        """J x = d rho_nt/du . x (N,), x (nt, 3, Ml)."""
+        delta = np.zeros(self.tr.n)
+        for k in range(self.nt):
+            delta = self.tr.tangent_step(delta, lin.rhos[k], lin.steps[k], x[k])
+        return delta
+
+    def vjp(self, y: np.ndarray, lin: Linearization) -> np.ndarray:
+        """J^T y (nt, 3, Ml), y (N,)."""
+        out = np.empty(self.u_shape)
+        lam = np.asarray(y, dtype=np.float64)
+        for k in range(self.nt - 1, -1, -1):
+            lam, out[k] = self.tr.adjoint_step(lam, lin.rhos[k], lin.steps[k])
+        return out
+
+    def hessp(self, x: np.ndarray, lin: Linearization) -> np.ndarray:
+        """Gauss-Newton Hessian times x (nt, 3, Ml)."""
+        loc = self.tr.local
+        out = 2.0 * self.beta * self.vjp(self.jvp(x, lin), lin)
+        for k in range(self.nt):
+            out[k] += 2.0 * self.dt * lin.rhos[k][loc] * x[k]
+        out += self.gamma * self.dt * self._lap_apply(x)
+        return out
+
+    def preconditioner(self, lin: Linearization) -> np.ndarray:
+        """Diagonal approximation of H (nt, 3, Ml), strictly positive."""
+        loc = self.tr.local
+        diag = np.empty(self.u_shape)
+        for k in range(self.nt):
+            rho = lin.rhos[k][loc]
+            b = lin.steps[k].b
+            q = (b ** 2).sum(axis=1)  # (3, Ml): sum over the two sides of b_d^2
+            for d in range(3):
+                others = [e for e in range(3) if e != d]
+                # sum_o (dW_o/dw_d)^2 = 2 * prod_{e != d} q_e (when both sides are inside)
+                jj = 2.0 * q[others[0]] * q[others[1]]
+                diag[k, d] = 2.0 * self.dt * rho + 2.0 * self.beta * (self.dt * rho) ** 2 * jj
+            diag[k] += self.gamma * self.dt * self.lap_diag
+        floor = max(1e-10 * float(diag.max(initial=0.0)), 1e-300)
+        return np.maximum(diag, floor)
+
+    # ------------------------------------------------------------ PCG
+    def pcg(self, g: np.ndarray, lin: Linearization, max_iter: int, rtol: float) -> tuple[np.ndarray, int]:
+        """Solve H s = -g by preconditioned CG; returns (s, iterations)."""
+        m = self.preconditioner(lin)
+        s = np.zeros_like(g)
+        r = -g
+        z = r / m
+        p = z.copy()
+        rz = self.dot(r, z)
+        r0 = math.sqrt(self.dot(r, r))
+        it = 0
+        for it in range(1, max_iter + 1):
+            hp = self.hessp(p, lin)
+            php = self.dot(p, hp)
+            if php <= 0:  # cannot happen for an SPD H; guard against round-off
+                it -= 1
+                break
+            a = rz / php
+            s += a * p
+            r -= a * hp
+            if math.sqrt(self.dot(r, r)) <= rtol * r0:
+                break
+            z = r / m
+            rz_new = self.dot(r, z)
+            p = z + (rz_new / rz) * p
+            rz = rz_new
+        return s, it
+
+
+def gauss_newton(prob: LoopProblem, state: GNState, max_iter: int, gtol: float, ftol: float,
+                 pcg_max_iter: int, pcg_rtol: float, ls_max_halvings: int = 12, armijo_c: float = 1e-4,
+                 on_iteration=None, label: str = "") -> GNState:
+    """Gauss-Newton iterations from ``state`` until a stop criterion holds.
+
+    Args:
+        prob: the loop problem.
+        state: start (``u``, history, counters); updated in place and returned.
+        on_iteration: called with the state after every accepted iteration
+            (checkpointing); may raise to stop.
+    Returns:
+        The final state (``done`` True, ``reason`` says why it stopped).
+    """
+    while not state.done:
+        if state.iterations >= max_iter:
+            state.done, state.reason = True, f"max iterations ({max_iter})"
+            break
+        t0 = time.perf_counter()
+        lin = prob.forward(state.u)
+        phi = lin.terms.total
+        if not state.history:
+            state.history.append(phi)
+        g = prob.gradient(state.u, lin)
+        gnorm = math.sqrt(prob.dot(g, g))
+        if state.iterations == 0 and state.g0_norm == 0.0:
+            state.g0_norm = gnorm
+        if gnorm <= gtol * state.g0_norm or gnorm == 0.0:
+            state.done, state.reason = True, f"gradient tolerance (|g|/|g0| = {gnorm / max(state.g0_norm, 1e-300):.2e})"
+            break
+        s, pit = prob.pcg(g, lin, pcg_max_iter, pcg_rtol)
+        del lin
+        gs = prob.dot(g, s)
+        if gs >= 0:  # not a descent direction (should not happen): use the steepest descent
+            s, gs = -g, -gnorm ** 2
+        a, accepted, new = 1.0, False, None
+        for _ in range(ls_max_halvings + 1):
+            new = prob.objective(state.u + a * s)
+            if new.total <= phi + armijo_c * a * gs:
+                accepted = True
+                break
+            a *= 0.5
+        accepted = bool(prob.pc.bcast(accepted))
+        state.pcg_iterations += pit
+        if not accepted:
+            state.done, state.reason = True, "line search failed (no sufficient decrease)"
+            break
+        state.u = state.u + a * s
+        state.iterations += 1
+        state.history.append(new.total)
+        rel = (phi - new.total) / max(abs(phi), 1e-300)
+        log.info("%sGN %d: Phi %.6g -> %.6g (kin %.4g fit %.4g smooth %.4g), |g| %.3g, PCG %d, step %.3g, %.1f s",
+                 label, state.iterations, phi, new.total, new.kinetic, new.fit, new.smooth, gnorm, pit, a,
+                 time.perf_counter() - t0)
+        if rel < ftol:
+            state.done, state.reason = True, f"objective tolerance (relative decrease {rel:.2e})"
+        if on_iteration is not None:
+            on_iteration(state)
+    return state
