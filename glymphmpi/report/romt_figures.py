@@ -1,0 +1,266 @@
+"""Figures of the rOMT Lagrangian post-processing (matplotlib, Agg, PNG).
+
+* ``speed_map.png``, ``peclet_map.png``: three orthogonal slices through the
+  centre of the pathline points, the map over the anatomy (or the first
+  scan) in grey, with a colour bar in units;
+* ``pathlines_speed.png``, ``pathlines_peclet.png``: pathlines in 3D (world
+  mm), segments coloured by speed (mm/h) or Pe (log scale, 1 in the middle);
+* ``flux_vectors_speed.png``, ``flux_vectors_peclet.png``: start-to-end
+  displacement arrows in 3D, coloured by the line's mean speed or Pe.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SPEED_LABEL = "speed |v| (mm/h)"
+PE_LABEL = "Péclet number Pe = |v| / |σ ∇log ρ| (–)"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path, dpi) -> str:
+    from glymphmpi.store import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    _plt().close(fig)
+    return str(path)
+
+
+def background_image(subject) -> np.ndarray:
+    """The anatomy image when the subject has one (same grid), else the first scan."""
+    if subject.anatomy is not None:
+        from glymphmpi.subject import load_nifti
+
+        data, _ = load_nifti(subject.anatomy, "anatomy")
+        if data.shape[:3] == tuple(subject.shape):
+            return data.reshape(subject.shape)
+        log.warning("%s: anatomy grid %s differs from the subject's; using the first scan",
+                    subject.anatomy, data.shape)
+    return np.asarray(subject.scans[0])
+
+
+def _pe_norm(values: np.ndarray):
+    from matplotlib.colors import LogNorm
+
+    v = values[np.isfinite(values) & (values > 0)]
+    if v.size == 0:
+        return LogNorm(0.1, 10.0)
+    lo, hi = np.percentile(v, [2, 98])
+    m = max(abs(np.log10(max(lo, 1e-6))), abs(np.log10(max(hi, 1e-6))), 0.5)
+    m = min(m, 6.0)
+    return LogNorm(10 ** -m, 10 ** m)
+
+
+def _speed_norm(values: np.ndarray):
+    from matplotlib.colors import Normalize
+
+    v = values[np.isfinite(values)]
+    hi = float(np.percentile(v, 99)) if v.size else 1.0
+    return Normalize(0.0, hi if hi > 0 else 1.0)
+
+
+def map_slices(path, data, has_data, background, voxel_size_mm, title, label, kind="speed",
+               centre=None, dpi=110) -> str:
+    """Three orthogonal slices of a map over a grey background.
+
+    Args:
+        path: PNG file.
+        data: (ni, nj, nk) map; shown where ``has_data``.
+        has_data: (ni, nj, nk) bool.
+        background: (ni, nj, nk) grey image.
+        voxel_size_mm: (3,) for the aspect ratio.
+        title: figure title; label: colour bar label with units.
+        kind: ``speed`` (linear, 0 to the 99th percentile) or ``peclet`` (log, centred at 1).
+        centre: (3,) voxel of the slices; default the centre of the data.
+    """
+    plt = _plt()
+    data = np.asarray(data, dtype=np.float64)
+    if centre is None:
+        idx = np.argwhere(has_data)
+        centre = np.rint(idx.mean(axis=0)).astype(int) if idx.size else np.array(data.shape) // 2
+    ci, cj, ck = (int(c) for c in centre)
+    vals = data[has_data]
+    norm = _pe_norm(vals) if kind == "peclet" else _speed_norm(vals)
+    cmap = "RdBu_r" if kind == "peclet" else "inferno"
+    bg = np.asarray(background, dtype=np.float64)
+    bg_hi = float(np.percentile(bg, 99.5)) or 1.0
+    vx = np.asarray(voxel_size_mm, dtype=np.float64)
+    views = [("sagittal (i = %d)" % ci, np.s_[ci, :, :], (1, 2)),
+             ("coronal (j = %d)" % cj, np.s_[:, cj, :], (0, 2)),
+             ("axial (k = %d)" % ck, np.s_[:, :, ck], (0, 1))]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), layout="constrained")
+    im = None
+    for ax, (name, sl, (a, b)) in zip(axes, views):
+        ax.imshow(bg[sl].T, origin="lower", cmap="gray", vmin=0, vmax=bg_hi, aspect=vx[b] / vx[a],
+                  interpolation="nearest")
+        show = np.ma.masked_where(~has_data[sl], np.where(has_data[sl], data[sl], np.nan))
+        if kind == "peclet":
+            show = np.ma.masked_where(~(show > 0), show)
+        im = ax.imshow(show.T, origin="lower", cmap=cmap, norm=norm, aspect=vx[b] / vx[a],
+                       interpolation="nearest", alpha=0.9)
+        ax.set_title(name)
+        ax.set_xlabel("ijk"[a] + " (voxel)")
+        ax.set_ylabel("ijk"[b] + " (voxel)")
+    cb = fig.colorbar(im, ax=axes, shrink=0.85, pad=0.01)
+    cb.set_label(label)
+    fig.suptitle(title)
+    return _save(fig, path, dpi)
+
+
+def _setup_3d(ax, pts: np.ndarray) -> None:
+    if pts.size:
+        lo, hi = pts.min(axis=0), pts.max(axis=0)
+        span = np.maximum(hi - lo, 1e-6)
+        ax.set_xlim(lo[0], hi[0])
+        ax.set_ylim(lo[1], hi[1])
+        ax.set_zlim(lo[2], hi[2])
+        ax.set_box_aspect(span)
+    ax.set_xlabel("x (mm)")
+    ax.set_ylabel("y (mm)")
+    ax.set_zlabel("z (mm)")
+    ax.view_init(elev=22, azim=-60)
+
+
+def pathlines_3d(path, segments: np.ndarray, values: np.ndarray, title: str, label: str, kind="speed",
+                 context: np.ndarray | None = None, dpi=110) -> str:
+    """Pathline segments in 3D coloured by a value.
+
+    Args:
+        segments: (m, 2, 3) world mm segment end points.
+        values: (m,) value of each segment.
+        context: optional (q, 3) world mm points (e.g. the mask outline) drawn faintly.
+    """
+    plt = _plt()
+    from mpl_toolkits.mplot3d.art3d import Line3DCollection
+
+    fig = plt.figure(figsize=(8.5, 7.2), layout="constrained")
+    ax = fig.add_subplot(projection="3d")
+    norm = _pe_norm(values) if kind == "peclet" else _speed_norm(values)
+    cmap = plt.get_cmap("RdBu_r" if kind == "peclet" else "turbo")
+    ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True)
+    if ok.any():
+        lc = Line3DCollection(segments[ok], colors=cmap(norm(values[ok])), linewidths=0.9)
+        ax.add_collection3d(lc, autolim=False)
+    else:
+        ax.text2D(0.5, 0.5, "no segment has a defined value" + (
+            "\n(Pe needs diffusion: sigma > 0 and a density gradient)" if kind == "peclet" else ""),
+            transform=ax.transAxes, ha="center", va="center")
+    pts = segments.reshape(-1, 3)
+    if context is not None and context.size:
+        ax.scatter(*context.T, s=0.3, c="0.75", alpha=0.25, depthshade=False)
+        pts = np.concatenate([pts, context])
+    _setup_3d(ax, pts)
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    cb = fig.colorbar(sm, ax=ax, shrink=0.7, pad=0.08)
+    cb.set_label(label)
+    ax.set_title(title)
+    return _save(fig, path, dpi)
+
+
+def flux_vectors_3d(path, start: np.ndarray, disp: np.ndarray, values: np.ndarray, title: str,
+                    label: str, kind="speed", context: np.ndarray | None = None, dpi=110) -> str:
+    """Arrows from each pathline's start to its end (world mm), coloured by a value."""
+    plt = _plt()
+    fig = plt.figure(figsize=(8.5, 7.2), layout="constrained")
+    ax = fig.add_subplot(projection="3d")
+    norm = _pe_norm(values) if kind == "peclet" else _speed_norm(values)
+    cmap = plt.get_cmap("RdBu_r" if kind == "peclet" else "turbo")
+    ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True)
+    if ok.any():
+        cols = cmap(norm(values[ok]))
+        # a 3D quiver draws each arrow as 3 segments: shafts first, then 2 heads per arrow
+        cols = np.concatenate([cols, np.repeat(cols, 2, axis=0)])
+        ax.quiver(*start[ok].T, *disp[ok].T, colors=cols, arrow_length_ratio=0.25, linewidths=1.0)
+    else:
+        ax.text2D(0.5, 0.5, "no vector has a defined value" + (
+            "\n(Pe needs diffusion: sigma > 0 and a density gradient)" if kind == "peclet" else ""),
+            transform=ax.transAxes, ha="center", va="center")
+    pts = np.concatenate([start, start + disp]) if start.size else start
+    if context is not None and context.size:
+        ax.scatter(*context.T, s=0.3, c="0.75", alpha=0.25, depthshade=False)
+        pts = np.concatenate([pts, context]) if pts.size else context
+    _setup_3d(ax, pts)
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    cb = fig.colorbar(sm, ax=ax, shrink=0.7, pad=0.08)
+    cb.set_label(label)
+    ax.set_title(title)
+    return _save(fig, path, dpi)
+
+
+def mask_outline_world(mask: np.ndarray, affine: np.ndarray, max_points: int = 4000) -> np.ndarray:
+    """(q, 3) world mm centres of the mask's boundary voxels (evenly thinned)."""
+    from scipy.ndimage import binary_erosion
+
+    edge = mask & ~binary_erosion(mask)
+    idx = np.argwhere(edge)
+    if idx.shape[0] > max_points:
+        idx = idx[np.linspace(0, idx.shape[0] - 1, max_points).astype(int)]
+    a = np.asarray(affine, dtype=np.float64)
+    return idx @ a[:3, :3].T + a[:3, 3]
+
+
+def all_figures(rundir, subject, lines, maps: dict, flux: dict, mask: np.ndarray, cfg) -> list[str]:
+    """Write every figure of the post-processing; returns paths relative to the run directory."""
+    from glymphmpi.romt.lagrangian import to_world
+
+    fig_dir = Path(rundir.figures)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    affine = np.asarray(subject.affine)
+    dpi = cfg.figure_dpi
+    sid = subject.id
+    bg = background_image(subject)
+    vox = subject.voxel_size_mm
+    out = [
+        map_slices(fig_dir / "speed_map.png", maps["speed"], maps["has_speed"] & mask, bg, vox,
+                   f"{sid}: rOMT speed map (mean |v| of the pathline points per voxel)", SPEED_LABEL,
+                   "speed", dpi=dpi),
+        map_slices(fig_dir / "peclet_map.png", maps["peclet"], maps["has_pe"] & mask, bg, vox,
+                   f"{sid}: Péclet map (mean Pe of the pathline points; red: advection, blue: diffusion)",
+                   PE_LABEL, "peclet", dpi=dpi),
+    ]
+    context = mask_outline_world(mask, affine)
+    n = lines.n
+    pick = np.arange(n)
+    if n > cfg.figure_max_lines:
+        pick = np.linspace(0, n - 1, cfg.figure_max_lines).round().astype(int)
+    sub = lines.subset(pick)
+    # segments between consecutive valid nodes
+    valid = sub.valid()
+    seg_ok = valid[1:] & valid[:-1]
+    j, p = np.nonzero(seg_ok)
+    a = to_world(sub.positions[j, p].astype(np.float64), affine)
+    b = to_world(sub.positions[j + 1, p].astype(np.float64), affine)
+    segs = np.stack([a, b], axis=1)
+    seg_speed = 0.5 * (sub.speed_mm_per_h[j, p] + sub.speed_mm_per_h[j + 1, p]).astype(np.float64)
+    pe = sub.peclet
+    seg_pe = 0.5 * (pe[j, p] + pe[j + 1, p]).astype(np.float64)
+    shown = f"{sub.n} of {n} pathlines" if sub.n < n else f"{n} pathlines"
+    out.append(pathlines_3d(fig_dir / "pathlines_speed.png", segs, seg_speed,
+                            f"{sid}: speed-lines ({shown})", SPEED_LABEL, "speed", context, dpi))
+    out.append(pathlines_3d(fig_dir / "pathlines_peclet.png", segs, seg_pe,
+                            f"{sid}: Péclet-lines ({shown})", PE_LABEL, "peclet", context, dpi))
+    start = to_world(flux["start"][pick], affine)
+    disp = flux["displacement"][pick] @ affine[:3, :3].T
+    out.append(flux_vectors_3d(fig_dir / "flux_vectors_speed.png", start, disp,
+                               flux["mean_speed_mm_per_h"][pick],
+                               f"{sid}: flux vectors, start to end ({shown})",
+                               "mean " + SPEED_LABEL, "speed", context, dpi))
+    out.append(flux_vectors_3d(fig_dir / "flux_vectors_peclet.png", start, disp, flux["mean_peclet"][pick],
+                               f"{sid}: flux vectors, start to end ({shown})", "mean " + PE_LABEL,
+                               "peclet", context, dpi))
+    return [str(Path(o).relative_to(rundir.root)) for o in out]
