@@ -66,6 +66,17 @@ def _pe_norm(values: np.ndarray):
     return LogNorm(10 ** -m, 10 ** m)
 
 
+def _format_colorbar(cb, kind: str) -> None:
+    """Plain numbers (0.1, 1, 10) on a logarithmic Pe colour bar."""
+    if kind != "peclet":
+        return
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
+
+    cb.ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+    cb.ax.yaxis.set_minor_locator(NullLocator())
+    cb.ax.yaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+
+
 def _speed_norm(values: np.ndarray):
     from matplotlib.colors import Normalize
 
@@ -100,9 +111,9 @@ def map_slices(path, data, has_data, background, voxel_size_mm, title, label, ki
     bg = np.asarray(background, dtype=np.float64)
     bg_hi = float(np.percentile(bg, 99.5)) or 1.0
     vx = np.asarray(voxel_size_mm, dtype=np.float64)
-    views = [("sagittal (i = %d)" % ci, np.s_[ci, :, :], (1, 2)),
-             ("coronal (j = %d)" % cj, np.s_[:, cj, :], (0, 2)),
-             ("axial (k = %d)" % ck, np.s_[:, :, ck], (0, 1))]
+    views = [(f"slice i = {ci}", np.s_[ci, :, :], (1, 2)),
+             (f"slice j = {cj}", np.s_[:, cj, :], (0, 2)),
+             (f"slice k = {ck}", np.s_[:, :, ck], (0, 1))]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.6), layout="constrained")
     im = None
     for ax, (name, sl, (a, b)) in zip(axes, views):
@@ -118,6 +129,7 @@ def map_slices(path, data, has_data, background, voxel_size_mm, title, label, ki
         ax.set_ylabel("ijk"[b] + " (voxel)")
     cb = fig.colorbar(im, ax=axes, shrink=0.85, pad=0.01)
     cb.set_label(label)
+    _format_colorbar(cb, kind)
     fig.suptitle(title)
     return _save(fig, path, dpi)
 
@@ -168,6 +180,7 @@ def pathlines_3d(path, segments: np.ndarray, values: np.ndarray, title: str, lab
     sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
     cb = fig.colorbar(sm, ax=ax, shrink=0.7, pad=0.08)
     cb.set_label(label)
+    _format_colorbar(cb, kind)
     ax.set_title(title)
     return _save(fig, path, dpi)
 
@@ -198,6 +211,7 @@ def flux_vectors_3d(path, start: np.ndarray, disp: np.ndarray, values: np.ndarra
     sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
     cb = fig.colorbar(sm, ax=ax, shrink=0.7, pad=0.08)
     cb.set_label(label)
+    _format_colorbar(cb, kind)
     ax.set_title(title)
     return _save(fig, path, dpi)
 

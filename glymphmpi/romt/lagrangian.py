@@ -23,8 +23,9 @@ densities) or linear in time between the two end densities.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -248,14 +249,14 @@ class Pathlines:
         """(n, 3) last valid position of each line."""
         return self.positions[self.n_points - 1, np.arange(self.n)].astype(np.float64)
 
-    def subset(self, keep: np.ndarray) -> "Pathlines":
+    def subset(self, keep: np.ndarray) -> Pathlines:
         """The lines selected by a boolean or index array (same nodes)."""
         return Pathlines(self.positions[:, keep], self.n_points[keep], self.speed_mm_per_h[:, keep],
                          self.diffusive_mm_per_h[:, keep], self.flux_speed_mm_per_h[:, keep],
                          self.times_h, self.seeds[keep], self.stop_reason[keep], dict(self.stats))
 
     @staticmethod
-    def concatenate(parts: Sequence["Pathlines"]) -> "Pathlines":
+    def concatenate(parts: Sequence[Pathlines]) -> Pathlines:
         """Join line sets traced over the same nodes (e.g. from several MPI ranks)."""
         parts = [p for p in parts if p is not None]
         cat = np.concatenate

@@ -144,7 +144,7 @@ class RomtResults:
                     sm += r
         return mx, sm, float(mx.max())
 
-    def steps(self) -> "H5Steps":
+    def steps(self) -> H5Steps:
         return H5Steps(self)
 
 
@@ -225,13 +225,14 @@ def postprocess(rundir, subject, cfg, comm=None) -> dict:
         rundir: :class:`glymphmpi.store.RunDir` with ``results.h5``.
         subject: the :class:`glymphmpi.subject.Subject` the run was made on.
         cfg: :class:`glymphmpi.romt.post_config.RomtPostConfig`.
-        comm: communicator (default ``rundir.comm``; None = serial).
+        comm: communicator whose ranks all call this and split the seeds;
+            None (the default) runs serially on the calling rank (e.g. rank 0
+            only), whatever ``rundir.comm`` is.
     Returns:
         summary fields (the same on every rank): ``n_pathlines``,
         ``median_speed_mm_per_h``, ``median_peclet``, ``fraction_pe_gt_1``
         and the details under ``romt_post``.
     """
-    comm = rundir.comm if comm is None else comm
     rank = 0 if comm is None else comm.rank
     t_start = time.perf_counter()
     res = RomtResults(rundir.results)

@@ -1,0 +1,80 @@
+"""`glymph romt-post` on a synthetic finished run, and the post-processing split over MPI ranks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from test_romt_post import make_run
+
+
+def test_romt_post_cli_reruns_and_updates_summary(tmp_path, glymph):
+    rd, toml, truth = make_run(tmp_path, sigma=0.0)
+    before = json.loads(rd.summary.read_text())
+    r = glymph("romt-post", rd.root, "--set", "romt_post.seed_max_fraction=0.5",
+               "--set", "romt_post.write_figures=false")
+    assert r.returncode == 0, r.stderr
+    after = json.loads(rd.summary.read_text())
+    assert after["status"] == "complete" and after["runtime_s"] == before["runtime_s"]
+    n1 = after["n_pathlines"]
+    assert n1 > 0 and after["romt_post"]["config"]["seed_max_fraction"] == 0.5
+    assert (rd.maps / "speed.nii.gz").exists() and (rd.vtk / "pathlines.vtp").exists()
+    assert not (rd.figures / "speed_map.png").exists()
+    # other settings: every 2nd seed -> half of them (rounded up), summary updated
+    r = glymph("romt-post", rd.root, "--set", "romt_post.seed_max_fraction=0.5", "--set",
+               "romt_post.seed_every=2", "--set", "romt_post.write_figures=false")
+    assert r.returncode == 0, r.stderr
+    after2 = json.loads(rd.summary.read_text())
+    assert after2["n_pathlines"] == (n1 + 1) // 2
+    vox = np.array([0.5, 0.8, 1.25])
+    assert after2["median_speed_mm_per_h"] == pytest.approx(
+        np.linalg.norm(truth["vel"] * vox) / (3.0 / truth["T"]), rel=1e-5)
+
+
+def test_romt_post_cli_errors(tmp_path, glymph):
+    rd, toml, _ = make_run(tmp_path, summary=False)
+    r = glymph("romt-post", rd.root)
+    assert r.returncode == 2 and "not a finished rOMT run" in r.stderr and "Traceback" not in r.stderr
+    from glymphmpi.store import atomic_write_json
+
+    atomic_write_json(rd.summary, {"status": "complete", "method": "romt", "subject": "synth-01"})
+    r = glymph("romt-post", rd.root)
+    assert r.returncode == 2 and "give --subject" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = glymph("romt-post", rd.root, "--subject", toml, "--set", "romt_post.integrator=rk9",
+               "--set", "romt_post.write_figures=false")
+    assert r.returncode == 2 and "valid: euler, rk2, rk4" in r.stderr
+    r = glymph("romt-post", rd.root, "--subject", toml, "--set", "romt_post.write_figures=false")
+    assert r.returncode == 0, r.stderr
+    # a subject on another grid is refused
+    other, other_toml, _ = make_run(tmp_path / "other", shape=(20, 18, 12))
+    r = glymph("romt-post", rd.root, "--subject", other_toml)
+    assert r.returncode == 2 and "grid" in r.stderr
+
+
+@pytest.mark.mpi
+def test_postprocess_split_over_ranks(comm, mpi_tmp_path):
+    """Seeds split over the ranks give the same lines as one rank (uniform translation)."""
+    from glymphmpi.romt import post
+    from glymphmpi.romt.post_config import RomtPostConfig
+    from glymphmpi.store import RunDir
+    from glymphmpi.subject import load_subject
+
+    if comm.rank == 0:
+        make_run(mpi_tmp_path)
+    comm.Barrier()
+    subject = load_subject(mpi_tmp_path / "subject" / "subject.toml")
+    rd = RunDir(mpi_tmp_path / "run", comm=comm)
+    cfg = RomtPostConfig(seed_max_fraction=0.5, write_figures=False)
+    fields = post.postprocess(rd, subject, cfg, comm=comm)
+    res = post.RomtResults(rd.results)
+    lines, stats = post.trace_results(res, cfg)  # serial, on every rank
+    assert fields["n_pathlines"] == lines.n == stats["n_seeds"]
+    if comm.rank == 0:
+        from glymphmpi.report import vtk
+
+        pl = vtk.read_vtp(rd.vtk / "pathlines.vtp")
+        starts = pl["points"][np.r_[0, pl["lines"][1][:-1]]]
+        from glymphmpi.romt.lagrangian import to_world
+
+        np.testing.assert_allclose(starts, to_world(lines.seeds, subject.affine), atol=1e-4)
