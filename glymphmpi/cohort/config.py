@@ -1,0 +1,63 @@
+"""The ``[cohort]`` table: launcher options (light module, no heavy imports)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortConfig:
+    """Options of the cohort launcher (table ``[cohort]`` of a cohort file, or ``--set cohort.KEY=V``).
+
+    Attributes:
+        max_attempts: submissions of one (subject, method) run over all launches, counting
+            the first; a failed run is retried on the next ``glymph cohort run`` until this.
+        max_requeues: checkpointed stops (exit 75, time limit, preemption) one run may
+            resume from within a launch (the job requeues itself or is resubmitted).
+        poll_s: seconds between scheduler polls.
+        array: submit one job array per method when several subjects share its resources.
+        release_requeued: SLURM holds a requeued job for about two minutes (BeginTime);
+            the launcher releases it at once (``scontrol update StartTime=now``).
+        mpi_launcher: ``srun`` (PMI from ``srun_mpi``) or ``mpirun`` inside the sbatch jobs.
+        srun_mpi: the ``--mpi`` plugin of srun (``pmix`` with Debian's Open MPI).
+        interface: network interface of the dask scheduler and workers ("" = dask's
+            default; ``lo`` in sandboxes and on a single node).
+        dask_cores: cores of one dask-jobqueue worker job (per-subject reports).
+        dask_memory: memory of one dask-jobqueue worker job.
+        dask_walltime: wall time of one dask-jobqueue worker job.
+        dask_max_jobs: most dask-jobqueue worker jobs at once (adaptive between 0 and this).
+        local_cores: cores the local scheduler shares between runs (0 = all of nproc).
+        job_prefix: prefix of SLURM job names.
+    """
+
+    max_attempts: int = 3
+    max_requeues: int = 3
+    poll_s: float = 2.0
+    array: bool = True
+    release_requeued: bool = True
+    mpi_launcher: str = "srun"
+    srun_mpi: str = "pmix"
+    interface: str = ""
+    dask_cores: int = 1
+    dask_memory: str = "1GB"
+    dask_walltime: str = "01:00:00"
+    dask_max_jobs: int = 1
+    local_cores: int = 0
+    job_prefix: str = "glymph"
+
+    def validate(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("cohort.max_attempts must be >= 1")
+        if self.max_requeues < 0:
+            raise ValueError("cohort.max_requeues must be >= 0")
+        if self.poll_s <= 0:
+            raise ValueError("cohort.poll_s must be > 0")
+        if self.mpi_launcher not in ("srun", "mpirun"):
+            raise ValueError(f"cohort.mpi_launcher must be 'srun' or 'mpirun', not {self.mpi_launcher!r}")
+        if self.dask_cores < 1 or self.dask_max_jobs < 1 or self.local_cores < 0:
+            raise ValueError("cohort.dask_cores and dask_max_jobs must be >= 1, local_cores >= 0")
+        if not self.job_prefix.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"cohort.job_prefix {self.job_prefix!r}: letters, digits, '-' and '_' only")
+
+
+CONFIG = CohortConfig

@@ -1,0 +1,275 @@
+"""The cohort file: subjects, methods, resources, settings; validated up front.
+
+Minimal form (paths relative to the cohort file; globs allowed)::
+
+    subjects = ["sub-01/subject.toml", "sub-02/subject.toml"]
+    methods = ["romt", "fem", "pinn"]        # optional: default = every installed method
+
+Optional tables::
+
+    [resources]            # defaults for every method ...
+    time = "01:00:00"
+    partition = "debug"
+    [resources.fem]        # ... and per method
+    ranks = 4
+    mem = "8G"
+    [resources.pinn]
+    gpus = 1
+    image = "/images/glymphmpi.sif"
+    [settings.pinn]        # config tables passed to the methods (--config)
+    epochs = 2000
+    [cohort]               # launcher options (glymphmpi.cohort.config.CohortConfig)
+    max_attempts = 3
+    [method.mytool]        # an extra method: a command that follows the run-directory contract
+    command = ["python", "/opt/mytool.py"]
+    kind = "serial"
+
+Every problem is an :class:`~glymphmpi.errors.InputError` naming the file (exit 2), raised
+before anything is submitted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import re
+from pathlib import Path
+
+from glymphmpi.config import build, config_class, known_sections, load_toml, parse_override
+from glymphmpi.errors import InputError
+
+from .config import CohortConfig
+from .methods import MethodSpec, get_method, installed_builtins, method_from_table
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
+MEM_RE = re.compile(r"^\d+[KMGT]?$")
+TOP_KEYS = {"subjects", "methods", "resources", "settings", "cohort", "method", "name", "description"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """Scheduler resources of one method's run on one subject.
+
+    Attributes:
+        ranks: MPI ranks (mpi), DDP processes (torch), 1 (serial).
+        gpus: GPUs per node (torch: one process per GPU; ``--gpus-per-node``).
+        cpus_per_task: CPU cores per rank (``--cpus-per-task``; OMP_NUM_THREADS).
+        nodes: nodes (``--nodes``), 0 = let SLURM choose.
+        mem: memory per node, SLURM syntax (``"4G"``), "" = site default.
+        time: wall time, SLURM syntax (``"01:00:00"``, ``"1-00:00:00"``).
+        partition, account, qos, constraint: passed on when not empty.
+        image: Apptainer image (.sif): runs ``apptainer exec`` (``--nv`` with GPUs).
+        bind: Apptainer ``--bind`` list (e.g. ``"/data,/scratch"``).
+        extra: further raw sbatch options (e.g. ``["--exclusive"]``).
+    """
+
+    ranks: int = 0
+    gpus: int = 0
+    cpus_per_task: int = 1
+    nodes: int = 0
+    mem: str = ""
+    time: str = "01:00:00"
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    constraint: str = ""
+    image: str = ""
+    bind: str = ""
+    extra: tuple[str, ...] = ()
+
+    def validate(self) -> None:
+        if self.ranks < 0 or self.gpus < 0 or self.cpus_per_task < 1 or self.nodes < 0:
+            raise ValueError("ranks, gpus and nodes must be >= 0 and cpus_per_task >= 1")
+        if not TIME_RE.match(self.time):
+            raise ValueError(f"time {self.time!r} is not a SLURM time (MM, HH:MM:SS, D-HH:MM:SS)")
+        if self.mem and not MEM_RE.match(self.mem):
+            raise ValueError(f"mem {self.mem!r} is not a SLURM size like 4G or 4000M")
+        for key in ("partition", "account", "qos", "constraint"):
+            v = getattr(self, key)
+            if v and not re.match(r"^[A-Za-z0-9._,&|:-]+$", v):
+                raise ValueError(f"{key} {v!r} has characters SLURM does not accept")
+
+    def processes(self, spec: MethodSpec) -> int:
+        """Processes of one run: ranks, else GPUs (torch), else the method's default."""
+        if spec.kind == "serial":
+            return 1
+        if self.ranks:
+            return self.ranks
+        if spec.kind == "torch" and self.gpus:
+            return self.gpus * max(self.nodes, 1)
+        return spec.default_ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectEntry:
+    """One subject of a cohort: its id and TOML file (absolute)."""
+
+    id: str
+    toml: Path
+
+
+@dataclasses.dataclass
+class Cohort:
+    """A validated cohort file.
+
+    Attributes:
+        path: the cohort file (absolute).
+        subjects: in file order (globs sorted).
+        methods: method specs in the order given.
+        resources: per method name.
+        settings: config tables (section -> dict) handed to every method run.
+        options: launcher options.
+    """
+
+    path: Path
+    subjects: list[SubjectEntry]
+    methods: list[MethodSpec]
+    resources: dict[str, Resources]
+    settings: dict[str, dict]
+    options: CohortConfig
+
+    @property
+    def method_names(self) -> list[str]:
+        return [m.name for m in self.methods]
+
+    def tasks(self) -> list[tuple[SubjectEntry, MethodSpec]]:
+        return [(s, m) for s in self.subjects for m in self.methods]
+
+    def settings_toml(self) -> str:
+        """The settings as one TOML config file (one table per section)."""
+        import tomli_w
+
+        return tomli_w.dumps(self.settings)
+
+
+def _resources(table: dict, where, base: Resources | None = None) -> Resources:
+    if "extra" in table:
+        ex = table["extra"]
+        if isinstance(ex, str):
+            ex = [ex]
+        if not isinstance(ex, list) or not all(isinstance(e, str) and e.startswith("-") for e in ex):
+            raise InputError("resources 'extra' must be a list of sbatch options like \"--exclusive\"", where)
+        table = {**table, "extra": tuple(ex)}
+    merged = {**(dataclasses.asdict(base) if base else {}), **table}
+    return build(Resources, merged, where)
+
+
+def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
+    """Read and validate a cohort file.
+
+    Args:
+        path: cohort TOML.
+        overrides: ``SECTION.KEY=VALUE`` strings (``cohort.*`` launcher options, method settings).
+        validate_subjects: load every subject (all scans and the mask) to check it.
+
+    Raises:
+        InputError: one line naming the file and the problem.
+    """
+    path = Path(path).resolve()
+    data = load_toml(path)
+    root = path.parent
+    unknown = set(data) - TOP_KEYS
+    if unknown:
+        raise InputError(f"unknown key(s) {', '.join(sorted(unknown))} (valid: {', '.join(sorted(TOP_KEYS))})", path)
+
+    # methods: extra ones first so that they can be listed
+    extra: dict[str, MethodSpec] = {}
+    mt = data.get("method", {})
+    if not isinstance(mt, dict) or not all(isinstance(v, dict) for v in mt.values()):
+        raise InputError("[method.NAME] entries must be tables", path)
+    for name, table in mt.items():
+        if not SAFE_ID.match(name):
+            raise InputError(f"method name {name!r}: letters, digits, '.', '_' and '-' only", path)
+        extra[name] = method_from_table(name, table, path)
+    if "methods" in data:
+        names = data["methods"]
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise InputError("'methods' must be a non-empty list of method names", path)
+        if len(set(names)) != len(names):
+            raise InputError("'methods' lists a method twice", path)
+    else:
+        names = installed_builtins() + [n for n in extra if n not in installed_builtins()]
+        if not names:
+            raise InputError("no 'methods' given and no method is installed in this checkout", path)
+    methods = []
+    for n in names:
+        spec = get_method(n, extra)
+        if not spec.installed():
+            raise InputError(f"method {n!r} is not installed in this checkout ({spec.module} is missing)", path)
+        methods.append(spec)
+
+    # subjects
+    pats = data.get("subjects")
+    if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
+        raise InputError("'subjects' must be a non-empty list of subject TOML paths (globs allowed)", path)
+    files: list[Path] = []
+    for pat in pats:
+        full = pat if Path(pat).is_absolute() else str(root / pat)
+        if glob.has_magic(pat):
+            hits = sorted(Path(h) for h in glob.glob(full))
+            if not hits:
+                raise InputError(f"subject pattern {pat!r} matched no file", path)
+        else:
+            hits = [Path(full)]
+            if not hits[0].is_file():
+                raise InputError(f"subject file {pat!r} not found", path)
+        for h in hits:
+            h = h.resolve()
+            if h not in files:
+                files.append(h)
+    subjects: list[SubjectEntry] = []
+    seen: dict[str, Path] = {}
+    for f in files:
+        sdata = load_toml(f)
+        sid = sdata.get("id")
+        if not isinstance(sid, str) or not SAFE_ID.match(sid):
+            raise InputError(f"subject id {sid!r} is not safe for job names and paths "
+                             "(letters, digits, '.', '_', '-'; not starting with '.' or '-')", f)
+        if sid in seen:
+            raise InputError(f"subject id {sid!r} is used twice ({seen[sid]} and {f})", path)
+        seen[sid] = f
+        if sid in ("cohort", "report"):
+            raise InputError(f"subject id {sid!r} is reserved for the cohort's own directories", f)
+        subjects.append(SubjectEntry(sid, f))
+    if validate_subjects:
+        from glymphmpi.subject import load_subject
+
+        for s in subjects:
+            load_subject(s.toml)
+
+    # launcher options and settings, with --set overrides
+    sets: dict[str, dict] = {}
+    for item in overrides:
+        sec, key, value = parse_override(item)
+        sets.setdefault(sec, {})[key] = value
+    opt_table = data.get("cohort", {})
+    if not isinstance(opt_table, dict):
+        raise InputError("[cohort] must be a table", path)
+    options = build(CohortConfig, {**opt_table, **sets.pop("cohort", {})}, path)
+    st = data.get("settings", {})
+    if not isinstance(st, dict) or not all(isinstance(v, dict) for v in st.values()):
+        raise InputError("[settings.SECTION] entries must be tables", path)
+    settings = {k: dict(v) for k, v in st.items()}
+    for sec, kv in sets.items():
+        settings.setdefault(sec, {}).update(kv)
+    valid = known_sections()
+    for sec, table in settings.items():
+        if sec in extra:
+            raise InputError(f"[settings.{sec}]: {sec!r} is an extra method; give its options in "
+                             f"[method.{sec}] args", path)
+        if sec not in valid:
+            raise InputError(f"[settings.{sec}]: unknown config table (valid: {', '.join(valid)})", path)
+        build(config_class(sec), table, f"{path} [settings.{sec}]")
+
+    # resources
+    rt = data.get("resources", {})
+    if not isinstance(rt, dict):
+        raise InputError("[resources] must be a table", path)
+    per = {k: v for k, v in rt.items() if isinstance(v, dict)}
+    base = _resources({k: v for k, v in rt.items() if not isinstance(v, dict)}, f"{path} [resources]")
+    for k in per:
+        if k not in names:
+            raise InputError(f"[resources.{k}]: {k!r} is not one of the cohort's methods ({', '.join(names)})", path)
+    resources = {n: _resources(per.get(n, {}), f"{path} [resources.{n}]", base) for n in names}
+    return Cohort(path, subjects, methods, resources, settings, options)
