@@ -1,0 +1,46 @@
+"""Settings of ``glymph pinn-select`` (table ``[pinn_select]``; light module)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PinnSelectConfig:
+    """Configuration of the set-up selection.
+
+    Attributes:
+        seeds: seeds per set-up (each seed is one training run).
+        misfit_tolerance: a set-up is eligible when its mean final data misfit
+            is at most ``(1 + misfit_tolerance)`` times the best set-up's.
+        parallel: local processes at once (0: the number of CPU cores).
+        threads_per_run: torch/OpenMP threads of each local run.
+        max_retries: re-runs of a failed run before it is recorded as failed.
+        poll_s: seconds between SLURM status polls.
+        partition, account, qos, time: SLURM job-array settings.
+        cpus_per_task, mem: SLURM resources of one array task.
+    """
+
+    seeds: int = 3
+    misfit_tolerance: float = 0.25
+    parallel: int = 0
+    threads_per_run: int = 1
+    max_retries: int = 1
+    poll_s: float = 2.0
+    partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time: str = "02:00:00"
+    cpus_per_task: int = 1
+    mem: str = "2G"
+
+    def validate(self) -> None:
+        if self.seeds < 1:
+            raise ValueError("seeds must be >= 1")
+        if self.misfit_tolerance < 0:
+            raise ValueError("misfit_tolerance must be >= 0")
+        if self.parallel < 0 or self.threads_per_run < 1 or self.max_retries < 0:
+            raise ValueError("need parallel >= 0, threads_per_run >= 1, max_retries >= 0")
+
+
+CONFIGS = {"pinn_select": PinnSelectConfig}

@@ -1,0 +1,159 @@
+"""pinn-select: grid expansion, the selection rule, a local 4-point grid, a SLURM job array."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import pytest
+
+from glymphmpi.errors import InputError
+from glymphmpi.pinnselect.grid import expand_runs, make_setups, run_overrides
+from glymphmpi.pinnselect.select import RunRecord, aggregate, choose
+
+pytest.importorskip("torch")
+
+
+def test_default_grid_is_the_papers():
+    setups = make_setups()
+    assert len(setups) == 4 * 3 * 2 * 2
+    names = {s.name for s in setups}
+    assert "wr32_p2to1_lr0.001-0.0001_raron" in names
+    s = next(s for s in setups if s.name == "wr256_p1_lr0.0001-1e-05_raroff")
+    assert s.keys == {"w_r": 256.0, "p_schedule": "1", "lr_start": 1e-4, "lr_end": 1e-5, "rar_epochs": []}
+    on = next(s for s in setups if s.axes["rar"] and s.axes["w_r"] == 1.0)
+    assert on.keys["rar_epochs"] == [500, 1000, 1500]  # 25/50/75% of the default 2000 epochs
+    runs = expand_runs(setups[:1], 3)
+    assert [r.seed for r in runs] == [0, 1, 2]
+    assert "pinn.seed=2" in run_overrides(runs[2]) and "pinn.ensemble=1" in run_overrides(runs[2])
+
+
+def test_grid_errors():
+    with pytest.raises(InputError, match="unknown grid axis 'wr'"):
+        make_setups({"wr": [1]})
+    with pytest.raises(InputError, match="non-empty list"):
+        make_setups({"w_r": []})
+    with pytest.raises(InputError, match="p_schedule"):
+        make_setups({"p_schedule": ["3"]})
+    with pytest.raises(InputError, match="set by pinn-select"):
+        make_setups({"w_r": [1]}, {"seed": 3})
+
+
+def _setups():
+    return make_setups({"w_r": [1.0, 32.0, 64.0]}, {"epochs": 10})
+
+
+def test_choose_lowest_residual_within_misfit_tolerance():
+    s = _setups()
+    recs = [
+        RunRecord("wr1", 0, "complete", D=0.5, residual_norm=0.10, misfit=1.00),
+        RunRecord("wr1", 1, "complete", D=0.6, residual_norm=0.12, misfit=1.10),
+        RunRecord("wr32", 0, "complete", D=0.7, residual_norm=0.02, misfit=1.20),
+        RunRecord("wr32", 1, "failed", reason="boom"),
+        RunRecord("wr64", 0, "complete", D=0.9, residual_norm=0.001, misfit=3.0),  # misfit too large
+    ]
+    rows = aggregate(recs, s)
+    win = choose(rows, misfit_tolerance=0.25)
+    assert win.setup == "wr32" and win.D_mean == 0.7 and win.seeds_complete == 1
+    assert [r.eligible for r in rows] == [True, True, False]
+    assert rows[0].D_mean == pytest.approx(0.55) and rows[0].D_std == pytest.approx(math.sqrt(0.005))
+    # a tighter tolerance excludes wr32 (misfit 1.2 > 1.05 x best 1.05)
+    rows = aggregate(recs, s)
+    assert choose(rows, misfit_tolerance=0.1).setup == "wr1"
+    assert "seed 1: failed (boom)" in rows[1].notes
+
+
+def test_choose_none_complete():
+    rows = aggregate([RunRecord("wr1", 0, "failed")], _setups())
+    assert choose(rows, 0.1) is None
+
+
+GRID = """
+[axes]
+w_r = [0.0, 1.0]
+lr = [[3e-3, 1e-3], [1e-5, 1e-5]]
+[fixed]
+epochs = 3
+depth = 2
+width = 16
+batches = 2
+residual_times = 10
+residual_voxels = 100
+figures = false
+maps = false
+checkpoint_every = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_subject(tmp_path_factory):
+    from glymphmpi.synth import brain_diffusion as bd
+
+    out = tmp_path_factory.mktemp("tiny")
+    return bd.write(out, bd.PhantomSpec(block=(8, 8, 8), dt_h=0.5), sid="tiny")
+
+
+def test_local_grid_selects_lowest_residual(tmp_path, glymph, tiny_subject):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    out = tmp_path / "sel"
+    r = glymph("pinn-select", tiny_subject, "--out", out, "--grid", grid, "--set", "pinn_select.seeds=1",
+               "--set", "pinn_select.parallel=2", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = list(csv.DictReader(open(out / "runs.csv")))
+    assert len(runs) == 4 and all(row["status"] == "complete" for row in runs)
+    # recompute the rule independently from each run's own summary.json
+    per = {}
+    for row in runs:
+        s = json.loads((out / "runs" / row["setup"] / f"seed{row['seed']}" / "summary.json").read_text())
+        per[row["setup"]] = (s["final_loss_data"], s["residual_norm"], s["D_mm2_per_h"])
+    best = min(m for m, _, _ in per.values())
+    eligible = {k: v for k, v in per.items() if v[0] <= 1.25 * best}
+    expect = min(eligible, key=lambda k: eligible[k][1])
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["chosen_setup"] == expect
+    assert sel["D_mm2_per_h"] == pytest.approx(per[expect][2])
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["status"] == "complete" and summ["runs_complete"] == 4 and summ["chosen_setup"] == expect
+    assert (out / "figures" / "pinn_select_D_vs_residual.png").stat().st_size > 10_000
+    # resumable: a forced re-selection trains nothing new (run summaries untouched)
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/seed0/summary.json")}
+    r = glymph("pinn-select", tiny_subject, "--out", out, "--grid", grid, "--set", "pinn_select.seeds=1",
+               "--force", timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert stamp == {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/seed0/summary.json")}
+    # a missing run is trained again, only that one
+    victim = next(iter(stamp))
+    shutil.rmtree(victim.parent)
+    r = glymph("pinn-select", tiny_subject, "--out", out, "--grid", grid, "--set", "pinn_select.seeds=1",
+               "--force", timeout=600)
+    assert r.returncode == 0 and victim.exists()
+    others = {p: t for p, t in stamp.items() if p != victim}
+    assert others == {p: p.stat().st_mtime_ns for p in others}
+
+
+def test_bad_grid_file(tmp_path, glymph, tiny_subject):
+    g = tmp_path / "g.toml"
+    g.write_text("[axes]\nw_r = 3\n")
+    r = glymph("pinn-select", tiny_subject, "--out", tmp_path / "o", "--grid", g)
+    assert r.returncode == 2 and "g.toml: grid axis 'w_r' must be a non-empty list" in r.stderr
+
+
+@pytest.mark.slurm
+def test_slurm_job_array(tmp_path, glymph, tiny_subject):
+    if shutil.which("sbatch") is None:
+        pytest.fail("SLURM is not available: run the slurm tests through `make test` (hpc/slurm/up.sh)")
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID)
+    out = tmp_path / "sel"
+    r = glymph("pinn-select", tiny_subject, "--out", out, "--grid", grid, "--scheduler", "slurm",
+               "--set", "pinn_select.seeds=1", "--set", "pinn_select.poll_s=0.5", timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summ = json.loads((out / "summary.json").read_text())
+    assert summ["slurm_job"] and summ["runs_complete"] == 4
+    script = (out / "slurm" / "array.sbatch").read_text()
+    assert "#SBATCH --array=0-3" in script
+    logs = list((out / "slurm" / "logs").glob(f"{summ['slurm_job']}_*.out"))
+    assert len(logs) == 4
