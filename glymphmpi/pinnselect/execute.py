@@ -180,7 +180,8 @@ def run_slurm(subject: Path, out: Path, runs: list[Run], cfg, job_name: str) -> 
     atomic_write_bytes(out / "slurm" / "tasks.json", json.dumps([r.rel_dir for r in todo]).encode())
     res = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if res.returncode != 0:
-        raise MissingDependency(f"sbatch failed: {res.stderr.strip().splitlines()[-1] if res.stderr else res.returncode}")
+        why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
+        raise MissingDependency(f"sbatch failed: {why}")
     job = res.stdout.strip().split(";")[0]
     log.info("submitted job array %s (%d tasks)", job, len(cmds))
     while True:
