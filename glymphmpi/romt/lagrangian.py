@@ -128,42 +128,47 @@ class ArraySteps:
 
 
 def _corners(x: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices (n, 8) and trilinear weights (n, 8) of points x (n, 3).
+    """Flat indices (8, n) and trilinear weights (8, n) float32 of points x (n, 3).
 
     Points outside the box are clamped to it (constant extension).
     """
     ni, nj, nk = shape
     hi = np.array([ni - 1, nj - 1, nk - 1], dtype=np.float64)
     xc = np.clip(x, 0.0, hi)
-    base = np.minimum(np.floor(xc), np.maximum(hi - 1, 0)).astype(np.int64)
-    w = xc - base  # (n, 3) in [0, 1]
+    base = np.minimum(np.floor(xc), np.maximum(hi - 1, 0))
+    w = (xc - base).astype(np.float32)  # (n, 3) in [0, 1]
+    base = base.astype(np.int64)
     strides = np.array([nj * nk, nk, 1], dtype=np.int64)
     flat0 = base @ strides
-    idx = np.empty((x.shape[0], 8), dtype=np.int64)
-    wts = np.empty((x.shape[0], 8), dtype=np.float64)
     # a unit step along an axis of length 1 stays on the same voxel
     step = np.where(hi > 0, strides, 0)
+    w0, w1, w2 = w[:, 0], w[:, 1], w[:, 2]
+    u0, u1, u2 = 1 - w0, 1 - w1, 1 - w2
+    idx = np.empty((8, x.shape[0]), dtype=np.int64)
+    wts = np.empty((8, x.shape[0]), dtype=np.float32)
     for c in range(8):
         bi, bj, bk = (c >> 2) & 1, (c >> 1) & 1, c & 1
-        idx[:, c] = flat0 + bi * step[0] + bj * step[1] + bk * step[2]
-        wts[:, c] = ((w[:, 0] if bi else 1 - w[:, 0]) * (w[:, 1] if bj else 1 - w[:, 1])
-                     * (w[:, 2] if bk else 1 - w[:, 2]))
+        idx[c] = flat0 + (bi * step[0] + bj * step[1] + bk * step[2])
+        wts[c] = (w0 if bi else u0) * (w1 if bj else u1) * (w2 if bk else u2)
     return idx, wts
 
 
-def trilinear(field: np.ndarray, x: np.ndarray) -> np.ndarray:
+def trilinear(field: np.ndarray, x: np.ndarray, corners=None) -> np.ndarray:
     """Trilinear interpolation of a channels-last field.
 
     Args:
-        field: (ni, nj, nk, C) array.
+        field: (ni, nj, nk, C) array (float32 for speed).
         x: (n, 3) voxel-index positions.
+        corners: precomputed ``_corners(x, shape)`` (reused across fields).
     Returns:
         (n, C) float64.
     """
-    idx, wts = _corners(x, field.shape[:3])
+    idx, wts = corners if corners is not None else _corners(x, field.shape[:3])
     flat = field.reshape(-1, field.shape[3])
-    vals = flat[idx]  # (n, 8, C)
-    return np.einsum("nc,ncf->nf", wts, vals, dtype=np.float64, casting="unsafe")
+    out = flat[idx[0]] * wts[0][:, None]
+    for c in range(1, 8):
+        out += flat[idx[c]] * wts[c][:, None]
+    return out.astype(np.float64)
 
 
 # ----------------------------------------------------------------- integrators
@@ -314,34 +319,44 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
     n_points = np.ones(n, dtype=np.int64)
     reason = np.zeros(n, dtype=np.int8)
     grads: dict = {}
-    field_arr = np.empty(shape + (10,), dtype=np.float32)
+    node_f = np.empty(shape + (7,), dtype=np.float32)  # v, sigma grad log rho0, rho0
+    end_f = None
     last = None
     for j, st in enumerate(steps):
         if rho_max is None:
             rho_max = float(np.max(st.rho0))
         floor = s.log_density_floor * rho_max
         stop_rho = s.stop_density_fraction * rho_max
+        sig = np.float32(st.sigma)
         for key, rho in ((st.key0, st.rho0), (st.key1, st.rho1)):
             if key not in grads:
-                grads[key] = grad_log_density(rho, floor)
+                grads[key] = np.moveaxis(grad_log_density(rho, floor), 0, -1) * sig  # (..., 3)
         grads = {k: g for k, g in grads.items() if k in (st.key0, st.key1)}
-        sig = np.float32(st.sigma)
-        # channels: v (3), sigma grad log rho0 (3), sigma grad log rho1 (3), rho0
-        field_arr[..., 0:3] = np.moveaxis(np.asarray(st.v, dtype=np.float32), 0, -1)
-        field_arr[..., 3:6] = np.moveaxis(grads[st.key0], 0, -1) * sig
-        field_arr[..., 6:9] = np.moveaxis(grads[st.key1], 0, -1) * sig
-        field_arr[..., 9] = st.rho0
+        d0, d1 = grads[st.key0], grads[st.key1]
+        v = np.moveaxis(np.asarray(st.v, dtype=np.float32), 0, -1)  # (..., 3) view
+        node_f[..., 0:3] = v
+        node_f[..., 3:6] = d0
+        node_f[..., 6] = st.rho0
+        stage_f: dict = {}  # step fraction theta -> (..., 3) augmented velocity
+
+        def u_at(theta: float) -> np.ndarray:
+            th = 0.5 if s.time_interpolation == "constant" else float(theta)
+            if th not in stage_f:
+                stage_f[th] = np.ascontiguousarray(v - ((1.0 - th) * d0 + th * d1), dtype=np.float32)
+            return stage_f[th]
+
         scale = vox / st.hours_per_model_time  # voxel/model time -> mm/h per axis
         times[j] = st.t0_h
         last = st
 
         act = np.nonzero(alive)[0]
         xa = x[act]
-        f0 = trilinear(field_arr, xa)
-        v0, d0, rho0 = f0[:, 0:3], f0[:, 3:6], f0[:, 9]
-        u0 = v0 - (d0 if s.time_interpolation == "linear" else 0.5 * (d0 + f0[:, 6:9]))
+        cor = _corners(xa, shape)
+        f0 = trilinear(node_f, xa, cor)
+        v0, dd0, rho0 = f0[:, 0:3], f0[:, 3:6], f0[:, 6]
+        u0 = v0 - dd0 if s.time_interpolation == "linear" else trilinear(u_at(0.5), xa, cor)
         spd[j, act] = np.linalg.norm(v0 * scale, axis=1)
-        dif[j, act] = np.linalg.norm(d0 * scale, axis=1)
+        dif[j, act] = np.linalg.norm(dd0 * scale, axis=1)
         flx[j, act] = np.linalg.norm(u0 * scale, axis=1)
         # stopping rules at the node
         low_rho = rho0 < stop_rho
@@ -364,8 +379,7 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
                     ks.append(u0[go])
                     continue
                 xs = xn + h * sum(c * k for c, k in zip(coef, ks)) if coef else xn
-                theta = (sub + ct) / s.substeps
-                ks.append(_velocity(field_arr, xs, theta, s.time_interpolation))
+                ks.append(trilinear(u_at((sub + ct) / s.substeps), xs))
             xn = xn + h * sum(w * k for w, k in zip(c_weights, ks) if w != 0.0)
         ok = _inside(mask, xn)
         x[act[ok]] = xn[ok]
@@ -373,26 +387,20 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
         alive[act[~ok]] = False
         reason[act[~ok]] = 3
         pos[j + 1] = x
+        end_f = (v, d1)
     if last is not None:
         times[n_steps] = last.t0_h + last.dt * last.hours_per_model_time
         # sample the final nodes with the last step's end fields
         act = np.nonzero(n_points == n_nodes)[0]
-        if act.size:
-            f = trilinear(field_arr, x[act])
+        if act.size and end_f is not None:
+            fe = np.concatenate([end_f[0], end_f[1]], axis=-1)
+            f = trilinear(fe, x[act])
             scale = vox / last.hours_per_model_time
             spd[n_steps, act] = np.linalg.norm(f[:, 0:3] * scale, axis=1)
-            dif[n_steps, act] = np.linalg.norm(f[:, 6:9] * scale, axis=1)
-            flx[n_steps, act] = np.linalg.norm((f[:, 0:3] - f[:, 6:9]) * scale, axis=1)
+            dif[n_steps, act] = np.linalg.norm(f[:, 3:6] * scale, axis=1)
+            flx[n_steps, act] = np.linalg.norm((f[:, 0:3] - f[:, 3:6]) * scale, axis=1)
     return Pathlines(pos, n_points, spd, dif, flx, times, np.asarray(seeds, dtype=np.float64), reason,
                      {"n_steps": n_steps, "integrator": s.integrator, "substeps": s.substeps})
-
-
-def _velocity(field_arr: np.ndarray, x: np.ndarray, theta: float, mode: str) -> np.ndarray:
-    """Augmented velocity (n, 3) at positions x and step fraction theta in [0, 1]."""
-    f = trilinear(field_arr, x)
-    if mode == "linear":
-        return f[:, 0:3] - ((1.0 - theta) * f[:, 3:6] + theta * f[:, 6:9])
-    return f[:, 0:3] - 0.5 * (f[:, 3:6] + f[:, 6:9])
 
 
 # ----------------------------------------------------------------- seeds and cleanup
