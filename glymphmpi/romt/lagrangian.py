@@ -339,7 +339,7 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
         node_f[..., 6] = st.rho0
         stage_f: dict = {}  # step fraction theta -> (..., 3) augmented velocity
 
-        def u_at(theta: float) -> np.ndarray:
+        def u_at(theta: float, v=v, d0=d0, d1=d1, stage_f=stage_f) -> np.ndarray:
             th = 0.5 if s.time_interpolation == "constant" else float(theta)
             if th not in stage_f:
                 stage_f[th] = np.ascontiguousarray(v - ((1.0 - th) * d0 + th * d1), dtype=np.float32)
