@@ -400,3 +400,36 @@ def test_vtk_files_read_by_vtk_itself(tmp_path):
     assert out.GetNumberOfLines() == 2
     np.testing.assert_allclose(vtk_to_numpy(out.GetPoints().GetData()), pts)
     np.testing.assert_allclose(vtk_to_numpy(out.GetPointData().GetArray("s")), np.arange(7.0))
+
+
+def test_smoothing_keeps_constant_maps_and_spreads_into_gaps():
+    """Normalised-convolution smoothing: a constant speed stays exactly constant (no dilution at
+    the mask border or in voxels without points), and an isolated empty voxel gets the value."""
+    shape = (12, 12, 12)
+    mask = np.zeros(shape, bool)
+    mask[2:10, 2:10, 2:10] = True
+    pts = np.argwhere(mask).astype(np.float32)
+    pts = pts[~np.all(pts == 5, axis=1)]  # leave voxel (5, 5, 5) without points
+    n = pts.shape[0]
+    lines = lg.Pathlines(pts[None], np.ones(n, np.int64), np.full((1, n), 2.5, np.float32),
+                         np.full((1, n), 0.5, np.float32), np.ones((1, n), np.float32), np.zeros(1),
+                         pts.astype(float), np.zeros(n, np.int8))
+    raw = lg.point_maps(lines, mask)
+    assert raw["speed"][5, 5, 5] == 0 and not raw["has_speed"][5, 5, 5]
+    sm = lg.point_maps(lines, mask, smooth_sigma_voxels=1.0)
+    np.testing.assert_allclose(sm["speed"][mask], 2.5, rtol=1e-6)
+    np.testing.assert_allclose(sm["peclet"][mask], 5.0, rtol=1e-6)
+    assert np.all(sm["speed"][~mask] == 0)
+
+
+def test_background_prefers_anatomy(tmp_path):
+    from glymphmpi.report.romt_figures import background_image
+    from glymphmpi.subject import load_subject, write_subject
+
+    shape = (6, 5, 4)
+    scans = [np.ones(shape), 2 * np.ones(shape)]
+    anat = np.arange(np.prod(shape), dtype=float).reshape(shape)
+    s1 = load_subject(write_subject(tmp_path / "a", "a", [0, 1], scans, np.ones(shape), np.eye(4), anatomy=anat))
+    np.testing.assert_allclose(background_image(s1), anat)
+    s2 = load_subject(write_subject(tmp_path / "b", "b", [0, 1], scans, np.ones(shape), np.eye(4)))
+    np.testing.assert_allclose(background_image(s2), 1.0)
