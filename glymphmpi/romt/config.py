@@ -43,6 +43,12 @@ class RomtConfig:
         pcg_rtol: PCG relative residual tolerance.
         ls_max_halvings: Armijo backtracking halvings at most.
         armijo_c: Armijo sufficient-decrease constant.
+        init: initial velocity of a loop: ``drift`` (the uniform velocity that
+            moves the centre of mass of rho_0 onto that of the target over
+            the loop, on the active set; zero when the centres agree) or
+            ``zero`` (the reference). From zero, Gauss-Newton needs many more
+            iterations to make a translation uniform (the J^T J null space
+            is steered only by the weak kinetic and smoothness terms).
         mask_dilation: velocities are unknowns only on the subject mask
             dilated by this many voxels (negative: the whole box).
         mask_images: multiply the images by the subject mask before solving.
@@ -65,6 +71,7 @@ class RomtConfig:
     pcg_rtol: float = 0.05
     ls_max_halvings: int = 12
     armijo_c: float = 1e-4
+    init: str = "drift"
     mask_dilation: int = 3
     mask_images: bool = True
     fft_workers: int = 0
@@ -85,6 +92,8 @@ class RomtConfig:
             raise ValueError(f"romt.boundary must be 'open' or 'closed', got {self.boundary!r}")
         if self.mode not in ("sequential", "parallel"):
             raise ValueError(f"romt.mode must be 'sequential' or 'parallel', got {self.mode!r}")
+        if self.init not in ("drift", "zero"):
+            raise ValueError(f"romt.init must be 'drift' or 'zero', got {self.init!r}")
         for name in ("gn_max_iter", "pcg_max_iter", "ls_max_halvings", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"romt.{name} must be >= 1, got {getattr(self, name)}")

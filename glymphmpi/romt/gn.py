@@ -27,9 +27,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import scipy.sparse as sp
-
-from glymphmpi.romt.transport import StepData, Transport
+from glymphmpi.romt.grid import ActiveLaplacian
+from glymphmpi.romt.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +77,11 @@ class LoopProblem:
         target: (N,) density to reach at the end.
         nt: number of steps.
         beta, gamma: weights.
-        lap: (Ml, M) rows of the active-set graph Laplacian G^T G owned by this rank.
+        lap: the active-set graph Laplacian G^T G (:class:`ActiveLaplacian`, this rank's rows).
     """
 
     def __init__(self, transport: Transport, rho0: np.ndarray, target: np.ndarray, nt: int,
-                 beta: float, gamma: float, lap: sp.csr_matrix):
+                 beta: float, gamma: float, lap: ActiveLaplacian):
         self.tr = transport
         self.pc = transport.pc
         self.rho0 = np.ascontiguousarray(rho0, dtype=np.float64).ravel()
@@ -92,9 +91,7 @@ class LoopProblem:
         self.beta = float(beta)
         self.gamma = float(gamma)
         self.lap = lap
-        self.lap_t = lap.T.tocsr()  # (M, Ml): full @ lap_t = (lap @ full^T)^T
-        self.lap_diag = np.asarray(lap[:, self.pc.lo:self.pc.hi].diagonal()).copy() \
-            if lap.shape[0] else np.zeros(0)
+        self.lap_diag = lap.diagonal
 
     @property
     def u_shape(self) -> tuple:
@@ -110,7 +107,7 @@ class LoopProblem:
     def _lap_apply(self, u: np.ndarray) -> np.ndarray:
         """(nt, 3, Ml) -> (nt, 3, Ml): this rank's rows of G^T G applied per component."""
         full = self.pc.allgather(u.reshape(-1, u.shape[-1]))  # (3 nt, M)
-        return (full @ self.lap_t).reshape(u.shape)
+        return self.lap.apply(full).reshape(u.shape)
 
     # ------------------------------------------------------------ forward
     def forward(self, u: np.ndarray, store: bool = True) -> Linearization:

@@ -108,3 +108,32 @@ def default_workers(ranks_on_node: int = 1) -> int:
     except AttributeError:  # pragma: no cover - not Linux
         n = os.cpu_count() or 1
     return max(1, n // max(1, ranks_on_node))
+
+
+class ActiveLaplacian:
+    """``G^T G`` on the active set: this rank's rows of :func:`active_laplacian`.
+
+    Applied one right-hand side at a time (CSR matvecs on contiguous rows),
+    which measured faster than a multi-vector sparse product or a stencil on
+    the zero-extended grid.
+
+    Args:
+        shape: (ni, nj, nk).
+        active_flat: (M,) sorted flat indices of the active voxels.
+        lo, hi: the rows (active positions) this rank owns.
+    """
+
+    def __init__(self, shape, active_flat: np.ndarray, lo: int = 0, hi: int | None = None):
+        active_flat = np.asarray(active_flat, dtype=np.int64)
+        self.lo = int(lo)
+        self.hi = active_flat.size if hi is None else int(hi)
+        full = active_laplacian(shape, active_flat)
+        self.rows = full[self.lo:self.hi].tocsr()
+        self.diagonal = np.asarray(full.diagonal()[self.lo:self.hi]).copy()
+
+    def apply(self, full: np.ndarray) -> np.ndarray:
+        """(R, M) values on all active voxels -> (R, hi - lo) ``G^T G`` rows of this rank."""
+        out = np.empty((full.shape[0], self.hi - self.lo))
+        for i in range(full.shape[0]):
+            out[i] = self.rows @ full[i]
+        return out

@@ -39,13 +39,13 @@ import numpy as np
 from glymphmpi.errors import InputError, Preempted
 from glymphmpi.romt.config import RomtConfig
 from glymphmpi.romt.gn import GNState, LoopProblem, gauss_newton
-from glymphmpi.romt.grid import active_laplacian, default_workers
+from glymphmpi.romt.grid import ActiveLaplacian, default_workers
 from glymphmpi.romt.transport import Transport
 
 log = logging.getLogger(__name__)
 
 NUMERIC_KEYS = ("nt", "dt", "sigma", "beta", "gamma", "boundary", "mode", "gn_max_iter", "gn_gtol",
-                "gn_ftol", "pcg_max_iter", "pcg_rtol", "ls_max_halvings", "armijo_c",
+                "gn_ftol", "pcg_max_iter", "pcg_rtol", "ls_max_halvings", "armijo_c", "init",
                 "mask_dilation", "mask_images")
 
 
@@ -85,6 +85,16 @@ def check_images(images: np.ndarray, names=None) -> None:
 
 
 # ------------------------------------------------------------------ one loop
+def drift_velocity(rho0: np.ndarray, target: np.ndarray, T: float) -> np.ndarray:
+    """(3,) uniform velocity moving the centre of mass of rho0 to that of target in model time T."""
+    coms = []
+    for r in (rho0, target):
+        m = float(r.sum())
+        coms.append(np.array([float((r.sum(axis=tuple(e for e in range(3) if e != d))
+                                     * np.arange(r.shape[d])).sum()) / m for d in range(3)]))
+    return (coms[1] - coms[0]) / T
+
+
 def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=None,
                state: dict | None = None, on_iteration=None, label: str = "", workers: int | None = None
                ) -> dict:
@@ -110,7 +120,7 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
     workers = workers or (cfg.fft_workers or default_workers(size))
     act_flat = np.flatnonzero(active.ravel())
     tr = Transport(shape, act_flat, cfg.dt, cfg.sigma, cfg.boundary, comm=comm, workers=workers)
-    lap = active_laplacian(shape, act_flat)[tr.pc.lo:tr.pc.hi]
+    lap = ActiveLaplacian(shape, act_flat, tr.pc.lo, tr.pc.hi)
     prob = LoopProblem(tr, rho0, target, cfg.nt, cfg.beta, cfg.gamma, lap)
     lo, hi = tr.pc.lo, tr.pc.hi
     if state is not None:
@@ -123,6 +133,8 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
                      g0_norm=float(state["g0_norm"]), done=bool(state["done"]), reason=str(state["reason"]))
     else:
         gs = GNState(u=prob.zeros())
+        if cfg.init == "drift":
+            gs.u[:] = drift_velocity(rho0, target, cfg.nt * cfg.dt)[None, :, None]
 
     def full_u(u):
         return tr.pc.allgather(u.reshape(-1, u.shape[-1])).reshape(cfg.nt, 3, act_flat.size)
