@@ -20,7 +20,7 @@ def register(subparsers) -> None:
                    help="local: dask LocalCluster + mpirun/torchrun here (default); slurm: sbatch jobs")
     r.add_argument("--site", help="dask-jobqueue YAML (e.g. hpc/sites/generic-slurm.yaml) for the SLURM workers")
     r.add_argument("--retry-failed", action="store_true",
-                   help="forget the attempts of failed runs (cohort.max_attempts counts from zero again)")
+                   help="forget earlier failures (cohort.max_attempts counts from zero again)")
     r.set_defaults(func=_run)
 
     s = sub.add_parser("status", help="subject x method table: pending, running (job), complete, failed, resumable")
@@ -54,7 +54,7 @@ def _run(args) -> int:
     if args.retry_failed:
         for rec in launcher.state.data["tasks"].values():
             if rec.get("state") != "complete":
-                rec["attempts"] = 0
+                rec["failures"] = 0
     if args.scheduler == "slurm":
         from .sbatch import available
 

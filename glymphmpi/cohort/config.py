@@ -10,8 +10,9 @@ class CohortConfig:
     """Options of the cohort launcher (table ``[cohort]`` of a cohort file, or ``--set cohort.KEY=V``).
 
     Attributes:
-        max_attempts: submissions of one (subject, method) run over all launches, counting
-            the first; a failed run is retried on the next ``glymph cohort run`` until this.
+        max_attempts: failed attempts of one (subject, method) run, over all launches, after
+            which it is not retried (a failed run is retried by the next ``glymph cohort run``;
+            stops after a checkpoint do not count).
         max_requeues: checkpointed stops (exit 75, time limit, preemption) one run may
             resume from within a launch (the job requeues itself or is resubmitted).
         poll_s: seconds between scheduler polls.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -58,7 +59,7 @@ def plan(cohort: Cohort, out: Path, state: CohortState) -> tuple[list, list, lis
         st = task_status(out, s.id, m.name, {k: v for k, v in rec.items() if k != "state"})
         if st["state"] == "complete":
             done.append((s, m))
-        elif rec.get("attempts", 0) >= cohort.options.max_attempts:
+        elif rec.get("failures", 0) >= cohort.options.max_attempts:
             gave_up.append((s, m))
         else:
             todo.append((s, m))
@@ -117,8 +118,14 @@ class BaseLauncher:
             elif reason is None and (rc == EXIT_PREEMPTED or summ.get("status") == "preempted"):
                 rec.update(state="resumable", reason=failure_reason(rd, rc))
             else:
-                rec.update(state="failed", reason=reason or failure_reason(rd, rc))
+                self.fail(rec, reason or failure_reason(rd, rc))
             return rec["state"]
+
+    @staticmethod
+    def fail(rec: dict, reason: str) -> None:
+        """Mark a run failed; failures (not checkpointed stops) count against max_attempts."""
+        rec.update(state="failed", reason=reason)
+        rec["failures"] = rec.get("failures", 0) + 1
 
     def subject_done(self, sid: str) -> bool:
         return all(self.state.task(sid, m.name).get("state") in ("complete", "failed")
@@ -142,7 +149,7 @@ class BaseLauncher:
         if gave_up and not self.quiet:
             for s, m in gave_up:
                 rec = self.state.task(s.id, m.name)
-                self.say(f"{s.id}/{m.name}: not retried, {rec.get('attempts')} attempts used "
+                self.say(f"{s.id}/{m.name}: not retried after {rec.get('failures')} failed attempts "
                          f"(cohort.max_attempts = {self.opts.max_attempts}): {rec.get('reason', '')}")
         if len(done) == len(self.cohort.tasks()):
             from glymphmpi.report.cohort import report_paths
@@ -245,8 +252,8 @@ class LocalLauncher(BaseLauncher):
                     rec["requeues"] = rec.get("requeues", 0) + 1
                     again = rec["requeues"] <= self.opts.max_requeues
                     if not again:
-                        rec.update(state="failed", reason=f"still stopping after {self.opts.max_requeues} "
-                                   f"resumptions: {rec.get('reason', '')}")
+                        self.fail(rec, f"still stopping after {self.opts.max_requeues} resumptions: "
+                                  f"{rec.get('reason', '')}")
                 if again:
                     self.say(f"{key}: stopped after a checkpoint (exit {rc}); resuming")
                     continue
@@ -299,8 +306,11 @@ class LocalLauncher(BaseLauncher):
                 futs.extend(runs)
             pending = set(futs)
             while pending:
-                res = wait(list(pending), timeout=self.opts.poll_s, return_when="FIRST_COMPLETED")
-                pending = set(res.not_done)
+                try:
+                    res = wait(list(pending), timeout=self.opts.poll_s, return_when="FIRST_COMPLETED")
+                    pending = set(res.not_done)
+                except TimeoutError:  # nothing finished within poll_s
+                    pass
                 if StopFlag.requested() and not self.stopping.is_set():
                     self.say("stop requested: stopping the runs (they checkpoint), then exiting 75")
                     self.stopping.set()
@@ -348,14 +358,14 @@ class SlurmLauncher(BaseLauncher):
     # ---------------------------------------------------------------- rendering
     def job_env(self, m: MethodSpec) -> dict[str, str]:
         res = self.cohort.resources[m.name]
-        env = {"GLYMPH": " ".join(m.cli()), "GLYMPH_MPI": self.opts.mpi_launcher,
+        env = {"GLYMPH": shlex.join(m.cli()), "GLYMPH_MPI": self.opts.mpi_launcher,
                "GLYMPH_SRUN_MPI": self.opts.srun_mpi, "GLYMPH_MAX_REQUEUE": str(self.opts.max_requeues),
                "GLYMPH_GPUS": str(res.gpus)}
         args = []
         if self.config_path is not None:
             args += ["--config", str(self.config_path)]
         args += list(m.args)
-        env["GLYMPH_ARGS"] = " ".join(args)
+        env["GLYMPH_ARGS"] = shlex.join(args)
         if res.image:
             env["GLYMPH_IMAGE"] = res.image
             env["GLYMPH_BIND"] = res.bind or ",".join(sorted({str(self.out), str(self.cohort.path.parent)}))
@@ -491,8 +501,8 @@ class SlurmLauncher(BaseLauncher):
                     self.say(f"{key}: job {rec['job']} ended after a checkpoint ({st}, exit {rc}); resubmitting")
                     self.submit(m, [s])
                     continue
-                rec.update(state="failed", reason=f"still stopping after {self.opts.max_requeues} "
-                           f"resumptions: {rec.get('reason', '')}")
+                self.fail(rec, f"still stopping after {self.opts.max_requeues} resumptions: "
+                          f"{rec.get('reason', '')}")
             self.say(f"{key}: {rec['state']}" + (f" ({rec.get('reason')})" if rec["state"] != "complete" else "")
                      + f" [job {rec['job']} {st}]")
             active.pop(key)

@@ -194,7 +194,10 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
             raise InputError("no 'methods' given and no method is installed in this checkout", path)
     methods = []
     for n in names:
-        spec = get_method(n, extra)
+        try:
+            spec = get_method(n, extra)
+        except InputError as exc:
+            raise InputError(str(exc), path) from None
         if not spec.installed():
             raise InputError(f"method {n!r} is not installed in this checkout ({spec.module} is missing)", path)
         methods.append(spec)

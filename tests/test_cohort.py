@@ -1,0 +1,343 @@
+"""Cohort layer without a scheduler: manifest validation, template rendering, status, report,
+and the local launcher end to end (dask LocalCluster) with the toy method of
+tests/test_cohort_toymethod.py (fast, checkpoints every step, resumes bit-for-bit)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from glymphmpi.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT / "tests" / "test_cohort_toymethod.py"
+
+
+def write_cohort(tmp: Path, phantom: Path, ids=("sub-01", "sub-02", "sub-03"), body: str = "",
+                 toy_args=("--steps", "6", "--step-s", "0.02"), methods='["toy"]') -> Path:
+    """Subjects that share the phantom's images (absolute paths) under different ids."""
+    src = phantom.read_text()
+    for sid in ids:
+        d = tmp / "subjects" / sid
+        d.mkdir(parents=True, exist_ok=True)
+        txt = re.sub(r'(?m)^id = ".*"$', f'id = "{sid}"', src)
+        txt = re.sub(r'(path|mask) = "', lambda m: f'{m.group(1)} = "{phantom.parent}/', txt)
+        (d / "subject.toml").write_text(txt)
+    args = ", ".join(f'"{a}"' for a in toy_args)
+    c = tmp / "cohort.toml"
+    c.write_text(f'subjects = ["subjects/*/subject.toml"]\nmethods = {methods}\n{body}\n'
+                 f'[method.toy]\ncommand = ["{sys.executable}", "{TOY}"]\nargs = [{args}]\n')
+    return c
+
+
+def glymph_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "glymphmpi", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def toy_ref(phantom, sid, steps):
+    sys.path.insert(0, str(TOY.parent))
+    from test_cohort_toymethod import toy_reference
+
+    from glymphmpi.subject import load_subject
+
+    return toy_reference(load_subject(phantom).mass_per_scan(), sid, steps)
+
+
+# ------------------------------------------------------------------ manifest
+def test_minimal_cohort_file_loads(tmp_path, small_phantom):
+    from glymphmpi.cohort.manifest import load_cohort
+
+    c = write_cohort(tmp_path, small_phantom, body='[resources.toy]\nmem = "2G"\ntime = "00:05:00"\n')
+    co = load_cohort(c)
+    assert [s.id for s in co.subjects] == ["sub-01", "sub-02", "sub-03"]  # glob, sorted
+    assert co.method_names == ["toy"]
+    r = co.resources["toy"]
+    assert (r.mem, r.time, r.processes(co.methods[0])) == ("2G", "00:05:00", 1)
+    # the issue's minimal form with built-in methods
+    (tmp_path / "min.toml").write_text('subjects = ["subjects/sub-01/subject.toml", "subjects/sub-02/subject.toml"]\n'
+                                       'methods = ["romt", "fem", "pinn"]\n')
+    from glymphmpi.cohort.methods import installed_builtins
+
+    if installed_builtins() == ["romt", "fem", "pinn"]:
+        co = load_cohort(tmp_path / "min.toml")
+        assert co.method_names == ["romt", "fem", "pinn"]
+        assert co.resources["fem"].processes(co.methods[1]) == 2  # fem's default ranks
+
+
+@pytest.mark.parametrize("body,needle", [
+    ('methods = ["nosuch"]', "unknown method 'nosuch'; valid methods:"),
+    ('methods = ["toy"]\nfoo = 1', "unknown key(s) foo"),
+    ('methods = ["toy"]\n[resources]\ntime = "soon"', "is not a SLURM time"),
+    ('methods = ["toy"]\n[resources]\nmem = "lots"', "is not a SLURM size"),
+    ('methods = ["toy"]\n[resources.fem]\nranks = 2', "not one of the cohort's methods"),
+    ('methods = ["toy"]\n[cohort]\nmax_attempts = 0', "max_attempts must be >= 1"),
+    ('methods = ["toy"]\n[settings.nosuch]\nx = 1', "unknown config table"),
+    ('methods = ["toy", "toy"]', "lists a method twice"),
+])
+def test_bad_cohort_files_are_one_line_input_errors(tmp_path, small_phantom, body, needle):
+    from glymphmpi.cohort.manifest import load_cohort
+
+    c = write_cohort(tmp_path, small_phantom, methods='["toy"]')
+    text = c.read_text().replace('methods = ["toy"]\n', body + "\n", 1)
+    c.write_text(text)
+    with pytest.raises(InputError) as ei:
+        load_cohort(c)
+    assert needle in str(ei.value) and str(c) in str(ei.value)
+    assert "\n" not in str(ei.value)
+
+
+def test_subject_ids_unique_and_safe(tmp_path, small_phantom):
+    from glymphmpi.cohort.manifest import load_cohort
+
+    c = write_cohort(tmp_path, small_phantom, ids=("a", "b"))
+    t = tmp_path / "subjects" / "b" / "subject.toml"
+    t.write_text(t.read_text().replace('id = "b"', 'id = "a"'))
+    with pytest.raises(InputError, match="subject id 'a' is used twice"):
+        load_cohort(c)
+    t.write_text(t.read_text().replace('id = "a"', 'id = ".."'))
+    with pytest.raises(InputError, match="not safe"):
+        load_cohort(c)
+    # the CLI: exit 2, one line, no traceback
+    r = glymph_cli("cohort", "run", c, "--out", tmp_path / "o")
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "not safe" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ templates
+def test_rendered_templates(tmp_path, small_phantom):
+    """Directives, quoting and environment of rendered job scripts, checked as text (no scheduler)."""
+    from glymphmpi.cohort.launch import SlurmLauncher
+    from glymphmpi.cohort.manifest import load_cohort
+    from glymphmpi.cohort.methods import get_method
+
+    body = ('[resources.fem]\nranks = 4\ncpus_per_task = 2\nmem = "8G"\ntime = "1-02:00:00"\n'
+            'partition = "compute"\naccount = "proj-x"\nqos = "normal"\n'
+            '[resources.pinn]\ngpus = 2\nnodes = 2\nimage = "/images/glymph mpi.sif"\npartition = "gpu"\n'
+            '[settings.pinn]\nepochs = 50\n')
+    c = write_cohort(tmp_path, small_phantom, body=body, methods='["fem", "pinn"]')
+    co = load_cohort(c, ["cohort.max_requeues=5"])
+    la = SlurmLauncher(co, tmp_path / "my out")
+    la.prepare()
+    fem, pinn = get_method("fem"), get_method("pinn")
+    script, array = la.render_job(fem, co.subjects, "t1")
+    text = script.read_text()
+    assert array == "0-2"
+    for d in ("--job-name=glymph-fem", "--ntasks=4", "--cpus-per-task=2", "--time=1-02:00:00", "--mem=8G",
+              "--partition=compute", "--account=proj-x", "--qos=normal", "--array=0-2", "--requeue",
+              "--signal=TERM@120"):
+        assert f"#SBATCH {d}" in text, d
+    assert "#SBATCH --ntasks=2\n" not in text  # the template's default block was replaced
+    env = dict(re.findall(r"(?m)^export (GLYMPH\w*)=(.*)$", text))
+    assert shlex.split(env["GLYMPH_MAX_REQUEUE"]) == ["5"]
+    # GLYMPH_ARGS holds shell words (the template evals them): the path with a space survives
+    assert shlex.split(shlex.split(env["GLYMPH_ARGS"])[0]) == ["--config", str(tmp_path / "my out" / "cohort"
+                                                                            / "config.toml")]
+    tasks = Path(shlex.split(env["GLYMPH_TASKS"])[0])
+    lines = tasks.read_text().splitlines()
+    assert [ln.split("\t") for ln in lines] == [[str(s.toml), str(tmp_path / "my out" / s.id / "fem")]
+                                               for s in co.subjects]
+    assert "srun --mpi=" in text and 'mpirun -n "$ntasks"' in text
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # one subject, GPUs and an image: --gpus-per-node, one task per GPU per node, apptainer --nv
+    script, array = la.render_job(pinn, co.subjects[:1], "t2")
+    text = script.read_text()
+    assert array is None
+    for d in ("--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--partition=gpu",
+              "--job-name=glymph-pinn-sub-01"):
+        assert f"#SBATCH {d}" in text, d
+    exports = dict(re.findall(r"(?m)^export (\w+)=(.*)$", text))
+    assert shlex.split(exports["GLYMPH_IMAGE"]) == ["/images/glymph mpi.sif"]  # quoted, space kept
+    assert shlex.split(exports["OUTDIR"]) == [str(tmp_path / "my out" / "sub-01" / "pinn")]
+    assert "apptainer exec" in text and "--nv" in text and "KIND=torch" in text
+    # the sourced exports give back exactly the values (shell quoting round trip)
+    out = subprocess.run(["bash", "-c", "\n".join(f"export {k}={v}" for k, v in exports.items())
+                          + '\nprintf "%s\\n" "$GLYMPH_IMAGE" "$OUTDIR"'], capture_output=True, text=True)
+    assert out.stdout.splitlines() == ["/images/glymph mpi.sif", str(tmp_path / "my out" / "sub-01" / "pinn")]
+
+
+def test_templates_submit_by_hand_text():
+    """The templates are plain sbatch scripts: defaults present, markers once, bash syntax OK."""
+    for name in ("romt", "fem", "pinn", "cohort"):
+        p = ROOT / "jobs" / f"{name}.sbatch"
+        t = p.read_text()
+        assert t.startswith("#!/bin/bash\n")
+        assert t.count("# >>> glymph:resources") == 1 and t.count("# <<< glymph:environment") == 1
+        assert "#SBATCH --requeue" in t and "#SBATCH --time=" in t
+        assert subprocess.run(["bash", "-n", str(p)]).returncode == 0
+    assert "METHOD=romt" in (ROOT / "jobs/romt.sbatch").read_text()
+    assert "KIND=torch" in (ROOT / "jobs/pinn.sbatch").read_text()
+
+
+def test_template_array_and_requeue_logic_with_fake_slurm(tmp_path):
+    """Run the rendered fem body with fake srun/scontrol: the array line picks the subject, and
+    exit 75 requeues the job only while SLURM_RESTART_COUNT < GLYMPH_MAX_REQUEUE."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/bash\necho "srun $*" >> "$LOG"\nshift 3\n"$@"\n')
+    (fake / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$LOG"\n[ "$1" = requeue ] && exit 0\n')
+    (fake / "sleep").write_text("#!/bin/bash\nexit 0\n")
+    (fake / "fakeglymph").write_text('#!/bin/bash\necho "glymph $*" >> "$LOG"\nexit "$RC"\n')
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    tasks = tmp_path / "tasks.tsv"
+    tasks.write_text("/d/a b/subject.toml\t/o/a\n/d/c/subject.toml\t/o/c\n")
+    log = tmp_path / "log"
+    base = {"PATH": f"{fake}:{os.environ['PATH']}", "LOG": str(log), "GLYMPH": str(fake / "fakeglymph"),
+            "GLYMPH_TASKS": str(tasks), "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2"}
+    r = subprocess.run(["bash", str(ROOT / "jobs/fem.sbatch")], env={**base, "RC": "0"},
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "srun --mpi=pmix --ntasks=2 --kill-on-bad-exit=1 " + str(fake / "fakeglymph") + \
+        " --quiet fem /d/c/subject.toml --out /o/c"
+    assert not any(ln.startswith("scontrol") for ln in lines)
+    log.unlink()
+    r = subprocess.run(["bash", str(ROOT / "jobs/fem.sbatch")],
+                       env={**base, "RC": "75", "SLURM_ARRAY_TASK_ID": "0", "SLURM_RESTART_COUNT": "1"},
+                       capture_output=True, text=True)
+    assert r.returncode == 75
+    lines = log.read_text().splitlines()
+    assert "/d/a b/subject.toml --out /o/a" in lines[0] and "scontrol requeue 77" in lines
+    log.unlink()
+    r = subprocess.run(["bash", str(ROOT / "jobs/fem.sbatch")],
+                       env={**base, "RC": "75", "SLURM_RESTART_COUNT": "3"}, capture_output=True, text=True)
+    assert r.returncode == 75 and "scontrol requeue 77" not in log.read_text()  # out of requeues
+
+
+# ------------------------------------------------------------------ slurm parsing
+def test_job_table_lookup():
+    from glymphmpi.cohort.sbatch import JobTable, _task_ids, exit_code, parse_show_job
+
+    text = ("JobId=12 ArrayJobId=12 ArrayTaskId=3-5,8%2 JobName=x JobState=PENDING Reason=Resources "
+            "Restarts=0 ExitCode=0:0\n"
+            "JobId=15 ArrayJobId=12 ArrayTaskId=1 JobState=RUNNING Restarts=2 ExitCode=0:0\n"
+            "JobId=16 JobName=y JobState=CANCELLED ExitCode=0:15\n"
+            "JobId=17 JobName=z JobState=FAILED ExitCode=75:0\n")
+    t = JobTable(parse_show_job(text))
+    assert t.get("12_1")["JobId"] == "15" and t.get("12_1")["Restarts"] == "2"
+    assert t.get("12_4")["JobState"] == "PENDING" and t.get("12_8") is not None
+    assert t.get("12_6") is None and t.get("99") is None
+    assert exit_code(t.get("16")) == 128 + 15 and exit_code(t.get("17")) == 75
+    assert _task_ids("0-6:2,9%3") == {0, 2, 4, 6, 9}
+
+
+# ------------------------------------------------------------------ report
+def test_cohort_report_numbers(tmp_path, small_phantom):
+    """Summaries with known numbers -> CSV columns, relative errors against truth.json, HTML, plot."""
+    from glymphmpi.cohort.manifest import load_cohort
+    from glymphmpi.report.cohort import cohort_report, subject_report
+    from glymphmpi.store import atomic_write_json
+
+    c = write_cohort(tmp_path, small_phantom, ids=("s1", "s2"), methods='["toy"]')
+    (tmp_path / "subjects" / "s1" / "truth.json").write_text(json.dumps({"D_mm2_per_h": 0.5}))
+    text = c.read_text().replace('methods = ["toy"]', 'methods = ["toy", "fem2", "pinn2"]')
+    text += (f'[method.fem2]\ncommand = ["{sys.executable}"]\n[method.pinn2]\ncommand = ["{sys.executable}"]\n'
+             'kind = "torch"\n')
+    c.write_text(text)
+    co = load_cohort(c)
+    out = tmp_path / "out"
+    vals = {("s1", "fem2"): 0.55, ("s1", "pinn2"): 0.45, ("s2", "fem2"): 0.8}
+    for (sid, m), d in vals.items():
+        atomic_write_json(out / sid / m / "summary.json", {"status": "complete", "D_mm2_per_h": d,
+                                                           "D_std": 0.01, "residual_norm_rel": 3e-3,
+                                                           "runtime_s": 12.5})
+        (out / sid / m / "figures").mkdir(parents=True)
+        (out / sid / m / "figures" / "fit.png").write_bytes(b"\x89PNG")
+    atomic_write_json(out / "s2" / "pinn2" / "summary.json", {"status": "failed", "error": "boom: NaN loss",
+                                                              "exit_code": 1})
+    atomic_write_json(out / "s1" / "toy" / "summary.json", {"status": "complete", "speed_mean_mm_per_h": 0.3,
+                                                            "peclet_median": 12.0})
+    for s in co.subjects:
+        subject_report(co, out, s.id)
+    paths = cohort_report(co, out)
+    import csv
+
+    rows = {r["subject"]: r for r in csv.DictReader(paths["csv"].open())}
+    assert float(rows["s1"]["fem2.D_mm2_per_h"]) == 0.55 and float(rows["s1"]["D_true"]) == 0.5
+    assert float(rows["s1"]["fem2.D_rel_error"]) == pytest.approx(0.1, rel=1e-9)
+    assert float(rows["s1"]["pinn2.D_rel_error"]) == pytest.approx(-0.1, rel=1e-9)
+    assert rows["s2"]["pinn2.status"] == "failed" and rows["s2"]["pinn2.error"] == "boom: NaN loss"
+    assert rows["s2"]["D_true"] == "" and rows["s2"]["toy.status"] == "missing"
+    h = paths["html"].read_text()
+    assert "+10.0%" in h and "-10.0%" in h and "boom: NaN loss" in h and "peclet_median" in h
+    assert '../s1/fem2/figures/fit.png' in h and '../s1/report/index.html' in h
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+    sj = json.loads((out / "s1" / "report" / "summary.json").read_text())
+    assert sj["figures"]["fem2"] == ["s1/fem2/figures/fit.png"]
+
+
+# ------------------------------------------------------------------ local launcher
+def test_local_cohort_failure_retries_and_noop(tmp_path, small_phantom):
+    """3 subjects, one fails: the others complete; re-runs retry only it, bounded; then 'nothing to do'."""
+    c = write_cohort(tmp_path, small_phantom, body="[cohort]\nmax_attempts = 2\npoll_s = 0.2\n",
+                     toy_args=("--steps", "5", "--step-s", "0.01", "--fail-subject", "sub-02"))
+    out = tmp_path / "out"
+    r = glymph_cli("cohort", "run", c, "--out", out)
+    assert r.returncode == 1, r.stderr
+    st = json.loads(glymph_cli("cohort", "status", c, "--out", out, "--json").stdout)
+    runs = st["runs"]
+    assert runs["sub-01"]["toy"]["state"] == "complete" and runs["sub-03"]["toy"]["state"] == "complete"
+    assert runs["sub-02"]["toy"]["state"] == "failed" and runs["sub-02"]["toy"]["exit_code"] == 2
+    assert "told to fail on subject sub-02" in runs["sub-02"]["toy"]["reason"]
+    for sid in ("sub-01", "sub-03"):
+        s = json.loads((out / sid / "toy" / "summary.json").read_text())
+        assert s["value"] == toy_ref(small_phantom, sid, 5)
+    mt = (out / "sub-01" / "toy" / "summary.json").stat().st_mtime
+    r = glymph_cli("cohort", "run", c, "--out", out)  # attempt 2 of 2 for sub-02 only
+    assert "2 complete, 1 to run" in r.stdout and (out / "sub-01" / "toy" / "summary.json").stat().st_mtime == mt
+    r = glymph_cli("cohort", "run", c, "--out", out)  # out of attempts: nothing runs
+    assert r.returncode == 1 and "nothing to run" in r.stdout and "not retried after 2 failed attempts" in r.stdout
+    c.write_text(c.read_text().replace(', "--fail-subject", "sub-02"', ""))
+    r = glymph_cli("cohort", "run", c, "--out", out, "--retry-failed")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "3 complete" in r.stdout and "report:" in r.stdout
+    r = glymph_cli("cohort", "run", c, "--out", out)
+    assert r.returncode == 0 and "nothing to do: all 3 runs of 3 subjects are complete" in r.stdout
+    table = glymph_cli("cohort", "status", c, "--out", out).stdout
+    assert table.splitlines()[0].split() == ["subject", "toy"] and "3 complete" in table
+    rows = (out / "report" / "cohort.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("subject,")
+
+
+def test_local_launcher_killed_at_random_moments_resumes_to_same_result(tmp_path, small_phantom):
+    """SIGTERM to the local launcher at random moments (3 times): it stops its runs (they
+    checkpoint, exit 75) and exits 75; re-running finishes with bit-identical values."""
+    steps = 80  # 8 s of work per run: each kill below lands while the runs are going
+    c = write_cohort(tmp_path, small_phantom, ids=("k1", "k2"), body="[cohort]\npoll_s = 0.1\n",
+                     toy_args=("--steps", str(steps), "--step-s", "0.1"))
+    out = tmp_path / "out"
+    rnd = random.Random(7)
+    stops = 0
+    for _ in range(3):
+        p = subprocess.Popen([sys.executable, "-m", "glymphmpi", "cohort", "run", str(c), "--out", str(out)],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(rnd.uniform(2.5, 4.5))
+        p.send_signal(signal.SIGTERM)
+        text = p.communicate(timeout=120)[0]
+        assert p.returncode == 75, text
+        assert "stopped; run `glymph cohort run" in text
+        st = json.loads(glymph_cli("cohort", "status", c, "--out", out, "--json").stdout)
+        assert {st["runs"][s]["toy"]["state"] for s in ("k1", "k2")} <= {"resumable", "pending", "complete"}
+    r = glymph_cli("cohort", "run", c, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    resumed = []
+    del stops
+    for sid in ("k1", "k2"):
+        s = json.loads((out / sid / "toy" / "summary.json").read_text())
+        assert s["value"] == toy_ref(small_phantom, sid, steps)  # bit-for-bit
+        resumed.append(s["resumed_from"])
+    assert max(resumed) > 0  # at least one run really resumed from a checkpoint
+    assert np.all(np.array(resumed) < steps)
