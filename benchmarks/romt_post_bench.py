@@ -9,6 +9,7 @@ tracing, cleanup, maps, VTK; figures off), prints both, and checks a
 conserved quantity: solid rotation keeps the distance to the axis.
 
 Usage: .venv/bin/python benchmarks/romt_post_bench.py [--n 64] [--seeds 100000] [--full]
+       mpirun -n 2 .venv/bin/python benchmarks/romt_post_bench.py   (seeds split over 2 ranks)
 """
 
 from __future__ import annotations
@@ -47,24 +48,40 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="also time postprocess() from a results.h5")
     args = ap.parse_args()
 
+    from glymphmpi.parallel import launcher_env, split_evenly
     from glymphmpi.romt import lagrangian as lg
 
+    comm = None
+    if launcher_env()["world_size"] > 1:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
     n, nt, dt, sigma = args.n, args.nt, 0.4, 0.002
     vel, rho = fields(n, nt, dt, sigma)
     mask = np.ones((n, n, n), bool)
     loops = [(vel, rho, float(3 * i), float(3 * (i + 1))) for i in range(args.loops)]
     seeds = lg.select_seeds(rho.max(0), rho.sum(0), mask, "max", 0.01, 0.0, 1, args.seeds)
     steps = lg.ArraySteps(loops, dt, sigma)
+    mine = split_evenly(seeds.shape[0], size, rank)
+    if comm is not None:
+        comm.Barrier()
     t0 = time.perf_counter()
-    lines = lg.trace(steps, seeds, mask, np.ones(3), lg.TraceSettings(stop_density_fraction=1e-4),
+    lines = lg.trace(steps, seeds[mine[0]:mine[-1] + 1], mask, np.ones(3), lg.TraceSettings(stop_density_fraction=1e-4),
                      rho_max=float(rho.max()))
+    if comm is not None:
+        parts = comm.gather(lines, root=0)
+        if rank != 0:
+            return
+        lines = lg.Pathlines.concatenate(parts)
     t_trace = time.perf_counter() - t0
     c = (n - 1) / 2.0
     r0 = np.hypot(lines.positions[0, :, 0] - c, lines.positions[0, :, 1] - c)
     e = lines.ends()
     r1 = np.hypot(e[:, 0] - c, e[:, 1] - c)
     full = lines.n_points == len(steps) + 1
-    print(f"grid {n}^3, {seeds.shape[0]} seeds, {len(steps)} model steps (rk2): trace {t_trace:.2f} s; "
+    print(f"grid {n}^3, {seeds.shape[0]} seeds, {len(steps)} model steps (rk2), {size} rank(s): "
+          f"trace {t_trace:.2f} s; "
           f"{int(full.sum())} lines ran to the end; max |r1 - r0| (rotation, sigma grad log rho is radial "
           f"in 3D so r may grow) = {np.abs(r1 - r0)[full].max():.4f} voxel")
     if args.full:

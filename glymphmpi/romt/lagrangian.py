@@ -153,22 +153,27 @@ def _corners(x: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
     return idx, wts
 
 
-def trilinear(field: np.ndarray, x: np.ndarray, corners=None) -> np.ndarray:
-    """Trilinear interpolation of a channels-last field.
+def interpolate(channels: Sequence[np.ndarray], corners: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Trilinear interpolation of flat channels at precomputed corners.
 
     Args:
-        field: (ni, nj, nk, C) array (float32 for speed).
-        x: (n, 3) voxel-index positions.
-        corners: precomputed ``_corners(x, shape)`` (reused across fields).
+        channels: C arrays of shape (ni * nj * nk,) (C order; float32 for speed).
+        corners: ``_corners(x, shape)`` of the n points.
     Returns:
         (n, C) float64.
     """
-    idx, wts = corners if corners is not None else _corners(x, field.shape[:3])
-    flat = field.reshape(-1, field.shape[3])
-    out = flat[idx[0]] * wts[0][:, None]
-    for c in range(1, 8):
-        out += flat[idx[c]] * wts[c][:, None]
-    return out.astype(np.float64)
+    idx, wts = corners
+    out = np.empty((idx.shape[1], len(channels)), dtype=np.float64)
+    for c, ch in enumerate(channels):
+        out[:, c] = np.einsum("cn,cn->n", ch.take(idx), wts)
+    return out
+
+
+def trilinear(field: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Trilinear interpolation of a channels-last field (ni, nj, nk, C) at x (n, 3): (n, C)."""
+    f = np.asarray(field)
+    chans = [np.ascontiguousarray(f[..., c]).ravel() for c in range(f.shape[3])]
+    return interpolate(chans, _corners(np.asarray(x, dtype=np.float64), f.shape[:3]))
 
 
 # ----------------------------------------------------------------- integrators
@@ -319,7 +324,6 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
     n_points = np.ones(n, dtype=np.int64)
     reason = np.zeros(n, dtype=np.int8)
     grads: dict = {}
-    node_f = np.empty(shape + (7,), dtype=np.float32)  # v, sigma grad log rho0, rho0
     end_f = None
     last = None
     for j, st in enumerate(steps):
@@ -329,20 +333,19 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
         stop_rho = s.stop_density_fraction * rho_max
         sig = np.float32(st.sigma)
         for key, rho in ((st.key0, st.rho0), (st.key1, st.rho1)):
-            if key not in grads:
-                grads[key] = np.moveaxis(grad_log_density(rho, floor), 0, -1) * sig  # (..., 3)
+            if key not in grads:  # sigma grad log rho, (3, N) float32
+                grads[key] = (grad_log_density(rho, floor) * sig).reshape(3, -1)
         grads = {k: g for k, g in grads.items() if k in (st.key0, st.key1)}
         d0, d1 = grads[st.key0], grads[st.key1]
-        v = np.moveaxis(np.asarray(st.v, dtype=np.float32), 0, -1)  # (..., 3) view
-        node_f[..., 0:3] = v
-        node_f[..., 3:6] = d0
-        node_f[..., 6] = st.rho0
-        stage_f: dict = {}  # step fraction theta -> (..., 3) augmented velocity
+        v = np.asarray(st.v, dtype=np.float32).reshape(3, -1)
+        node_f = [v[0], v[1], v[2], d0[0], d0[1], d0[2], np.asarray(st.rho0, dtype=np.float32).ravel()]
+        stage_f: dict = {}  # step fraction theta -> [3 x (N,)] augmented velocity
 
-        def u_at(theta: float, v=v, d0=d0, d1=d1, stage_f=stage_f) -> np.ndarray:
+        def u_at(theta: float, v=v, d0=d0, d1=d1, stage_f=stage_f) -> list:
             th = 0.5 if s.time_interpolation == "constant" else float(theta)
             if th not in stage_f:
-                stage_f[th] = np.ascontiguousarray(v - ((1.0 - th) * d0 + th * d1), dtype=np.float32)
+                u = v - ((1.0 - th) * d0 + th * d1)
+                stage_f[th] = [u[0], u[1], u[2]]
             return stage_f[th]
 
         scale = vox / st.hours_per_model_time  # voxel/model time -> mm/h per axis
@@ -352,9 +355,9 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
         act = np.nonzero(alive)[0]
         xa = x[act]
         cor = _corners(xa, shape)
-        f0 = trilinear(node_f, xa, cor)
+        f0 = interpolate(node_f, cor)
         v0, dd0, rho0 = f0[:, 0:3], f0[:, 3:6], f0[:, 6]
-        u0 = v0 - dd0 if s.time_interpolation == "linear" else trilinear(u_at(0.5), xa, cor)
+        u0 = v0 - dd0 if s.time_interpolation == "linear" else interpolate(u_at(0.5), cor)
         spd[j, act] = np.linalg.norm(v0 * scale, axis=1)
         dif[j, act] = np.linalg.norm(dd0 * scale, axis=1)
         flx[j, act] = np.linalg.norm(u0 * scale, axis=1)
@@ -379,7 +382,7 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
                     ks.append(u0[go])
                     continue
                 xs = xn + h * sum(c * k for c, k in zip(coef, ks)) if coef else xn
-                ks.append(trilinear(u_at((sub + ct) / s.substeps), xs))
+                ks.append(interpolate(u_at((sub + ct) / s.substeps), _corners(xs, shape)))
             xn = xn + h * sum(w * k for w, k in zip(c_weights, ks) if w != 0.0)
         ok = _inside(mask, xn)
         x[act[ok]] = xn[ok]
@@ -387,14 +390,13 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
         alive[act[~ok]] = False
         reason[act[~ok]] = 3
         pos[j + 1] = x
-        end_f = (v, d1)
+        end_f = [v[0], v[1], v[2], d1[0], d1[1], d1[2]]
     if last is not None:
         times[n_steps] = last.t0_h + last.dt * last.hours_per_model_time
         # sample the final nodes with the last step's end fields
         act = np.nonzero(n_points == n_nodes)[0]
         if act.size and end_f is not None:
-            fe = np.concatenate([end_f[0], end_f[1]], axis=-1)
-            f = trilinear(fe, x[act])
+            f = interpolate(end_f, _corners(x[act], shape))
             scale = vox / last.hours_per_model_time
             spd[n_steps, act] = np.linalg.norm(f[:, 0:3] * scale, axis=1)
             dif[n_steps, act] = np.linalg.norm(f[:, 3:6] * scale, axis=1)
