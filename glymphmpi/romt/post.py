@@ -149,7 +149,11 @@ class RomtResults:
 
 
 class H5Steps:
-    """The model steps of all loops of a results file, read one loop at a time."""
+    """The model steps of all loops of a results file, read step by step.
+
+    Only one step's velocity and two densities are held in memory at a time
+    (the datasets are chunked, so a step reads only its own chunks).
+    """
 
     def __init__(self, res: RomtResults):
         self.res = res
@@ -158,13 +162,20 @@ class H5Steps:
         return self.res.n_steps
 
     def __iter__(self):
+        import h5py
+
         r = self.res
-        for name in r.loops:
-            v, rho, t0, t1 = r.read_loop(name)
-            hpm = (t1 - t0) / (r.nt * r.dt)
-            for k in range(r.nt):
-                yield lg.Step(v[k], rho[k], rho[k + 1], (name, k), (name, k + 1), r.dt, r.sigma, hpm,
-                              t0 + k * r.dt * hpm)
+        with h5py.File(r.path, "r") as fh:
+            for name in r.loops:
+                g = fh["loops"][name]
+                t0, t1 = float(_value(g["t0_h"])), float(_value(g["t1_h"]))
+                hpm = (t1 - t0) / (r.nt * r.dt)
+                vel, dens = g["velocity"], g["density"]
+                rho1 = np.asarray(dens[0], dtype=np.float32)
+                for k in range(r.nt):
+                    rho0, rho1 = rho1, np.asarray(dens[k + 1], dtype=np.float32)
+                    yield lg.Step(np.asarray(vel[k], dtype=np.float32), rho0, rho1, (name, k), (name, k + 1),
+                                  r.dt, r.sigma, hpm, t0 + k * r.dt * hpm)
 
 
 # ----------------------------------------------------------------- driver
