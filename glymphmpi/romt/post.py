@@ -111,6 +111,12 @@ class RomtResults:
         if self.dt <= 0 or self.nt < 1 or self.sigma < 0:
             raise InputError(f"bad params nt={self.nt}, dt={self.dt}, sigma={self.sigma}", self.path)
 
+    def cache_opts(self) -> dict:
+        """h5py chunk-cache settings: a chunk may span several steps, so cache what one
+        step touches (about 4 steps of velocity) for the next steps."""
+        n_vox = int(np.prod(self.shape))
+        return {"rdcc_nbytes": int(min(4 * 4 * 4 * n_vox + (1 << 20), 4 << 30)), "rdcc_nslots": 1_000_003}
+
     @property
     def n_steps(self) -> int:
         return self.nt * len(self.loops)
@@ -135,7 +141,7 @@ class RomtResults:
 
         mx = np.zeros(self.shape, dtype=np.float64)
         sm = np.zeros(self.shape, dtype=np.float64)
-        with h5py.File(self.path, "r") as fh:
+        with h5py.File(self.path, "r", **self.cache_opts()) as fh:
             for li, name in enumerate(self.loops):
                 rho = fh["loops"][name]["density"]
                 for k in range(0 if li == 0 else 1, self.nt + 1):
@@ -165,7 +171,7 @@ class H5Steps:
         import h5py
 
         r = self.res
-        with h5py.File(r.path, "r") as fh:
+        with h5py.File(r.path, "r", **r.cache_opts()) as fh:
             for name in r.loops:
                 g = fh["loops"][name]
                 t0, t1 = float(_value(g["t0_h"])), float(_value(g["t1_h"]))
