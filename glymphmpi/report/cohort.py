@@ -82,12 +82,19 @@ def subject_row(cohort, out, sid: str) -> dict:
     entry = next(s for s in cohort.subjects if s.id == sid)
     row: dict = {"subject": sid, "subject_toml": str(entry.toml), **_truth(entry.toml)}
     figures: dict[str, list[str]] = {}
+    from glymphmpi.cohort.state import CohortState, task_key, task_status
+
+    recs = CohortState(out).data["tasks"]
     for m in cohort.method_names:
         rd = out / sid / m
         summ = read_summary(rd) or {}
-        row[f"{m}.status"] = summ.get("status", "missing" if not rd.exists() else "unfinished")
-        if summ.get("status") != "complete" and summ.get("error"):
-            row[f"{m}.error"] = str(summ["error"]).splitlines()[0]
+        # the launcher's view (e.g. a cancelled job) over the method's own summary
+        st = task_status(out, sid, m, recs.get(task_key(sid, m)))
+        row[f"{m}.status"] = st["state"] if (summ or st["state"] != "pending") else (
+            "missing" if not rd.exists() else "unfinished")
+        err = st.get("reason") or summ.get("error")
+        if st["state"] != "complete" and err:
+            row[f"{m}.error"] = str(err).splitlines()[0]
         for k, v in _scalars(summ).items():
             if k not in ("status", "error"):
                 row[f"{m}.{k}"] = v
