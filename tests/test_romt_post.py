@@ -75,7 +75,8 @@ def test_uniform_translation_straight_lines(integrator):
     np.testing.assert_allclose(lines.times_h, np.r_[np.linspace(2, 9, nt + 1), np.linspace(9, 16, nt + 1)[1:]])
 
 
-def test_diffusing_gaussian_matches_exact_pathlines_second_order():
+@pytest.mark.parametrize("mode", ["linear", "constant"])
+def test_diffusing_gaussian_matches_exact_pathlines_second_order(mode):
     shape, vel, sigma, s0, c0, T = (24, 22, 20), (0.5, 0.25, 0.0), 0.5, 3.0, (8.0, 9.0, 10.0), 4.0
     seeds = np.asarray(c0) + np.array([[0, 0, 0], [1.0, 0, 0], [0, 1.5, -1], [2, 2, 2], [-2.5, 1, 0.5]])
     exact = exact_position(seeds, c0, vel, sigma, s0, T)
@@ -84,7 +85,8 @@ def test_diffusing_gaussian_matches_exact_pathlines_second_order():
         dt = T / nt
         v, rho = gaussian_loop(shape, nt, dt, vel, sigma, s0, c0)
         steps = lg.ArraySteps([(v, rho, 0.0, 8.0)], dt, sigma)
-        st = lg.TraceSettings(integrator="rk2", log_density_floor=1e-12, stop_density_fraction=0.0)
+        st = lg.TraceSettings(integrator="rk2", time_interpolation=mode, log_density_floor=1e-12,
+                              stop_density_fraction=0.0)
         lines = lg.trace(steps, seeds, np.ones(shape, bool), np.ones(3), st)
         assert np.all(lines.n_points == nt + 1)
         errs[nt] = np.abs(lines.ends() - exact).max()
@@ -92,7 +94,8 @@ def test_diffusing_gaussian_matches_exact_pathlines_second_order():
         d0 = sigma * np.linalg.norm(seeds - np.asarray(c0), axis=1) / s0 ** 2 / 2.0
         np.testing.assert_allclose(lines.diffusive_mm_per_h[0], d0, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(lines.speed_mm_per_h, np.linalg.norm(vel) / 2.0, rtol=1e-5)
-    # the displacement (up to 2.5 voxels) is matched to better than 1e-3 voxel ...
+    # the displacement (up to 2.5 voxels) is matched to better than 1e-3 voxel (measured 5.3e-4
+    # linear, 2.7e-4 constant) ...
     assert errs[10] < 1e-3, errs
     # ... and halving the step divides the error by about 4 (second order; 3.5 allows float32 data)
     assert errs[10] / errs[20] > 3.5, errs
