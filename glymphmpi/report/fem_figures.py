@@ -1,0 +1,57 @@
+"""Figure of a FEM run: D and J over iterations, data vs fit slices per scan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def plot_fem(path, history: dict, scans: np.ndarray, fit: np.ndarray, mask: np.ndarray, times_h,
+             title: str = "") -> Path:
+    """Write a PNG.
+
+    Args:
+        path: output PNG.
+        history: lists "iteration", "D" (mm^2/h), "J".
+        scans: (p, ni, nj, nk) data; fit: (p, ni, nj, nk) fitted c at scan times.
+        mask: (ni, nj, nk) bool; times_h: (p,) scan times.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from glymphmpi.store import atomic_path
+
+    p = len(times_h)
+    k = int(np.argmax(mask.sum(axis=(0, 1))))  # the fullest axial slice
+    vmax = float(max(np.max(scans[:, :, :, k] * mask[:, :, k]), 1e-12))
+    fig = plt.figure(figsize=(3 * p, 8.4), constrained_layout=True)
+    gs = fig.add_gridspec(3, p)
+    ax = fig.add_subplot(gs[0, : max(1, p // 2)])
+    it = np.asarray(history.get("iteration", []))
+    ax.plot(it, history.get("D", []), "o-", ms=3)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("D (mm$^2$/h)")
+    ax2 = fig.add_subplot(gs[0, max(1, p // 2):])
+    J = np.asarray(history.get("J", []), dtype=float)
+    if J.size:
+        ax2.semilogy(it, np.maximum(J, 1e-300), "o-", ms=3, color="C1")
+    ax2.set_xlabel("iteration")
+    ax2.set_ylabel("J")
+    for i in range(p):
+        for row, img, lab in ((1, scans, "data"), (2, fit, "fit")):
+            a = fig.add_subplot(gs[row, i])
+            a.imshow(np.where(mask[:, :, k], img[i][:, :, k], np.nan).T, origin="lower", vmin=0, vmax=vmax,
+                     cmap="magma")
+            a.set_title(f"{lab} t = {times_h[i]:g} h", fontsize=9)
+            a.set_xticks([])
+            a.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+    return path
