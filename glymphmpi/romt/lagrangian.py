@@ -327,6 +327,11 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
     end_f = None
     last = None
     for j, st in enumerate(steps):
+        times[j] = st.t0_h
+        if j > 0 and not alive.any():  # every line has ended: only the clock goes on
+            pos[j + 1] = pos[j]
+            last = st
+            continue
         if rho_max is None:
             rho_max = float(np.max(st.rho0))
         floor = s.log_density_floor * rho_max
@@ -349,7 +354,6 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
             return stage_f[th]
 
         scale = vox / st.hours_per_model_time  # voxel/model time -> mm/h per axis
-        times[j] = st.t0_h
         last = st
 
         act = np.nonzero(alive)[0]
@@ -370,7 +374,7 @@ def trace(steps: StepSource, seeds: np.ndarray, mask: np.ndarray, voxel_size_mm:
         alive[act[~go]] = False
         act, xa = act[go], xa[go]
         if act.size == 0:
-            pos[j + 1:] = pos[j]
+            pos[j + 1] = pos[j]
             continue
 
         h = st.dt / s.substeps
