@@ -13,6 +13,8 @@ export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
 export OMP_NUM_THREADS ?= 1
 export MPLBACKEND := Agg
 PYTEST_ARGS ?=
+# SLURM=0 make test: skip the tests that need the local SLURM (hpc/slurm/up.sh needs root)
+SLURM ?= 1
 
 .PHONY: install demo test test-serial test-mpi test-slurm test-slow lint clean
 
@@ -25,12 +27,19 @@ demo: install
 test: install
 	$(MAKE) --no-print-directory test-serial
 	$(MAKE) --no-print-directory test-mpi
+	@if [ "$(SLURM)" != 0 ]; then $(MAKE) --no-print-directory test-slurm; else echo "SLURM=0: slurm tests skipped"; fi
 
 test-serial:
 	$(PY) -m pytest -m "not slurm and not gpu and not slow" $(PYTEST_ARGS)
 
 test-mpi:
 	mpirun -n $(NP) bash tests/mpi_pytest.sh -m "mpi and not slow" $(PYTEST_ARGS)
+
+# A real single-node SLURM (hpc/slurm/up.sh) for the tests marked slurm; always taken down again.
+test-slurm:
+	@bash hpc/install.sh --slurm
+	@trap 'bash hpc/slurm/down.sh' EXIT INT TERM; bash hpc/slurm/up.sh && \
+	GLYMPH_REQUIRE_SLURM=1 $(PY) -m pytest -m "slurm and not slow" $(PYTEST_ARGS)
 
 test-slow:
 	$(PY) -m pytest -m "slow" $(PYTEST_ARGS)

@@ -341,3 +341,32 @@ def test_local_launcher_killed_at_random_moments_resumes_to_same_result(tmp_path
         resumed.append(s["resumed_from"])
     assert max(resumed) > 0  # at least one run really resumed from a checkpoint
     assert np.all(np.array(resumed) < steps)
+
+
+def test_site_profile_configures_dask_jobqueue_workers(tmp_path):
+    """hpc/sites/generic-slurm.yaml is a valid dask-jobqueue 0.9 profile: the worker job script
+    carries its account, partition, wall time, QOS and prologue."""
+    import copy
+
+    import dask.config
+
+    from glymphmpi.cohort.cli import _load_site
+
+    saved = copy.deepcopy(dask.config.config)
+    try:
+        _load_site(ROOT / "hpc" / "sites" / "generic-slurm.yaml")
+        from dask_jobqueue import SLURMCluster
+
+        with SLURMCluster(interface="lo", scheduler_options={"interface": "lo"}) as cl:
+            js = cl.job_script()
+    finally:
+        dask.config.config.clear()
+        dask.config.config.update(saved)
+    for needle in ("#SBATCH -A my-project", "#SBATCH -p cpu", "#SBATCH -t 02:00:00", "#SBATCH --qos=normal",
+                   "module purge", "#SBATCH -J glymph-dask"):
+        assert needle in js, needle
+    (tmp_path / "bad.yaml").write_text("slurm:\n  cores: 1\n")
+    with pytest.raises(InputError, match="needs a top-level 'jobqueue:'"):
+        _load_site(tmp_path / "bad.yaml")
+    with pytest.raises(InputError, match="malformed YAML"):
+        _load_site(ROOT / "pyproject.toml")

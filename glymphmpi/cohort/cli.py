@@ -48,7 +48,7 @@ def _run(args) -> int:
     from .launch import LocalLauncher, SlurmLauncher
 
     if args.scheduler == "slurm":
-        launcher = SlurmLauncher(cohort, args.out, quiet=args.quiet)
+        launcher = SlurmLauncher(cohort, args.out, quiet=args.quiet, site=bool(args.site))
     else:
         launcher = LocalLauncher(cohort, args.out, quiet=args.quiet)
     if args.retry_failed:

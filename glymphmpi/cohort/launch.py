@@ -348,9 +348,11 @@ class SlurmLauncher(BaseLauncher):
 
     scheduler = "slurm"
 
-    def __init__(self, cohort: Cohort, out: Path, quiet: bool = False, cluster_factory=None):
+    def __init__(self, cohort: Cohort, out: Path, quiet: bool = False, cluster_factory=None,
+                 site: bool = False):
         super().__init__(cohort, out, quiet)
         self.cluster_factory = cluster_factory
+        self.site = site
         self.cluster = None
         self.client = None
         self.launch_no = 0
@@ -438,17 +440,18 @@ class SlurmLauncher(BaseLauncher):
             else:
                 from dask_jobqueue import SLURMCluster
 
-                kw = {}
+                kw = {"log_directory": str(cohort_dir(self.out) / "dask")}
+                if not self.site:  # a site profile (--site) configures the workers itself
+                    kw.update(cores=self.opts.dask_cores, processes=1, memory=self.opts.dask_memory,
+                              walltime=self.opts.dask_walltime, job_name=f"{self.opts.job_prefix}-dask",
+                              python=sys.executable)
+                    part = self.cohort.resources[self.cohort.methods[0].name].partition
+                    if part:
+                        kw["queue"] = part
                 if self.opts.interface:
                     kw.update(interface=self.opts.interface,
                               scheduler_options={"interface": self.opts.interface})
-                part = self.cohort.resources[self.cohort.methods[0].name].partition
-                if part:
-                    kw["queue"] = part
-                self.cluster = SLURMCluster(
-                    cores=self.opts.dask_cores, processes=1, memory=self.opts.dask_memory,
-                    walltime=self.opts.dask_walltime, job_name=f"{self.opts.job_prefix}-dask",
-                    log_directory=str(cohort_dir(self.out) / "dask"), python=sys.executable, **kw)
+                self.cluster = SLURMCluster(**kw)
                 self.cluster.adapt(minimum=0, maximum=self.opts.dask_max_jobs)
             self.client = Client(self.cluster)
         return self.client
