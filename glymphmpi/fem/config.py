@@ -34,6 +34,8 @@ class FemConfig:
         D_min, D_max: sigmoid parametrisation bounds (mm^2/h).
         delta0: initial delta (sigmoid: 0 -> D = 0.7; direct: the initial D).
         dt_h: time step in hours (steps are shortened to land on every scan).
+        t_end_h: end of the simulated interval (default: the last scan); every
+            scan must lie in [first scan, t_end_h].
         theta: time stepping: 1.0 implicit Euler, 0.5 Crank-Nicolson.
         lumped_mass: row-sum lumped mass matrix in the state equation and
             misfit (the Q1 scheme is then close to the voxel finite differences).
@@ -58,6 +60,7 @@ class FemConfig:
     D_max: float = 1.2
     delta0: float = 0.0
     dt_h: float = 1.0
+    t_end_h: float | None = None
     theta: float = 0.5
     lumped_mass: bool = True
     alpha: float = 1e-6

@@ -56,13 +56,26 @@ class TimeGrid:
         return self.t.size - 1
 
     @classmethod
-    def build(cls, times_h, dt_h: float, where=None) -> "TimeGrid":
+    def build(cls, times_h, dt_h: float, t_end_h: float | None = None, where=None) -> "TimeGrid":
+        """Steps of at most ``dt_h`` from the first scan to ``t_end_h`` (default: the last scan).
+
+        Raises:
+            InputError: fewer than 3 scans, times not increasing, or a scan
+                after ``t_end_h`` (outside the simulated interval).
+        """
         times = np.asarray(times_h, dtype=np.float64)
         if times.size < 3:
             raise InputError(f"the FEM method needs at least 3 scans (the first is the initial state), "
                              f"found {times.size}", where)
         if np.any(np.diff(times) <= 0) or not np.all(np.isfinite(times)):
             raise InputError("scan times must be finite and strictly increasing", where)
+        if t_end_h is not None:
+            outside = times[times > t_end_h + 1e-9]
+            if outside.size:
+                raise InputError(f"scan time {outside[0]:g} h lies outside the simulated interval "
+                                 f"[{times[0]:g}, {t_end_h:g}] h (fem.t_end_h)", where)
+            if t_end_h > times[-1] + 1e-9:
+                times = np.append(times, t_end_h)
         t = [times[0]]
         obs = [0]
         for a, b in zip(times[:-1], times[1:]):
@@ -72,14 +85,8 @@ class TimeGrid:
             obs.append(len(t) - 1)
         t = np.asarray(t)
         tau = np.concatenate([[0.0], np.diff(t)])
+        obs = obs[: np.asarray(times_h).size]
         return cls(t=t, tau=tau, obs_step=np.asarray(obs))
-
-    def check_inside(self, times_h, where=None) -> None:
-        """Raise if a requested time lies outside the simulated interval."""
-        for s in np.atleast_1d(times_h):
-            if s < self.t[0] - 1e-9 or s > self.t[-1] + 1e-9:
-                raise InputError(f"time {s:g} h lies outside the simulated interval "
-                                 f"[{self.t[0]:g}, {self.t[-1]:g}] h", where)
 
 
 def set_petsc_options(prefix: str, options: dict) -> None:

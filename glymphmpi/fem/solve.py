@@ -117,8 +117,7 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
 
     t_start = time.time()
     where = subject.path
-    grid = TimeGrid.build(subject.times_h, cfg.dt_h, where)
-    grid.check_inside(subject.times_h, where)
+    grid = TimeGrid.build(subject.times_h, cfg.dt_h, cfg.t_end_h, where)
     vm = build_mesh(subject.mask, subject.affine, comm, where=subject.mask_path)
     model = DiffusionModel(vm, grid, cfg.theta, cfg.lumped_mass, cfg.petsc_prefix, cfg.petsc_options)
     data = sample(subject.scans, vm.owned_voxel)

@@ -1,0 +1,227 @@
+"""FEM optimal control: mesh, Q1 matrices, exact solutions, discrete-adjoint Taylor
+tests, exact recovery of D, and bad input. Tests marked ``mpi`` also run under
+``mpirun -n 2`` (the mesh is then partitioned across the two ranks)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("dolfinx")
+
+from glymphmpi.errors import InputError  # noqa: E402
+from glymphmpi.fem.config import FemConfig  # noqa: E402
+from glymphmpi.subject import Subject  # noqa: E402
+
+VOX = (1.0, 1.2, 0.9)  # anisotropic voxels (mm)
+SHAPE = (9, 8, 7)
+
+
+def _affine(vox=VOX):
+    a = np.diag([*vox, 1.0])
+    a[:3, 3] = (-5.0, 3.0, 10.0)
+    return a
+
+
+def _lmask(shape=SHAPE):
+    """A box with a 3x3x3 corner removed (non-convex)."""
+    m = np.ones(shape, dtype=bool)
+    m[:3, :3, :3] = False
+    return m
+
+
+def _model(comm, mask, affine, times, cfg):
+    from glymphmpi.fem.forward import DiffusionModel, TimeGrid
+    from glymphmpi.fem.mesh import build_mesh
+
+    vm = build_mesh(mask, affine, comm)
+    grid = TimeGrid.build(times, cfg.dt_h, cfg.t_end_h)
+    return vm, DiffusionModel(vm, grid, cfg.theta, cfg.lumped_mass, cfg.petsc_prefix, cfg.petsc_options)
+
+
+def _coords(vm, affine):
+    ijk = np.array(np.unravel_index(vm.owned_voxel, vm.shape), dtype=float).T
+    return ijk @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _synthetic_subject(comm, D=0.45, times=(0.0, 2.0, 5.0, 9.0), cfg=None):
+    """Scans made by the FEM model itself with a boundary concentration linear in
+    time between scans: the data-boundary mode's model is then exact."""
+    from glymphmpi.fem.transfer import to_voxels
+
+    cfg = cfg or FemConfig(dt_h=0.5)
+    mask, affine = _lmask(), _affine()
+    vm, model = _model(comm, mask, affine, times, cfg)
+    x = _coords(vm, affine)
+    amp = 1.0 + 0.05 * (x[:, 0] + 1.0) + 0.03 * (x[:, 2] - 13.0)  # fixed centre: same on every rank
+    bval = np.array([0.0, 1.0, 0.6, 0.3])  # boundary level at each scan time
+    grid = model.grid
+    level = np.interp(grid.t, np.asarray(times), bval)
+    g = level[:, None] * amp[model.bidx][None, :]
+    states = model.forward(D, np.zeros(vm.n_owned), g)
+    obs = [int(s) for s in grid.obs_step]
+    imgs = to_voxels(states[obs], vm.owned_voxel, mask, vm.nodes, comm)
+    imgs = comm.bcast(imgs, root=0)
+    model.destroy()
+    return Subject(id="syn", times_h=np.asarray(times), scans=imgs, mask=mask, affine=affine)
+
+
+@pytest.mark.mpi
+def test_mesh_counts_volume_area_and_sampling(comm):
+    """Hexahedra between voxel centres: exact counts, volume, surface area, nodal sampling."""
+    from mpi4py import MPI
+
+    from glymphmpi.fem.transfer import sample
+
+    cfg = FemConfig(lumped_mass=False)
+    mask, affine = _lmask(), _affine()
+    vm, model = _model(comm, mask, affine, (0.0, 1.0, 2.0), cfg)
+    assert vm.n_cells == 8 * 7 * 6 - 27  # cells whose 8 corners are inside
+    assert vm.n_nodes == mask.sum() == 9 * 8 * 7 - 27
+    assert comm.allreduce(vm.n_owned, op=MPI.SUM) == vm.n_nodes
+    ones = np.ones(vm.n_owned)
+    vol = model.quad(model.M, ones)
+    assert vol == pytest.approx(vm.n_cells * np.prod(VOX), rel=1e-12)
+    # the corner notch leaves the area of the box [0,8]x[0,7]x[0,6] voxels
+    L = np.array([8, 7, 6]) * np.asarray(VOX)
+    area = model.quad(model.Mg, ones)
+    assert area == pytest.approx(2 * (L[1] * L[2] + L[0] * L[2] + L[0] * L[1]), rel=1e-12)
+    # tangential gradient of a constant is zero; K kills constants
+    assert abs(model.quad(model.Kg, ones)) < 1e-10
+    assert np.abs(model.apply(model.K, ones)).max() < 1e-12
+    # nodal sampling reproduces a field at the dof coordinates exactly
+    ijk = np.indices(mask.shape).reshape(3, -1).T
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    img = (xyz[:, 0] + 2 * xyz[:, 1] - 0.5 * xyz[:, 2]).reshape(mask.shape)
+    coords = vm.V.tabulate_dof_coordinates()[: vm.n_owned]
+    np.testing.assert_allclose(sample(img, vm.owned_voxel), coords[:, 0] + 2 * coords[:, 1] - 0.5 * coords[:, 2],
+                               rtol=0, atol=1e-12)
+    # boundary nodes: exactly those with a missing incident cell
+    n_b = comm.allreduce(int(vm.owned_boundary.sum()), op=MPI.SUM)
+    assert n_b == vm.n_boundary
+    model.destroy()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("theta,lumped", [(1.0, False), (0.5, True)])
+def test_exact_solutions(comm, theta, lumped):
+    """The scheme reproduces c = a.x + b (harmonic, Q1 exact) and, on the uniform
+    grid, c = x^2 + 2 D t (linear in time: theta scheme exact; Q1 27-point stencil
+    exact for quadratics), to the KSP tolerance."""
+    cfg = FemConfig(theta=theta, lumped_mass=lumped, dt_h=0.5)
+    mask, affine = _lmask(), _affine()
+    times = (0.0, 1.0, 3.0)
+    vm, model = _model(comm, mask, affine, times, cfg)
+    x = _coords(vm, affine)
+    D = 0.6
+    N = model.grid.n_steps
+    lin = 0.3 * x[:, 0] - 0.2 * x[:, 1] + 0.1 * x[:, 2] + 2.0
+    g = np.repeat(lin[model.bidx][None], N + 1, axis=0)
+    st = model.forward(D, lin, g)
+    assert np.abs(st - lin[None]).max() < 1e-7
+    if lumped:  # the consistent mass matrix is not exact for x^2 on the boundary-adjacent rows
+        q = (x[:, 0] + 1.0) ** 2
+        exact = q[None] + 2 * D * (model.grid.t - model.grid.t[0])[:, None]
+        st = model.forward(D, exact[0], exact[:, model.bidx])
+        assert np.abs(st - exact).max() < 1e-6 * np.abs(exact).max()
+    model.destroy()
+
+
+def _taylor_rates(problem, x, seed):
+    """Second-order remainders |J(x + h dx) - J(x) - h dJ.dx| for h = 2^-k."""
+    grad = x.duplicate()
+    J0 = problem.evaluate(x, grad)
+    dx = x.duplicate()
+    dx.array[:] = np.random.default_rng(seed).standard_normal(dx.array.size)
+    dJ = grad.dot(dx)
+    rem = []
+    for h in (1e-1, 5e-2, 2.5e-2, 1.25e-2):
+        xh = x.copy()
+        xh.axpy(h, dx)
+        rem.append(abs(problem.evaluate(xh) - J0 - h * dJ))
+        xh.destroy()
+    return np.log2(np.asarray(rem[:-1]) / np.asarray(rem[1:])), rem, abs(dJ)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("theta,lumped,param", [(1.0, False, "sigmoid"), (0.5, True, "direct")])
+def test_adjoint_taylor(comm, theta, lumped, param):
+    """Discrete adjoint: the Taylor remainder decays at second order (rate 2 +- 0.05)
+    in a random direction of (delta, g^1..g^N) with all regularisation terms on."""
+    from glymphmpi.fem.problem import ControlProblem
+    from glymphmpi.fem.transfer import sample
+
+    cfg = FemConfig(theta=theta, lumped_mass=lumped, dt_h=0.7, parametrization=param,
+                    delta0=0.3 if param == "sigmoid" else 0.5, alpha=0.1, beta=0.1, gamma=0.05,
+                    petsc_options={"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-13,
+                                   "ksp_atol": 1e-30})
+    subj = _synthetic_subject(comm)
+    _, model = _model(comm, subj.mask, subj.affine, subj.times_h, cfg)
+    data = sample(subj.scans, model.vm.owned_voxel)
+    data = data * 1.1 + 0.01  # away from the optimum so that dJ != 0
+    prob = ControlProblem(model, data, cfg)
+    x = prob.initial()
+    rates, rem, dJ = _taylor_rates(prob, x, seed=comm.rank)
+    assert dJ > 1e-6
+    assert np.all(np.abs(rates - 2.0) < 0.05), (rates, rem)
+    model.destroy()
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("param,tao", [("sigmoid", "lmvm"), ("direct", "blmvm")])
+def test_data_boundary_recovers_D_exactly(comm, param, tao):
+    """Data made by the model with g linear in time between scans: the data-boundary
+    mode recovers D to 1e-6 relative, on 1 and on 2 ranks (hence the same D)."""
+    from glymphmpi.fem.solve import estimate
+
+    D_true = 0.45
+    subj = _synthetic_subject(comm, D=D_true)
+    cfg = FemConfig(mode="data-boundary", dt_h=0.5, parametrization=param, tao_type=tao,
+                    delta0=0.0 if param == "sigmoid" else 1.0, gatol=1e-12, grtol=1e-12, max_iterations=60)
+    res = estimate(subj, cfg, comm)
+    assert res.D == pytest.approx(D_true, rel=1e-6)
+    assert comm.allreduce(res.D, op=__import__("mpi4py").MPI.MAX) == res.D  # one D on all ranks
+    assert max(res.misfits) < 1e-10 * max(res.data_norms)
+    res.model.destroy()
+
+
+def test_bad_input(comm):
+    """Too few scans, a scan outside the simulated interval, a mask too thin to mesh."""
+    from glymphmpi.fem.forward import TimeGrid
+    from glymphmpi.fem.mesh import build_mesh
+
+    with pytest.raises(InputError, match="at least 3 scans"):
+        TimeGrid.build([0.0, 5.0], 1.0)
+    with pytest.raises(InputError, match="outside the simulated interval"):
+        TimeGrid.build([0.0, 5.0, 9.0], 1.0, t_end_h=8.0)
+    grid = TimeGrid.build([0.0, 2.5, 7.0], 1.0, t_end_h=8.0)
+    np.testing.assert_allclose(grid.t[grid.obs_step], [0.0, 2.5, 7.0])
+    assert grid.t[-1] == 8.0 and grid.tau[1:].max() <= 1.0 + 1e-12
+    sheet = np.zeros((6, 6, 6), dtype=bool)
+    sheet[:, :, 2] = True  # one voxel thick
+    with pytest.raises(InputError, match="too thin"):
+        build_mesh(sheet, np.eye(4), comm, where="mask.nii.gz")
+    slab = np.zeros((6, 6, 6), dtype=bool)
+    slab[:, :, 2:4] = True  # two voxels thick: cells, but every node on the boundary
+    with pytest.raises(InputError, match="no interior node"):
+        build_mesh(slab, np.eye(4), comm)
+
+
+def test_config_validation():
+    from glymphmpi.config import load_config
+
+    cfg = load_config("fem", None, ["fem.mode=data-boundary", "fem.beta=0.5"])
+    assert cfg.mode == "data-boundary" and cfg.beta == 0.5
+    for bad in ("fem.mode=nonsense", "fem.theta=0.2", "fem.tao_type=newton"):
+        with pytest.raises(InputError):
+            load_config("fem", None, [bad])
+
+
+def test_sigmoid_parametrisation():
+    from glymphmpi.fem.problem import sigmoid
+
+    cfg = FemConfig()
+    assert cfg.D_min + sigmoid(0.0) * cfg.D_max == pytest.approx(0.7)
+    assert sigmoid(-800.0) == 0.0 and sigmoid(800.0) == 1.0 and math.isfinite(sigmoid(-1e4))
