@@ -1,0 +1,184 @@
+"""The network c(x, t; theta), the diffusion coefficient D(delta) and the PDE residual.
+
+Inputs are physical (x, y, z in mm, t in h), scaled affinely to [-1, 1] from
+a bounding box inside the network; the output is multiplied by the data's
+magnitude. Derivatives are taken through both scalings, so the residual
+``dc/dt - D lap c`` is in physical units (concentration per hour).
+
+Second derivatives are computed by forward propagation of the value, the
+gradient with respect to (x, y, z, t) and the spatial Laplacian through the
+layers (one batched matrix product per layer for all three), which is exact
+and needs no per-point or per-component backward passes. For an affine layer
+``z = W h + b``: ``grad z = W grad h`` and ``lap z = W lap h``; for the
+activation ``a = s(z)``: ``grad a = s'(z) grad z`` and
+``lap a = s''(z) |grad_x z|^2 + s'(z) lap z``. The reference
+:func:`derivatives_autograd` (reverse mode with ``create_graph``) is used to
+check it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from glymphmpi.errors import InputError
+
+
+def _tanh(z):
+    a = torch.tanh(z)
+    a1 = 1.0 - a * a
+    return a, a1, -2.0 * a * a1
+
+
+def _sin(z):
+    a = torch.sin(z)
+    return a, torch.cos(z), -a
+
+
+def _silu(z):
+    s = torch.sigmoid(z)
+    a = z * s
+    ds = s * (1.0 - s)
+    return a, s + z * ds, ds * (2.0 + z * (1.0 - 2.0 * s))
+
+
+ACTIVATIONS: dict[str, Callable] = {"tanh": _tanh, "sin": _sin, "silu": _silu}
+"""name -> function z -> (s(z), s'(z), s''(z))."""
+
+
+def activation(name: str) -> Callable:
+    """The activation triple of a name; raises with the valid names."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise InputError(f"unknown activation {name!r} (valid: {', '.join(ACTIVATIONS)})") from None
+
+
+class PinnNet(nn.Module):
+    """Fully connected network c(x, t) with input and output scaling.
+
+    Args:
+        depth: hidden layers.
+        width: neurons per hidden layer.
+        act: activation name (see :data:`ACTIVATIONS`).
+        lo, hi: (4,) bounding box of the inputs (x, y, z in mm, t in h);
+            mapped to [-1, 1].
+        out_scale: the output is ``out_scale * N(x_scaled)`` (the data's magnitude).
+    """
+
+    def __init__(self, depth: int, width: int, act: str, lo, hi, out_scale: float = 1.0):
+        super().__init__()
+        self.act_name = act
+        self._act = activation(act)
+        lo = torch.as_tensor(lo, dtype=torch.float64)
+        hi = torch.as_tensor(hi, dtype=torch.float64)
+        if lo.shape != (4,) or hi.shape != (4,) or bool(torch.any(hi <= lo)):
+            raise InputError("network input box needs lo < hi in all four coordinates")
+        dt = torch.get_default_dtype()  # buffers follow .to(dtype) / .double() with the weights
+        self.register_buffer("in_lo", lo.to(dt))
+        self.register_buffer("in_scale", (2.0 / (hi - lo)).to(dt))
+        self.register_buffer("out_scale", torch.tensor(float(out_scale), dtype=dt))
+        sizes = [4] + [width] * depth + [1]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        for lin in self.layers:  # Glorot-normal weights, zero biases
+            nn.init.xavier_normal_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def scaled(self, xt: torch.Tensor) -> torch.Tensor:
+        return (xt - self.in_lo) * self.in_scale - 1.0
+
+    def forward(self, xt: torch.Tensor) -> torch.Tensor:
+        """c at (N, 4) points (mm, h) -> (N,)."""
+        h = self.scaled(xt)
+        for lin in self.layers[:-1]:
+            h = self._act(lin(h))[0]
+        return self.layers[-1](h).squeeze(-1) * self.out_scale
+
+    def derivatives(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(c, dc/dt, lap_x c) at (N, 4) points, each (N,), in physical units.
+
+        Forward propagation of value, gradient and Laplacian (module docstring);
+        differentiable with respect to the parameters.
+        """
+        s = self.in_scale
+        first = self.layers[0]
+        z = first(self.scaled(xt))                       # (N, W)
+        w0 = first.weight * s                            # (W, 4): d z / d(x, y, z, t), same for all points
+        a, a1, a2 = self._act(z)
+        h = a
+        gx = a1.unsqueeze(0) * w0.T[:3].unsqueeze(1)     # (3, N, W) spatial gradient
+        gt = a1 * w0[:, 3]                               # (N, W) time derivative
+        lh = a2 * (w0[:, :3] ** 2).sum(1)                # (N, W) spatial Laplacian
+        for lin in self.layers[1:-1]:
+            wt = lin.weight.T
+            z = torch.addmm(lin.bias, h, wt)
+            gzx = gx @ wt                                # (3, N, W): one (3N, W) x (W, W) product
+            gzt = gt @ wt
+            lz = lh @ wt
+            a, a1, a2 = self._act(z)
+            h = a
+            gx = a1 * gzx
+            gt = a1 * gzt
+            lh = a2 * (gzx * gzx).sum(0) + a1 * lz
+        wl, bl = self.layers[-1].weight.T, self.layers[-1].bias  # (W, 1), (1,)
+        c = torch.addmm(bl, h, wl).squeeze(-1) * self.out_scale
+        return c, (gt @ wl).squeeze(-1) * self.out_scale, (lh @ wl).squeeze(-1) * self.out_scale
+
+
+def derivatives_autograd(net: nn.Module, xt: torch.Tensor, create_graph: bool = True):
+    """Reference (c, dc/dt, lap c) by reverse-mode autograd over the batch (no loop over points)."""
+    xt = xt.detach().requires_grad_(True)
+    c = net(xt)
+    g = torch.autograd.grad(c.sum(), xt, create_graph=True)[0]
+    lap = 0.0
+    for j in range(3):  # three spatial components, each a batched backward pass
+        lap = lap + torch.autograd.grad(g[:, j].sum(), xt, create_graph=create_graph)[0][:, j]
+    return c, g[:, 3], lap
+
+
+class DiffusionCoefficient(nn.Module):
+    """D(delta) = d_min + sigmoid(delta) d_max (``sigmoid``) or D = delta (``direct``), mm^2/h."""
+
+    def __init__(self, kind: str = "sigmoid", delta0: float = 0.0, d_min: float = 0.1, d_max: float = 1.2):
+        super().__init__()
+        if kind not in ("sigmoid", "direct"):
+            raise InputError(f"unknown D parametrisation {kind!r} (valid: sigmoid, direct)")
+        self.kind, self.d_min, self.d_max = kind, float(d_min), float(d_max)
+        self.delta = nn.Parameter(torch.tensor(float(delta0), dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        if self.kind == "sigmoid":
+            return self.d_min + torch.sigmoid(self.delta) * self.d_max
+        return self.delta
+
+    @staticmethod
+    def delta_for(D: float, d_min: float = 0.1, d_max: float = 1.2) -> float:
+        """The delta that gives D under the sigmoid parametrisation."""
+        u = (D - d_min) / d_max
+        if not 0 < u < 1:
+            raise InputError(f"D = {D} is outside ({d_min}, {d_min + d_max}) mm^2/h")
+        return math.log(u / (1.0 - u))
+
+
+class PinnModel(nn.Module):
+    """Network + D; ``forward`` gives what the loss needs (so that DDP sees one forward).
+
+    Returns ``(c at data points (Nd,), residual dc/dt - D lap c at PDE points (Np,))``.
+    """
+
+    def __init__(self, net: PinnNet, dcoef: DiffusionCoefficient):
+        super().__init__()
+        self.net = net
+        self.dcoef = dcoef
+
+    def forward(self, x_data: torch.Tensor, x_pde: torch.Tensor):
+        c_data = self.net(x_data)
+        _, ct, lap = self.net.derivatives(x_pde)
+        return c_data, ct - self.dcoef().to(lap.dtype) * lap
+
+    def residual(self, x_pde: torch.Tensor) -> torch.Tensor:
+        _, ct, lap = self.net.derivatives(x_pde)
+        return ct - self.dcoef().to(lap.dtype) * lap

@@ -1,0 +1,398 @@
+"""Training of the PINN on one process or many (DistributedDataParallel).
+
+One epoch visits every data point and every PDE point once: both sets are
+permuted with a generator that is identical on all ranks and cut into
+``batches`` global minibatches; each rank takes its contiguous shard of each
+global minibatch (``torch.tensor_split``). The loss of a shard is scaled so
+that DDP's gradient averaging yields the gradient of the global minibatch
+mean (see :mod:`glymphmpi.pinn.losses`); the network and D therefore stay
+identical on all ranks and equal to a one-process run with the same global
+batches, up to summation order.
+
+Adam's learning rate decays exponentially from ``lr_start`` to ``lr_end``
+over the epochs (``ExponentialLR`` stepped once per epoch). RAR and RAE act
+before the epochs listed in the config. The state (model, optimiser,
+scheduler, PDE point set, generator and RNG states, histories) is saved
+every ``checkpoint_every`` epochs and on SIGTERM/SIGUSR1, and a run resumes
+from it (same results as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from glymphmpi.errors import InputError
+from glymphmpi.pinn.config import PinnConfig
+from glymphmpi.pinn.diagnostics import abs_residual, predict, residual_over_time
+from glymphmpi.pinn.distributed import DistContext
+from glymphmpi.pinn.losses import p_at, shard_losses
+from glymphmpi.pinn.network import DiffusionCoefficient, PinnModel, PinnNet
+from glymphmpi.pinn.samplers import InteriorSampler, rae_exchange, rar_add
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ------------------------------------------------------------------ problem
+@dataclass
+class Problem:
+    """What the PINN trains on (numpy, float64; identical on every rank).
+
+    Attributes:
+        data_xt: (Nd, 4) data points: voxel centres (mm) of every mask voxel at every scan time (h).
+        data_c: (Nd,) observed concentrations.
+        mask: (ni, nj, nk) bool domain; ``interior``: the mask eroded by one voxel (PDE points).
+        affine: (4, 4) voxel -> mm.
+        times_h: (p,) scan times.
+        lo, hi: (4,) input box (x, y, z, t).
+        out_scale: data magnitude (max |d|).
+    """
+
+    data_xt: np.ndarray
+    data_c: np.ndarray
+    mask: np.ndarray
+    interior: np.ndarray
+    affine: np.ndarray
+    times_h: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    out_scale: float
+
+    @property
+    def mask_xyz(self) -> np.ndarray:
+        ijk = np.argwhere(self.mask).astype(np.float64)
+        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+
+
+def build_problem(scans: np.ndarray, mask: np.ndarray, affine: np.ndarray, times_h) -> Problem:
+    """Problem from (p, ni, nj, nk) scans, a mask, an affine and the scan times."""
+    scans = np.asarray(scans, dtype=np.float64)
+    mask = np.asarray(mask, dtype=bool)
+    times = np.asarray(times_h, dtype=np.float64)
+    if scans.ndim != 4 or scans.shape[1:] != mask.shape or scans.shape[0] != times.size:
+        raise InputError(f"scans {scans.shape} do not match mask {mask.shape} and {times.size} times")
+    if times.size < 2 or np.any(np.diff(times) <= 0):
+        raise InputError("need at least two strictly increasing scan times")
+    interior = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1),
+                                      border_value=0)
+    if interior.sum() < 1:
+        raise InputError("the mask has no interior voxels (all six neighbours inside) for PDE points")
+    ijk = np.argwhere(mask).astype(np.float64)
+    xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
+    p, n = times.size, xyz.shape[0]
+    data_xt = np.concatenate((np.tile(xyz, (p, 1)), np.repeat(times, n)[:, None]), axis=1)
+    data_c = scans[:, mask].reshape(-1)
+    half = 0.5 * np.abs(affine[:3, :3]).sum(axis=1)
+    lo = np.concatenate((xyz.min(0) - half, [times[0]]))
+    hi = np.concatenate((xyz.max(0) + half, [times[-1]]))
+    scale = float(np.max(np.abs(data_c))) or 1.0
+    return Problem(data_xt, data_c, mask, interior, np.asarray(affine, dtype=np.float64), times, lo, hi, scale)
+
+
+def problem_from_subject(subject) -> Problem:
+    return build_problem(subject.scans, subject.mask, subject.affine, subject.times_h)
+
+
+# ------------------------------------------------------------------ state I/O
+def _to_blob(obj) -> np.ndarray:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+
+
+def _from_blob(arr) -> dict:
+    return torch.load(io.BytesIO(np.asarray(arr, dtype=np.uint8).tobytes()), weights_only=False,
+                      map_location="cpu")
+
+
+# ------------------------------------------------------------------ trainer
+@dataclass
+class MemberResult:
+    """One ensemble member's outcome."""
+
+    seed: int
+    D: float
+    history: dict
+    events: list = field(default_factory=list)
+    residual_t: np.ndarray | None = None
+    t_grid: np.ndarray | None = None
+    residual_norm: float = float("nan")
+    prediction: np.ndarray | None = None  # (p, n_mask) at the scan times
+    train_s: float = 0.0
+
+
+class Trainer:
+    """Trains one PINN (one ensemble member) on a :class:`Problem`.
+
+    Args:
+        problem: the data and domain.
+        cfg: settings.
+        ctx: distributed context (None: one process on CPU).
+        seed: seed of the network initialisation and all point draws.
+    """
+
+    def __init__(self, problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, seed: int = 0):
+        self.pb, self.cfg = problem, cfg
+        self.ctx = ctx or DistContext()
+        self.seed = int(seed)
+        self.dtype = DTYPES[cfg.dtype]
+        dev = self.ctx.device
+        self.gen = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            net = PinnNet(cfg.depth, cfg.width, cfg.activation, problem.lo, problem.hi, problem.out_scale)
+        dcoef = DiffusionCoefficient(cfg.d_param, cfg.delta0, cfg.d_min, cfg.d_max)
+        self.model = PinnModel(net, dcoef).to(device=dev, dtype=self.dtype)
+        if self.ctx.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
+            self.ddp = DDP(self.model, broadcast_buffers=False, **kw)
+        else:
+            self.ddp = self.model
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr_start)
+        gamma = (cfg.lr_end / cfg.lr_start) ** (1.0 / cfg.epochs)
+        self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=gamma)
+        self.data_xt = torch.as_tensor(problem.data_xt, dtype=self.dtype, device=dev)
+        self.data_c = torch.as_tensor(problem.data_c, dtype=self.dtype, device=dev)
+        self.sampler = InteriorSampler.from_mask(problem.interior, problem.affine, problem.times_h[0],
+                                                 problem.times_h[-1], dtype=self.dtype)
+        self.n_base = cfg.pde_points or self.data_xt.shape[0]
+        self.pde = self.sampler.draw(self.n_base, self.gen)  # global set, CPU
+        self.epoch = 0
+        self.history: dict[str, list] = {k: [] for k in (
+            "epoch", "D", "loss", "loss_data", "loss_pde", "p", "lr", "n_pde", "seconds")}
+        self.residual_checks: dict[str, list] = {"epoch": [], "residual_norm": []}
+        self.events: list[dict] = []
+        self.train_s = 0.0
+
+    # -------------------------------------------------------------- state
+    def D(self) -> float:
+        return float(self.model.dcoef().detach().cpu())
+
+    def state(self) -> dict:
+        """Everything needed to continue bit-for-bit (torch objects serialised to bytes)."""
+        return {
+            "model": self.model.state_dict(), "optim": self.opt.state_dict(),
+            "sched": self.sched.state_dict(), "pde": self.pde, "n_base": self.n_base,
+            "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "epoch": self.epoch, "history": self.history, "events": self.events,
+            "residual_checks": self.residual_checks, "seed": self.seed, "train_s": self.train_s,
+        }
+
+    def load_state(self, st: dict) -> None:
+        if st["seed"] != self.seed:
+            raise InputError(f"checkpoint is of seed {st['seed']}, not {self.seed}")
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optim"])
+        self.sched.load_state_dict(st["sched"])
+        self.pde, self.n_base = st["pde"].to(self.dtype), int(st["n_base"])
+        self.gen.set_state(st["gen"])
+        torch.set_rng_state(st["torch_rng"])
+        if st.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["cuda_rng"])
+        self.epoch = int(st["epoch"])
+        self.history, self.events = st["history"], st["events"]
+        self.residual_checks, self.train_s = st["residual_checks"], float(st["train_s"])
+
+    # -------------------------------------------------------------- refinement
+    def abs_residual(self, pts: torch.Tensor) -> torch.Tensor:
+        """|residual| at global points (sharded evaluation, gathered; CPU tensor)."""
+        return abs_residual(self.model, pts, self.ctx).cpu()
+
+    def refine(self) -> None:
+        """RAR / RAE / resampling due before the current epoch."""
+        cfg, e = self.cfg, self.epoch
+        if cfg.resample_every and e > 0 and e % cfg.resample_every == 0:
+            self.pde = torch.cat((self.sampler.draw(self.n_base, self.gen), self.pde[self.n_base:]))
+        if e in cfg.rar_epochs:
+            self.pde, added = rar_add(self.pde, self.sampler, self.abs_residual, cfg.rar_pool,
+                                      cfg.rar_add, self.gen)
+            self.events.append({"epoch": e, "kind": "rar", "t": added[:, 3].double().numpy()})
+            log.debug("epoch %d: RAR added %d points (now %d)", e, added.shape[0], self.pde.shape[0])
+        if e in cfg.rae_epochs:
+            self.pde, removed, inserted = rae_exchange(self.pde, self.sampler, self.abs_residual,
+                                                       cfg.rar_pool, cfg.rae_fraction, self.gen)
+            self.events.append({"epoch": e, "kind": "rae", "t": inserted[:, 3].double().numpy(),
+                                "t_removed": removed[:, 3].double().numpy()})
+            log.debug("epoch %d: RAE exchanged %d points", e, inserted.shape[0])
+
+    # -------------------------------------------------------------- one epoch
+    def run_epoch(self) -> dict:
+        cfg, ctx, dev = self.cfg, self.ctx, self.ctx.device
+        t_start = time.perf_counter()
+        self.refine()
+        p = p_at(cfg.p_schedule, self.epoch, cfg.switch_epoch)
+        nd, npde = self.data_xt.shape[0], self.pde.shape[0]
+        dperm = torch.randperm(nd, generator=self.gen)
+        pperm = torch.randperm(npde, generator=self.gen)
+        sums = torch.zeros(2, dtype=torch.float64, device=dev)
+        self.ddp.train()
+        for db, pb in zip(torch.tensor_split(dperm, cfg.batches), torch.tensor_split(pperm, cfg.batches)):
+            di = torch.tensor_split(db, ctx.size)[ctx.rank].to(dev)
+            xp = self.pde[torch.tensor_split(pb, ctx.size)[ctx.rank]].to(dev)
+            self.opt.zero_grad(set_to_none=True)
+            c_pred, res = self.ddp(self.data_xt[di], xp)
+            J, L, sq, rp = shard_losses(c_pred, self.data_c[di], res, p, db.numel(), pb.numel(), ctx.size)
+            (J + cfg.w_r * L).backward()
+            self.opt.step()
+            sums += torch.stack((sq, rp)).to(torch.float64)
+        self.sched.step()
+        sums = ctx.allreduce_sum(sums)
+        J, L = float(sums[0]) / nd, float(sums[1]) / npde
+        self.epoch += 1
+        dt = time.perf_counter() - t_start
+        self.train_s += dt
+        rec = {"epoch": self.epoch, "D": self.D(), "loss": J + cfg.w_r * L, "loss_data": J, "loss_pde": L,
+               "p": p, "lr": self.opt.param_groups[0]["lr"], "n_pde": npde, "seconds": dt}
+        for k, v in rec.items():
+            self.history[k].append(v)
+        return rec
+
+    # -------------------------------------------------------------- L-BFGS
+    def lbfgs(self, steps: int, chunk: int = 32768) -> None:
+        """Full-batch L-BFGS (gradients accumulated over chunks, averaged over ranks)."""
+        cfg, ctx, dev = self.cfg, self.ctx, self.ctx.device
+        p = p_at(cfg.p_schedule, self.epoch, cfg.switch_epoch)
+        opt = torch.optim.LBFGS(self.model.parameters(), lr=1.0, max_iter=steps, history_size=50,
+                                line_search_fn="strong_wolfe")
+        nd, npde = self.data_xt.shape[0], self.pde.shape[0]
+        dshard = torch.tensor_split(torch.arange(nd), ctx.size)[ctx.rank]
+        pshard = torch.tensor_split(torch.arange(npde), ctx.size)[ctx.rank]
+        nch = max(1, -(-max(dshard.numel(), pshard.numel()) // chunk))
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            total = torch.zeros((), dtype=torch.float64, device=dev)
+            for di, pi in zip(torch.tensor_split(dshard, nch), torch.tensor_split(pshard, nch)):
+                c_pred, res = self.model(self.data_xt[di.to(dev)], self.pde[pi].to(dev))
+                J, L, _, _ = shard_losses(c_pred, self.data_c[di.to(dev)], res, p, nd, npde, 1)
+                loss = J + cfg.w_r * L
+                loss.backward()
+                total += loss.detach().double()
+            if ctx.active:  # average gradients and loss over ranks by hand (no DDP hooks here)
+                for prm in self.model.parameters():
+                    if prm.grad is not None:
+                        torch.distributed.all_reduce(prm.grad)
+                total = ctx.allreduce_sum(total)
+            return total.to(self.dtype)
+
+        opt.step(closure)
+        self.history["D"].append(self.D())
+        self.history["epoch"].append(self.epoch)
+        for k in ("loss", "loss_data", "loss_pde", "p", "lr", "n_pde", "seconds"):
+            self.history[k].append(self.history[k][-1] if self.history[k] else float("nan"))
+
+
+# ------------------------------------------------------------------ ensembles
+def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, checkpointer=None,
+        callback=None, quiet: bool | None = None) -> list[MemberResult]:
+    """Train ``cfg.ensemble`` members (seeds ``cfg.seed + k``), checkpointing and resuming.
+
+    Args:
+        problem: data and domain.
+        cfg: settings.
+        ctx: distributed context.
+        checkpointer: a :class:`glymphmpi.store.Checkpointer` or None.
+        callback: ``callback(trainer, record)`` after every epoch (tests use it).
+        quiet: progress bar off.
+    Returns:
+        One :class:`MemberResult` per member (diagnostics included).
+    Raises:
+        Preempted: after a checkpoint, when SIGTERM/SIGUSR1 arrived.
+    """
+    from glymphmpi.log import progress
+
+    ctx = ctx or DistContext()
+    done: list[dict] = []
+    resume = checkpointer.load() if checkpointer is not None else None
+    start_member, trainer_state = 0, None
+    if resume is not None:
+        st = _from_blob(resume[0]["blob"])
+        done, start_member, trainer_state = st["done"], st["member"], st["trainer"]
+        if ctx.rank == 0:
+            log.info("resuming from checkpoint: member %d, epoch %d", start_member,
+                     trainer_state["epoch"] if trainer_state else 0)
+    results = [MemberResult(**d) for d in done]
+    for m in range(start_member, cfg.ensemble):
+        seed = cfg.seed + m
+        tr = Trainer(problem, cfg, ctx, seed)
+        if trainer_state is not None:
+            tr.load_state(trainer_state)
+            trainer_state = None
+        if ctx.rank == 0:
+            log.info("member %d/%d (seed %d): %d data points, %d PDE points, D0 = %.4g mm^2/h, "
+                     "%d ranks on %s, %s", m + 1, cfg.ensemble, seed, tr.data_xt.shape[0], tr.pde.shape[0],
+                     tr.D(), ctx.size, ctx.device, cfg.dtype)
+
+        def state_fn(tr=tr, m=m):
+            return {"blob": _to_blob({"done": [r.__dict__ for r in results], "member": m,
+                                      "trainer": tr.state()}), "member": m, "epoch": tr.epoch}
+
+        bar = progress(range(tr.epoch, cfg.epochs), quiet=quiet if ctx.rank == 0 else True,
+                       desc=f"pinn member {m + 1}", initial=tr.epoch, total=cfg.epochs)
+        for _ in bar:
+            rec = tr.run_epoch()
+            if callback is not None:
+                callback(tr, rec)
+            if cfg.checkpoint_every and tr.epoch % cfg.checkpoint_every == 0 and tr.epoch < cfg.epochs:
+                _, norm = _residual_check(tr, problem, cfg, quick=True)
+                tr.residual_checks["epoch"].append(tr.epoch)
+                tr.residual_checks["residual_norm"].append(norm)
+            if ctx.rank == 0 and (tr.epoch % cfg.log_every == 0 or tr.epoch == cfg.epochs):
+                log.info("epoch %d: D = %.5f mm^2/h, J = %.3e, L_r = %.3e (p = %d), lr = %.2e, %.2f s/epoch",
+                         tr.epoch, rec["D"], rec["loss_data"], rec["loss_pde"], rec["p"], rec["lr"],
+                         rec["seconds"])
+            if checkpointer is not None:
+                checkpointer.step(m * cfg.epochs + tr.epoch, state_fn)
+        if cfg.lbfgs_steps:
+            tr.lbfgs(cfg.lbfgs_steps)
+            if ctx.rank == 0:
+                log.info("after %d L-BFGS iterations: D = %.5f mm^2/h", cfg.lbfgs_steps, tr.D())
+        t_grid, r = _residual_check(tr, problem, cfg, quick=False)
+        pred = None
+        if ctx.rank == 0:
+            xyz = torch.as_tensor(problem.mask_xyz, dtype=tr.dtype)
+            pred = np.stack([predict(tr.model.net, torch.cat(
+                (xyz, torch.full((xyz.shape[0], 1), float(t), dtype=tr.dtype)), 1)).double().cpu().numpy()
+                for t in problem.times_h])
+        res = MemberResult(seed=seed, D=tr.D(), history=tr.history, events=tr.events,
+                           residual_t=r, t_grid=t_grid, residual_norm=float(np.mean(r)),
+                           prediction=pred, train_s=tr.train_s)
+        res.history = dict(tr.history, residual_check_epoch=tr.residual_checks["epoch"],
+                           residual_check_norm=tr.residual_checks["residual_norm"])
+        results.append(res)
+        if ctx.rank == 0:
+            log.info("member %d: D = %.5f mm^2/h, residual norm %.4e, %.1f s training", m + 1, res.D,
+                     res.residual_norm, res.train_s)
+        del tr
+    return results
+
+
+def residual_voxels(problem: Problem, cfg: PinnConfig, quick: bool = False) -> np.ndarray:
+    """(M, 3) interior voxel centres for r(t) (a fixed random subset when there are many)."""
+    ijk = np.argwhere(problem.interior).astype(np.float64)
+    xyz = ijk @ problem.affine[:3, :3].T + problem.affine[:3, 3]
+    limit = min(cfg.residual_voxels or xyz.shape[0], 2000 if quick else xyz.shape[0])
+    if xyz.shape[0] > limit:
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(xyz.shape[0], limit, replace=False))
+        xyz = xyz[idx]
+    return xyz
+
+
+def _residual_check(tr: Trainer, problem: Problem, cfg: PinnConfig, quick: bool):
+    """r(t) (full after training; 20 times x <= 2000 voxels at checkpoints)."""
+    xyz = torch.as_tensor(residual_voxels(problem, cfg, quick), dtype=tr.dtype)
+    nt = min(20, cfg.residual_times) if quick else cfg.residual_times
+    t_grid = np.linspace(problem.times_h[0], problem.times_h[-1], nt)
+    r, norm = residual_over_time(tr.model, xyz, t_grid, tr.ctx)
+    return (t_grid, r) if not quick else (r, norm)

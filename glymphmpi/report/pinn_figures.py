@@ -1,0 +1,81 @@
+"""Figures of a PINN run: D and losses over epochs, r(t), data vs prediction slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    from glymphmpi.store import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    _plt().close(fig)
+    return path
+
+
+def plot_histories(histories: list[dict], path) -> Path:
+    """D (mm^2/h), data loss J and PDE loss L_r over epochs, one line per ensemble member."""
+    plt = _plt()
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    for k, h in enumerate(histories):
+        ep = np.asarray(h["epoch"])
+        ax[0].plot(ep, h["D"], label=f"member {k}")
+        ax[1].semilogy(ep, h["loss_data"])
+        ax[2].semilogy(ep, h["loss_pde"])
+    ax[0].set(xlabel="epoch", ylabel="D (mm$^2$/h)", title="diffusion coefficient")
+    ax[1].set(xlabel="epoch", ylabel="J", title="data misfit")
+    ax[2].set(xlabel="epoch", ylabel="$L_r$", title="PDE loss (mean $|r|^p$)")
+    if len(histories) > 1:
+        ax[0].legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_residual(curves: list[tuple], times_h, path) -> Path:
+    """r(t) = mean |dc/dt - D lap c| over voxel centres, with the scan times marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for k, (t, r) in enumerate(curves):
+        ax.semilogy(t, r, label=f"member {k}: mean {np.mean(r):.3g}")
+    for t in times_h:
+        ax.axvline(t, color="0.7", lw=0.8, ls="--")
+    ax.set(xlabel="t (h)", ylabel="r(t) (conc./h)", title="PDE residual over time")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_slices(data: np.ndarray, pred: np.ndarray, mask: np.ndarray, times_h, path, axis: int = 2) -> Path:
+    """Middle slice of data (top row) and network prediction (bottom row) at each scan time.
+
+    Args:
+        data, pred: (p, ni, nj, nk) volumes.
+        mask: (ni, nj, nk) bool.
+    """
+    plt = _plt()
+    p = data.shape[0]
+    k = mask.shape[axis] // 2
+    take = lambda a: np.take(a, k, axis=axis)  # noqa: E731
+    vmax = float(np.max(np.where(mask, data, 0))) or 1.0
+    fig, ax = plt.subplots(2, p, figsize=(2.6 * p, 5.2), squeeze=False)
+    for i in range(p):
+        for row, (vol, name) in enumerate(((data, "data"), (pred, "PINN"))):
+            im = np.where(take(mask), take(vol[i]), np.nan)
+            h = ax[row, i].imshow(im.T, origin="lower", vmin=0, vmax=vmax, cmap="magma")
+            ax[row, i].set_title(f"{name}, t = {times_h[i]:g} h", fontsize=8)
+            ax[row, i].axis("off")
+    fig.colorbar(h, ax=ax, shrink=0.7, label="concentration")
+    return _save(fig, path)
