@@ -71,7 +71,7 @@ def main(argv=None) -> int:
               flush=True)
     comm.Barrier()
     t1 = time.perf_counter()
-    loops, info = solve_series(images, cfg, act, comm=comm if comm.size > 1 else None)
+    loops, info = solve_series(images, cfg, act, comm=comm if comm.size > 1 else None, keep_arrays=False)
     total = time.perf_counter() - t1
     peak = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, root=0)
     if comm.rank == 0:

@@ -70,8 +70,8 @@ class RomtConfig:
     gn_max_iter: int = 10
     gn_gtol: float = 1e-3
     gn_ftol: float = 1e-4
-    pcg_max_iter: int = 30
-    pcg_rtol: float = 0.05
+    pcg_max_iter: int = 10
+    pcg_rtol: float = 0.1
     ls_max_halvings: int = 12
     armijo_c: float = 1e-4
     init: str = "drift"

@@ -308,7 +308,7 @@ def groups_for(n_loops: int, size: int, mode: str) -> int:
 
 
 def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=None,
-                 store: LoopStore | None = None) -> tuple[list, dict]:
+                 store: LoopStore | None = None, keep_arrays: bool = True) -> tuple[list, dict]:
     """Solve every loop of a series.
 
     Args:
@@ -316,7 +316,11 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=N
         cfg: settings (mode decides how loops start and are scheduled).
         active: (ni, nj, nk) bool.
         comm: world communicator or None.
-        store: persistence (checkpoints, finished-loop files) or None.
+        store: persistence (checkpoints, finished-loop files) or None. With a
+            store, finished loops are not kept in memory: rank 0 reads them
+            back from their files at the end.
+        keep_arrays: False drops velocity/density from the returned loops
+            (scalars and histories only; for benchmarks at scale).
     Returns:
         (loops, info): loops is the list of per-loop dicts (see
         :func:`solve_loop`) on world rank 0, [] elsewhere; info has n_groups
@@ -380,7 +384,9 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=N
                          k, res["gn_iterations"], res["pcg_iterations"], res["misfit_rel"],
                          res["mass_error"], res["runtime_s"], res["stop_reason"])
             prev_end = np.asarray(res["rho_end"], dtype=np.float64)
-            results[k] = res
+            if store is None or not keep_arrays:
+                results[k] = res if keep_arrays else _scalars(res)
+            del res
     except Preempted as exc:
         preempted = exc
     if comm is not None and size > 1:
@@ -393,9 +399,9 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=N
     # gather the loops on world rank 0
     if comm is not None and size > 1:
         out = []
-        if store is not None:  # finished loops are on disk: rank 0 reads them (no large messages)
+        if store is not None and keep_arrays:  # finished loops are on disk: rank 0 reads them
             if rank == 0:
-                out = [results[k] if k in results else store.load_loop(k) for k in range(n_loops)]
+                out = [store.load_loop(k) for k in range(n_loops)]
         else:
             items = comm.gather(results if grank == 0 else {}, root=0)
             if rank == 0:
@@ -403,12 +409,19 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=N
                 for d in items:
                     merged.update(d)
                 out = [merged[k] for k in range(n_loops)]
+    elif store is not None and keep_arrays:
+        out = [store.load_loop(k) for k in range(n_loops)]
     else:
         out = [results[k] for k in range(n_loops)]
     info = {"n_groups": n_groups, "solve_s": time.perf_counter() - t_start}
     if gcomm is not None:
         gcomm.Free()
     return out, info
+
+
+def _scalars(res: dict) -> dict:
+    """A loop result without its grid arrays (velocity, density, end density)."""
+    return {k: v for k, v in res.items() if k not in ("velocity", "density", "rho_end")}
 
 
 # ------------------------------------------------------------------ results
