@@ -56,7 +56,7 @@ class TimeGrid:
         return self.t.size - 1
 
     @classmethod
-    def build(cls, times_h, dt_h: float, t_end_h: float | None = None, where=None) -> "TimeGrid":
+    def build(cls, times_h, dt_h: float, t_end_h: float | None = None, where=None) -> TimeGrid:
         """Steps of at most ``dt_h`` from the first scan to ``t_end_h`` (default: the last scan).
 
         Raises:

@@ -111,7 +111,8 @@ def build_mesh(mask: np.ndarray, affine: np.ndarray, comm, where=None) -> VoxelM
             interior node.
     """
     import ufl
-    from dolfinx import fem, mesh as dmesh
+    from dolfinx import fem
+    from dolfinx import mesh as dmesh
 
     mask = np.asarray(mask, dtype=bool)
     cells_vox = voxel_cells(mask)

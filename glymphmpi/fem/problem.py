@@ -59,7 +59,8 @@ class ControlProblem:
         obs_t = grid.t[grid.obs_step]
         idx = np.searchsorted(obs_t, grid.t, side="right") - 1
         idx = np.clip(idx, 0, obs_t.size - 2)
-        w = np.clip((grid.t - obs_t[idx]) / (obs_t[idx + 1] - obs_t[idx]), 0.0, 1.0)[:, None]  # constant after the last scan
+        # linear between scans, constant after the last one
+        w = np.clip((grid.t - obs_t[idx]) / (obs_t[idx + 1] - obs_t[idx]), 0.0, 1.0)[:, None]
         self.g_data[:] = (1 - w) * db[idx] + w * db[idx + 1]
         self.J_scale = sum(model.quad(model.M, data[i]) for i in range(1, data.shape[0]))
         if self.J_scale <= 0:

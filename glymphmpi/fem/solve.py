@@ -211,7 +211,7 @@ def solve(subject, cfg, rundir, comm) -> dict:
     write_xdmf(rundir.vtk / "c.xdmf", rundir.vtk / "g.xdmf", res, cfg.vtk_every)
     rel = [float(np.sqrt(m / n)) if n > 0 else 0.0 for m, n in zip(res.misfits, res.data_norms)]
     if comm.rank == 0:
-        for i, t in enumerate(subject.times_h):
+        for i, _t in enumerate(subject.times_h):
             rundir.write_map(f"fit_{i:02d}", fit[i], subject.affine)
             rundir.write_map(f"misfit_{i:02d}", (fit[i] - subject.scans[i]) * subject.mask, subject.affine)
         rundir.write_map("meshed_voxels", vm.nodes.astype(np.uint8), subject.affine)
