@@ -55,7 +55,11 @@ def main(argv=None) -> int:
     ap.add_argument("--loops", type=int, default=4)
     ap.add_argument("--mode", default="sequential", choices=("sequential", "parallel"))
     ap.add_argument("--set", action="append", default=[], metavar="romt.KEY=VALUE")
+    ap.add_argument("--verbose", action="store_true", help="log every Gauss-Newton iteration")
     args = ap.parse_args(argv)
+    from glymphmpi.log import setup_logging
+
+    setup_logging(0, quiet=not args.verbose)
 
     from glymphmpi.config import load_config
     from glymphmpi.romt.solve import solve_series

@@ -52,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=12)
     ap.add_argument("--mode", default="parallel", choices=("sequential", "parallel"))
     ap.add_argument("--set", action="append", default=[], metavar="romt.KEY=VALUE")
+    ap.add_argument("--verbose", action="store_true", help="log every Gauss-Newton iteration (rank 0)")
     args = ap.parse_args(argv)
 
     from mpi4py import MPI
@@ -60,6 +61,9 @@ def main(argv=None) -> int:
     from glymphmpi.romt.solve import active_set, solve_series
 
     comm = MPI.COMM_WORLD
+    from glymphmpi.log import setup_logging
+
+    setup_logging(comm.rank, quiet=not args.verbose)
     cfg = load_config("romt", None, [*args.set, f"romt.mode={args.mode}"])
     t0 = time.perf_counter()
     images, mask = synthetic_series(tuple(args.shape), args.images, cfg.nt * cfg.dt, cfg.sigma)

@@ -223,6 +223,8 @@ def test_cli_writes_results_contract(glymph, gauss12, tmp_path):
         assert lp["velocity"].shape == (10, 3, 12, 12, 12) and lp["velocity"].dtype == np.float32
         assert lp["density"].shape == (11, 12, 12, 12) and lp["density"].dtype == np.float32
         assert lp["t0_h"][()] == 1.0 and lp["t1_h"][()] == 2.0
+        # 1 h per loop over nt * dt = 4 model time, 1 mm voxels: 4 mm/h per voxel/model time
+        assert np.allclose(lp["velocity_mm_per_h_factor"][()], 4.0)
         assert lp["objective_history"].shape == (lp["gn_iterations"][()] + 1,)
         for key in ("kinetic", "fit", "smooth", "mass_error", "pcg_iterations"):
             assert key in lp
@@ -250,3 +252,10 @@ def test_cli_bad_inputs(glymph, tmp_path):
     assert r.returncode == 2 and "all zero" in r.stderr and "scan" in r.stderr
     r = glymph("romt", zero, "--out", tmp_path / "o3", "--no-post", "--set", "romt.boundary=wall")
     assert r.returncode == 2 and "boundary" in r.stderr
+    # a scan on another grid than the mask
+    from glymphmpi.store import write_nifti
+
+    two = write_subject(tmp_path / "two", "two", [0.0, 1.0], np.stack([img, img]), mask, aff)
+    write_nifti(tmp_path / "two" / "conc_01.nii.gz", np.ones((6, 6, 5)), aff)
+    r = glymph("romt", two, "--out", tmp_path / "o4", "--no-post")
+    assert r.returncode == 2 and "conc_01" in r.stderr and "shape" in r.stderr

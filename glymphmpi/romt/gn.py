@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from glymphmpi.romt.grid import ActiveLaplacian
 from glymphmpi.romt.transport import Transport
 

@@ -460,6 +460,7 @@ def build_results_tree(loops: list, subject, cfg: RomtConfig, n_ranks: int) -> t
             "velocity": np.asarray(res["velocity"], dtype=np.float32),
             "density": np.asarray(res["density"], dtype=np.float32),
             "t0_h": t0, "t1_h": t1, "hours_per_model_time": hpm,
+            "velocity_mm_per_h_factor": vox / hpm,
             "objective_history": np.asarray(res["objective_history"], dtype=np.float64),
             "gn_iterations": int(res["gn_iterations"]), "pcg_iterations": int(res["pcg_iterations"]),
             "kinetic": float(res["kinetic"]), "fit": float(res["fit"]), "smooth": float(res["smooth"]),
@@ -493,7 +494,8 @@ def build_results_tree(loops: list, subject, cfg: RomtConfig, n_ranks: int) -> t
 RESULTS_ATTRS = {
     "velocity_units": "model units: voxels per model time along the index axes i, j, k",
     "velocity_to_mm_per_h": "v_mm_per_h[d] = v[d] * voxel_size_mm[d] / hours_per_model_time, "
-                            "hours_per_model_time = (t1_h - t0_h) / (nt * dt)",
+                            "hours_per_model_time = (t1_h - t0_h) / (nt * dt); per loop the (3,) "
+                            "factor voxel_size_mm / hours_per_model_time is velocity_mm_per_h_factor",
     "density_units": "the scans' units (interpolated densities rho_0..rho_nt of each loop)",
     "speed_fields": "speed_*_mm_per_h over voxels with density > 1% of the loop's max; mean weighted by density",
 }
