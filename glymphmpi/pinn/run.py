@@ -55,6 +55,7 @@ def solve(subject, cfg: PinnConfig, rundir, comm, ctx, quiet: bool = False) -> d
         "epochs": cfg.epochs, "ensemble": cfg.ensemble, "pde_points_final": int(last["n_pde"][-1]),
         "device": str(ctx.device), "world_size": ctx.size, "backend": ctx.backend, "dtype": cfg.dtype,
         "train_s": float(sum(m.train_s for m in members)),
+        "max_rank_difference": float(max(m.rank_spread for m in members)),
     }
     if rundir.rank == 0:
         write_outputs(rundir, subject, problem, cfg, members, fields)
@@ -81,7 +82,7 @@ def write_outputs(rundir, subject, problem, cfg, members, fields) -> None:
     rundir.write_results(tree, config=cfg, subject_id=subject.id,
                          extra_attrs={"units": "D mm^2/h; residual concentration/h; t h; x mm"})
     if cfg.maps:
-        for i, t in enumerate(problem.times_h):
+        for i, _t in enumerate(problem.times_h):
             rundir.write_map(f"pinn_pred_t{i:02d}", vol[i], problem.affine)
     if cfg.figures:
         from glymphmpi.report import pinn_figures as pf

@@ -18,8 +18,8 @@ every rank holds the same global point set (each trains on its own shard).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ class InteriorSampler:
 
     @classmethod
     def from_mask(cls, interior: np.ndarray, affine: np.ndarray, t0: float, t1: float,
-                  dtype=torch.float32) -> "InteriorSampler":
+                  dtype=torch.float32) -> InteriorSampler:
         ijk = np.argwhere(interior).astype(np.float64)
         xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
         return cls(torch.as_tensor(xyz, dtype=dtype), torch.as_tensor(affine[:3, :3], dtype=dtype),

@@ -127,6 +127,7 @@ class MemberResult:
     residual_norm: float = float("nan")
     prediction: np.ndarray | None = None  # (p, n_mask) at the scan times
     train_s: float = 0.0
+    rank_spread: float = 0.0  # max |theta_rank - theta_rank0| over ranks and parameters (delta included)
 
 
 class Trainer:
@@ -155,7 +156,7 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
-            self.ddp = DDP(self.model, broadcast_buffers=False, **kw)
+            self.ddp = DDP(self.model, **kw)
         else:
             self.ddp = self.model
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr_start)
@@ -358,6 +359,7 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, check
             tr.lbfgs(cfg.lbfgs_steps)
             if ctx.rank == 0:
                 log.info("after %d L-BFGS iterations: D = %.5f mm^2/h", cfg.lbfgs_steps, tr.D())
+        spread = rank_spread(tr.model, ctx)
         t_grid, r = _residual_check(tr, problem, cfg, quick=False)
         pred = None
         if ctx.rank == 0:
@@ -367,7 +369,7 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, check
                 for t in problem.times_h])
         res = MemberResult(seed=seed, D=tr.D(), history=tr.history, events=tr.events,
                            residual_t=r, t_grid=t_grid, residual_norm=float(np.mean(r)),
-                           prediction=pred, train_s=tr.train_s)
+                           prediction=pred, train_s=tr.train_s, rank_spread=spread)
         res.history = dict(tr.history, residual_check_epoch=tr.residual_checks["epoch"],
                            residual_check_norm=tr.residual_checks["residual_norm"])
         results.append(res)
@@ -376,6 +378,16 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, check
                      res.residual_norm, res.train_s)
         del tr
     return results
+
+
+def rank_spread(model, ctx: DistContext) -> float:
+    """Largest difference of D and of the parameters between any rank and rank 0 (0 on one process)."""
+    if not ctx.active:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
+    parts = [torch.empty_like(flat) for _ in range(ctx.size)]
+    torch.distributed.all_gather(parts, flat)
+    return float(max((q - parts[0]).abs().max() for q in parts))
 
 
 def residual_voxels(problem: Problem, cfg: PinnConfig, quick: bool = False) -> np.ndarray:
