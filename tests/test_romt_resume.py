@@ -71,3 +71,16 @@ def test_sigterm_then_resume_matches_uninterrupted(glymph, gauss14, tmp_path, mo
     for a, b, ha, hb in zip(v_ref, v_cut, h_ref, h_cut):
         assert np.allclose(ha, hb, rtol=1e-12, atol=0)
         assert np.abs(a - b).max() <= 1e-6 * np.abs(a).max()  # float32 storage
+
+
+def test_fresh_discards_finished_loops_and_other_config_is_refused(glymph, gauss14, tmp_path):
+    out = tmp_path / "run"
+    stale = out / "romt_loops"
+    stale.mkdir(parents=True)
+    from glymphmpi.store import write_h5_tree
+
+    write_h5_tree(stale / "loop_000.h5", {"velocity": np.zeros(3)}, {"config_key": "other", "loop": 0})
+    r = glymph("romt", gauss14, "--out", out, *ARGS[:3])
+    assert r.returncode == 2 and "different configuration" in r.stderr
+    r = glymph("romt", gauss14, "--out", out, "--fresh", *ARGS[:3])
+    assert r.returncode == 0, r.stderr

@@ -520,6 +520,12 @@ def run(subject, cfg: RomtConfig, rundir, comm=None) -> dict:
     active = active_set(subject.mask, cfg.mask_dilation)
     store = LoopStore(rundir, config_key(cfg), cfg.checkpoint_every)
     size = 1 if comm is None else comm.size
+    if getattr(rundir, "fresh", False) and rundir.rank == 0:  # --fresh/--force: no finished loops either
+        import shutil
+
+        shutil.rmtree(store.dir, ignore_errors=True)
+    if comm is not None and size > 1:
+        comm.Barrier()
     loops, info = solve_series(images, cfg, active, comm=comm, store=store)
     fields = {}
     if (0 if comm is None else comm.rank) == 0:
