@@ -77,11 +77,12 @@ def main(argv=None) -> int:
         total = time.perf_counter() - t0
         print(f"\nn = {n} ({n ** 3} voxels), {args.loops} loops: total {total:.1f} s "
               f"({total / args.loops:.1f} s per loop)")
-        print(" loop   s    GN  PCG   kinetic      fit         smooth      misfit   mass_err   "
+        print(" loop wall_s cpu_s  GN  PCG   kinetic      fit         smooth      misfit   mass_err   "
               "flux_cos (w)     core speed (w)")
         for k, res in enumerate(loops):
             m = flux_metrics(res["velocity"], res["density"], direction)
-            print(f" {k:3d} {res['runtime_s']:6.1f} {res['gn_iterations']:3d} {res['pcg_iterations']:4d}  "
+            print(f" {k:3d} {res['runtime_s']:6.1f} {res['cpu_s']:5.1f} {res['gn_iterations']:3d} "
+                  f"{res['pcg_iterations']:4d}  "
                   f"{res['kinetic']:.4e}  {res['fit']:.4e}  {res['smooth']:.4e}  {res['misfit_rel']:.2e}  "
                   f"{res['mass_error']:+.1e}   {m['flux_cos_mean']:.4f} ({m['flux_cos_weighted']:.4f})  "
                   f"{m['core_speed_mean']:.3f} ({m['core_speed_weighted']:.3f})")

@@ -81,9 +81,9 @@ def main(argv=None) -> int:
     if comm.rank == 0:
         print(f"total {total:.1f} s ({total / 60:.2f} min) for {len(loops)} loops on {comm.size} rank(s), "
               f"{info['n_groups']} group(s)")
-        print(" loop     s    GN  PCG   kinetic      fit         smooth      misfit    mass_err  stop")
+        print(" loop  wall_s  cpu_s  GN  PCG   kinetic      fit         smooth      misfit    mass_err  stop")
         for k, r in enumerate(loops):
-            print(f" {k:3d} {r['runtime_s']:7.1f} {r['gn_iterations']:3d} {r['pcg_iterations']:4d}  "
+            print(f" {k:3d} {r['runtime_s']:7.1f} {r['cpu_s']:6.1f} {r['gn_iterations']:3d} {r['pcg_iterations']:4d}  "
                   f"{r['kinetic']:.4e}  {r['fit']:.4e}  {r['smooth']:.4e}  {r['misfit_rel']:.2e}  "
                   f"{r['mass_error']:+.1e}  {r['stop_reason']}")
         print(f" mean {np.mean([r['runtime_s'] for r in loops]):.1f} s per loop; peak memory (max RSS) per rank: "

@@ -167,6 +167,7 @@ def _single_threaded_blas():
 
 def _solve_loop(rho0, target, cfg, active, comm, state, on_iteration, label, workers) -> dict:
     t0 = time.perf_counter()
+    c0 = time.process_time()
     shape = rho0.shape
     size = 1 if comm is None else comm.size
     workers = workers or (cfg.fft_workers or default_workers(size))
@@ -224,6 +225,7 @@ def _solve_loop(rho0, target, cfg, active, comm, state, on_iteration, label, wor
         "misfit_rel": float(np.linalg.norm(rho_end - prob.target) / tn) if tn > 0 else 0.0,
         "stop_reason": gs.reason,
         "runtime_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
         "active_voxels": int(act_flat.size),
     }
     return res
