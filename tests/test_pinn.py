@@ -26,7 +26,6 @@ from glymphmpi.pinn.analytic import heat_kernel, heat_kernel_box  # noqa: E402
 from glymphmpi.pinn.config import PinnConfig  # noqa: E402
 from glymphmpi.pinn.network import (  # noqa: E402
     DiffusionCoefficient,
-    PinnModel,
     PinnNet,
     derivatives_autograd,
 )
