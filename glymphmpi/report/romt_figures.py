@@ -107,7 +107,7 @@ def map_slices(path, data, has_data, background, voxel_size_mm, title, label, ki
     ci, cj, ck = (int(c) for c in centre)
     vals = data[has_data]
     norm = _pe_norm(vals) if kind == "peclet" else _speed_norm(vals)
-    cmap = "RdBu_r" if kind == "peclet" else "inferno"
+    cmap = "RdBu_r" if kind == "peclet" else "plasma"  # no black at 0: stands out of the grey
     bg = np.asarray(background, dtype=np.float64)
     bg_hi = float(np.percentile(bg, 99.5)) or 1.0
     vx = np.asarray(voxel_size_mm, dtype=np.float64)
@@ -196,9 +196,9 @@ def flux_vectors_3d(path, start: np.ndarray, disp: np.ndarray, values: np.ndarra
     ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True)
     if ok.any():
         cols = cmap(norm(values[ok]))
-        # a 3D quiver draws each arrow as 3 segments: shafts first, then 2 heads per arrow
-        cols = np.concatenate([cols, np.repeat(cols, 2, axis=0)])
-        ax.quiver(*start[ok].T, *disp[ok].T, colors=cols, arrow_length_ratio=0.25, linewidths=1.0)
+        # a 3D quiver draws all shafts, then one side of every head, then the other side
+        cols = np.concatenate([cols, cols, cols])
+        ax.quiver(*start[ok].T, *disp[ok].T, colors=cols, arrow_length_ratio=0.3, linewidths=1.1)
     else:
         ax.text2D(0.5, 0.5, "no vector has a defined value" + (
             "\n(Pe needs diffusion: sigma > 0 and a density gradient)" if kind == "peclet" else ""),
@@ -268,13 +268,17 @@ def all_figures(rundir, subject, lines, maps: dict, flux: dict, mask: np.ndarray
                             f"{sid}: speed-lines ({shown})", SPEED_LABEL, "speed", context, dpi))
     out.append(pathlines_3d(fig_dir / "pathlines_peclet.png", segs, seg_pe,
                             f"{sid}: Péclet-lines ({shown})", PE_LABEL, "peclet", context, dpi))
-    start = to_world(flux["start"][pick], affine)
-    disp = flux["displacement"][pick] @ affine[:3, :3].T
+    vpick = np.arange(n)
+    if n > cfg.figure_max_vectors:
+        vpick = np.linspace(0, n - 1, cfg.figure_max_vectors).round().astype(int)
+    vshown = f"{vpick.size} of {n}" if vpick.size < n else f"{n}"
+    start = to_world(flux["start"][vpick], affine)
+    disp = flux["displacement"][vpick] @ affine[:3, :3].T
     out.append(flux_vectors_3d(fig_dir / "flux_vectors_speed.png", start, disp,
-                               flux["mean_speed_mm_per_h"][pick],
-                               f"{sid}: flux vectors, start to end ({shown})",
+                               flux["mean_speed_mm_per_h"][vpick],
+                               f"{sid}: flux vectors, pathline start to end ({vshown})",
                                "mean " + SPEED_LABEL, "speed", context, dpi))
-    out.append(flux_vectors_3d(fig_dir / "flux_vectors_peclet.png", start, disp, flux["mean_peclet"][pick],
-                               f"{sid}: flux vectors, start to end ({shown})", "mean " + PE_LABEL,
+    out.append(flux_vectors_3d(fig_dir / "flux_vectors_peclet.png", start, disp, flux["mean_peclet"][vpick],
+                               f"{sid}: flux vectors, pathline start to end ({vshown})", "mean " + PE_LABEL,
                                "peclet", context, dpi))
     return [str(Path(o).relative_to(rundir.root)) for o in out]

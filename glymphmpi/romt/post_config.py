@@ -54,6 +54,7 @@ class RomtPostConfig:
         write_vtk: write vtk/pathlines.vtp and vtk/flux_vectors.vtp.
         write_figures: write figures/*.png.
         figure_max_lines: pathlines drawn in the 3D figures (evenly thinned).
+        figure_max_vectors: flux vectors drawn in the 3D figures (evenly thinned).
         figure_dpi: resolution of the PNG figures.
     """
 
@@ -75,6 +76,7 @@ class RomtPostConfig:
     write_vtk: bool = True
     write_figures: bool = True
     figure_max_lines: int = 1500
+    figure_max_vectors: int = 400
     figure_dpi: int = 110
 
     def validate(self) -> None:
@@ -91,7 +93,7 @@ class RomtPostConfig:
         for name in ("seed_every", "substeps", "figure_dpi"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
-        for name in ("max_seeds", "min_points", "figure_max_lines"):
+        for name in ("max_seeds", "min_points", "figure_max_lines", "figure_max_vectors"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
         for name in ("seed_sum_min", "log_density_floor", "stop_density_fraction", "stop_speed_mm_per_h",
