@@ -108,8 +108,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--estimate", action="store_true", help="also time a whole estimation per size/ranks")
-    ap.add_argument("--accuracy", action="store_true", help="36^3 accuracy table (4 estimations on 2 ranks)")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[24, 36])
+    ap.add_argument("--accuracy", action="store_true", help="36^3 accuracy table (4 estimations)")
+    ap.add_argument("--accuracy-ranks", type=int, default=2, help="ranks of the accuracy runs")
+    ap.add_argument("--sizes", type=int, nargs="*", default=[24, 36])
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--out", default="benchmark-output/fem")
     args = ap.parse_args()
@@ -135,11 +136,11 @@ def main() -> None:
                   f"{r.get('D', float('nan')):>8.4f} {max(r['peak_rss_mib_per_rank']):>14.0f}", flush=True)
     acc = []
     if args.accuracy:
-        print("\naccuracy, 36^3 block, true D = 0.72 mm^2/h, 2 ranks")
+        print(f"\naccuracy, 36^3 block, true D = 0.72 mm^2/h, {args.accuracy_ranks} rank(s)")
         for noise in (0.0, 0.05):
             subj = phantom(out, 36, noise)
             for mode in ("boundary-control", "data-boundary"):
-                r = run_worker(subj, 2, [*args.set, f"fem.mode={mode}"], estimate=True, repeats=1)
+                r = run_worker(subj, args.accuracy_ranks, [*args.set, f"fem.mode={mode}"], estimate=True, repeats=1)
                 r.update(noise=noise, error=r["D"] / 0.72 - 1.0)
                 acc.append(r)
                 print(f"  noise {noise:4.2f} {mode:>16}: D = {r['D']:.4f} ({100 * r['error']:+.1f}%), "

@@ -33,6 +33,9 @@ class FemConfig:
             "direct" (D = delta, mm^2/h).
         D_min, D_max: sigmoid parametrisation bounds (mm^2/h).
         delta0: initial delta (sigmoid: 0 -> D = 0.7; direct: the initial D).
+        delta_scale: the optimiser sees delta * delta_scale; None = automatic
+            (equal curvature along delta and along a uniform g, estimated
+            with two extra gradients at the start; boundary-control only).
         dt_h: time step in hours (steps are shortened to land on every scan).
         t_end_h: end of the simulated interval (default: the last scan); every
             scan must lie in [first scan, t_end_h].
@@ -60,6 +63,7 @@ class FemConfig:
     D_min: float = 0.1
     D_max: float = 1.2
     delta0: float = 0.0
+    delta_scale: float | None = None
     dt_h: float = 1.0
     t_end_h: float | None = None
     theta: float = 0.5
@@ -91,6 +95,8 @@ class FemConfig:
             raise ValueError("fem.D_min and fem.D_max must be > 0")
         if self.parametrization == "direct" and self.delta0 <= 0:
             raise ValueError("fem.delta0 is the initial D with parametrization 'direct': must be > 0")
+        if self.delta_scale is not None and not self.delta_scale > 0:
+            raise ValueError("fem.delta_scale must be > 0")
         if not self.dt_h > 0:
             raise ValueError("fem.dt_h must be > 0")
         if not 0.5 <= self.theta <= 1.0:

@@ -11,9 +11,12 @@ with Mg, Kg the boundary mass and tangential-gradient stiffness matrices
 g^0 the first scan's boundary values. The scan at t_0 is the initial state
 and adds nothing. TAO sees J / J_scale with J_scale = sum_{i>=1} ||d_i||^2.
 
-Control vector (PETSc Vec on ``comm``): rank 0 holds delta first, then each
-rank holds g^1..g^N of its owned boundary dofs (step-major); in
-"data-boundary" mode only delta.
+Control vector (PETSc Vec on ``comm``): rank 0 holds s * delta first, then
+each rank holds g^1..g^N of its owned boundary dofs (step-major); in
+"data-boundary" mode only s * delta. The scale s (``fem.delta_scale``, or
+automatic) equalises the curvature of J along delta and along a smooth g
+direction: without it the delta direction is several hundred times stiffer
+than a unit g direction and L-BFGS crawls along the D-g valley.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class ControlProblem:
         self.nloc = self.nd + (self.N * self.nb if self.full else 0)
         self.evaluations = 0
         self.last: dict = {}
+        self.ds = 1.0 if cfg.delta_scale is None else float(cfg.delta_scale)
 
     # ----------------------------------------------------------- layout
     def create_vec(self):
@@ -79,7 +83,7 @@ class ControlProblem:
         x = self.create_vec()
         arr = x.array
         if self.nd:
-            arr[0] = self.cfg.delta0
+            arr[0] = self.cfg.delta0 * self.ds
         if self.full:
             arr[self.nd:] = self.g_data[1:].ravel()
         x.array[:] = arr
@@ -88,7 +92,7 @@ class ControlProblem:
     def split(self, x) -> tuple[float, np.ndarray]:
         """(delta on every rank, g (N+1, nb_local) with g[0] = data)."""
         arr = x.array_r
-        delta = self.comm.bcast(float(arr[0]) if self.nd else None, root=0)
+        delta = self.comm.bcast(float(arr[0]) / self.ds if self.nd else None, root=0)
         if self.full:
             g = np.empty((self.N + 1, self.nb))
             g[0] = self.g_data[0]
@@ -103,6 +107,42 @@ class ControlProblem:
             return delta, 1.0
         s = sigmoid(delta)
         return self.cfg.D_min + s * self.cfg.D_max, self.cfg.D_max * s * (1.0 - s)
+
+    def auto_scale(self, x, eps: float = 1e-3) -> float:
+        """Set s = sqrt(curvature along delta / curvature along uniform g) at ``x``.
+
+        Two extra gradient evaluations (finite differences of the gradient
+        along unit directions). Keeps ``x``'s delta unchanged. Returns s.
+        """
+        if not self.full or self.cfg.delta_scale is not None:
+            return self.ds
+        delta, _ = self.split(x)
+        g0, g1, d = x.duplicate(), x.duplicate(), x.duplicate()
+        self.evaluate(x, g0)
+        curv = []
+        for kind in ("delta", "g"):
+            d.set(0.0)
+            if kind == "delta":
+                if self.nd:
+                    d.array[0] = 1.0
+            else:
+                d.array[self.nd:] = 1.0
+            d.normalize()
+            xe = x.copy()
+            xe.axpy(eps, d)
+            self.evaluate(xe, g1)
+            g1.axpy(-1.0, g0)
+            curv.append(abs(g1.dot(d)) / eps)
+            xe.destroy()
+        ratio = curv[0] / curv[1] if curv[1] > 0 else 1.0
+        self.ds *= float(np.sqrt(max(ratio, 1e-300)))
+        if self.nd:
+            x.array[0] = delta * self.ds
+        for v in (g0, g1, d):
+            v.destroy()
+        log.info("control scaling: delta curvature %.3g, g curvature %.3g -> delta scale %.3g",
+                 curv[0], curv[1], self.ds)
+        return self.ds
 
     # ----------------------------------------------------------- functional
     def regularisation(self, g: np.ndarray) -> tuple[float, np.ndarray]:
@@ -156,7 +196,7 @@ class ControlProblem:
             dg, dD = m.adjoint(D, states, jc)
             arr = np.empty(self.nloc)
             if self.nd:
-                arr[0] = dD * dD_ddelta / self.J_scale
+                arr[0] = dD * dD_ddelta / self.J_scale / self.ds
             if self.full:
                 arr[self.nd:] = ((dg[1:] + dR[1:]) / self.J_scale).ravel()
             grad.array[:] = arr

@@ -78,7 +78,7 @@ class Controls:
         p = self.p
         arr = x.array
         if p.nd:
-            arr[0] = float(state["delta"])
+            arr[0] = float(state["delta"]) * p.ds
         if p.full:
             g = np.asarray(state["g"])
             bvox = np.asarray(state["bvox"])
@@ -133,6 +133,7 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             controls.scatter(state["controls"], x, checkpointer.path)
             history = {k: list(v) for k, v in state["history"].items()}
             log.info("resuming from %s at iteration %d", checkpointer.path, start)
+    problem.auto_scale(x)
     log.info("%s: %d time steps of %.3g-%.3g h (theta = %g), %d controls", cfg.mode, grid.n_steps,
              grid.tau[1:].min(), grid.tau[1:].max(), cfg.theta, x.getSize())
 
@@ -206,7 +207,6 @@ def solve(subject, cfg, rundir, comm) -> dict:
     vm, model = res.vm, res.model
     grid = model.grid
     obs = [int(s) for s in grid.obs_step]
-    data_nodes = res.problem.data
     fit = to_voxels(res.states[obs], vm.owned_voxel, subject.mask, vm.nodes, comm)
     write_xdmf(rundir.vtk / "c.xdmf", rundir.vtk / "g.xdmf", res, cfg.vtk_every)
     rel = [float(np.sqrt(m / n)) if n > 0 else 0.0 for m, n in zip(res.misfits, res.data_norms)]
@@ -233,7 +233,6 @@ def solve(subject, cfg, rundir, comm) -> dict:
         plot_fem(rundir.figures / "fem.png", res.history, subject.scans, fit, subject.mask,
                  subject.times_h, title=f"{subject.id}: D = {res.D:.4f} mm$^2$/h ({cfg.mode})")
     comm.Barrier()
-    del data_nodes
     ckpt.remove()
     model.destroy()
     return {
