@@ -32,6 +32,7 @@ from glymphmpi.romt import lagrangian as lg
 log = logging.getLogger(__name__)
 
 AFFINE_TOL_MM = 1e-4
+STOP_REASONS = ("ran_to_end", "low_density", "low_speed", "left_mask")  # Pathlines.stop_reason codes
 
 
 # ----------------------------------------------------------------- results.h5
@@ -314,8 +315,9 @@ def _finish(rundir, subject, res: RomtResults, cfg, lines: lg.Pathlines, stats: 
         "n_pathlines": kept.n,
         "dropped_few_points": drop["dropped_few_points"],
         "dropped_short": drop["dropped_short"],
-        "stop_reasons": {name: int((kept.stop_reason == i).sum()) for i, name in
-                         enumerate(("ran_to_end", "low_density", "low_speed", "left_mask"))},
+        "stop_reasons": {name: int((kept.stop_reason == i).sum()) for i, name in enumerate(STOP_REASONS)},
+        "stop_reasons_traced": {name: int((lines.stop_reason == i).sum())
+                                for i, name in enumerate(STOP_REASONS)},
         "n_steps": stats["n_steps"],
         "voxels_with_points": int(inside.sum()),
         "median_speed_mm_per_h": _median(speed_vals),
