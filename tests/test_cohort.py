@@ -370,3 +370,30 @@ def test_site_profile_configures_dask_jobqueue_workers(tmp_path):
         _load_site(tmp_path / "bad.yaml")
     with pytest.raises(InputError, match="malformed YAML"):
         _load_site(ROOT / "pyproject.toml")
+
+
+def test_subject_tables_limit_methods(tmp_path, small_phantom):
+    """``{path, methods}`` subject entries: only those runs exist, in the plan, status and report."""
+    c = write_cohort(tmp_path, small_phantom, methods='["toy", "toy2"]', body="[cohort]\npoll_s = 0.2\n",
+                     toy_args=("--steps", "3", "--step-s", "0.01"))
+    text = c.read_text().replace('subjects = ["subjects/*/subject.toml"]',
+                                 'subjects = ["subjects/sub-01/subject.toml", '
+                                 '{path = "subjects/sub-02/subject.toml", methods = ["toy2"]}]')
+    text += f'[method.toy2]\ncommand = ["{sys.executable}", "{TOY}"]\nargs = ["--steps", "3"]\n'
+    c.write_text(text)
+    from glymphmpi.cohort.manifest import load_cohort
+
+    co = load_cohort(c)
+    assert [(s.id, m.name) for s, m in co.tasks()] == [("sub-01", "toy"), ("sub-01", "toy2"), ("sub-02", "toy2")]
+    out = tmp_path / "out"
+    r = glymph_cli("cohort", "run", c, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cohort: 3 complete" in r.stdout and not (out / "sub-02" / "toy").exists()
+    table = glymph_cli("cohort", "status", c, "--out", out).stdout.splitlines()
+    assert table[3].split()[:2] == ["sub-02", "-"]
+    csv_text = (out / "report" / "cohort.csv").read_text()
+    assert "sub-02,," in csv_text or ",," in csv_text.splitlines()[2]
+    bad = c.read_text().replace('methods = ["toy2"]}', 'methods = ["nope"]}')
+    c.write_text(bad)
+    with pytest.raises(InputError, match="method 'nope' is not one of the cohort's methods"):
+        load_cohort(c)

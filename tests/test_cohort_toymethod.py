@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="toy")
     p.add_argument("--quiet", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("toy")
+    t = sub.add_parser("toy", aliases=["toy2"])
     add_run_args(t)
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--step-s", type=float, default=0.05)

@@ -128,8 +128,9 @@ class BaseLauncher:
         rec["failures"] = rec.get("failures", 0) + 1
 
     def subject_done(self, sid: str) -> bool:
+        s = self.cohort.subject(sid)
         return all(self.state.task(sid, m.name).get("state") in ("complete", "failed")
-                   for m in self.cohort.methods)
+                   for m in self.cohort.methods if self.cohort.runs(s, m.name))
 
     def finish(self, report_futures=None) -> int:
         from glymphmpi.report.cohort import cohort_report

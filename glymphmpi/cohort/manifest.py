@@ -5,6 +5,10 @@ Minimal form (paths relative to the cohort file; globs allowed)::
     subjects = ["sub-01/subject.toml", "sub-02/subject.toml"]
     methods = ["romt", "fem", "pinn"]        # optional: default = every installed method
 
+A subject entry may also be a table that limits the methods run on it::
+
+    subjects = ["sub-*/subject.toml", {path = "phantom/subject.toml", methods = ["romt"]}]
+
 Optional tables::
 
     [resources]            # defaults for every method ...
@@ -103,10 +107,11 @@ class Resources:
 
 @dataclasses.dataclass(frozen=True)
 class SubjectEntry:
-    """One subject of a cohort: its id and TOML file (absolute)."""
+    """One subject of a cohort: its id, TOML file (absolute) and, optionally, its methods."""
 
     id: str
     toml: Path
+    methods: tuple[str, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -134,7 +139,15 @@ class Cohort:
         return [m.name for m in self.methods]
 
     def tasks(self) -> list[tuple[SubjectEntry, MethodSpec]]:
-        return [(s, m) for s in self.subjects for m in self.methods]
+        """Every (subject, method) run, in subject order."""
+        return [(s, m) for s in self.subjects for m in self.methods if self.runs(s, m.name)]
+
+    @staticmethod
+    def runs(subject: SubjectEntry, method: str) -> bool:
+        return subject.methods is None or method in subject.methods
+
+    def subject(self, sid: str) -> SubjectEntry:
+        return next(s for s in self.subjects if s.id == sid)
 
     def settings_toml(self) -> str:
         """The settings as one TOML config file (one table per section)."""
@@ -204,10 +217,25 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
 
     # subjects
     pats = data.get("subjects")
-    if not isinstance(pats, list) or not pats or not all(isinstance(p, str) for p in pats):
+    if not isinstance(pats, list) or not pats:
         raise InputError("'subjects' must be a non-empty list of subject TOML paths (globs allowed)", path)
     files: list[Path] = []
+    only: dict[Path, tuple[str, ...]] = {}
     for pat in pats:
+        sel = None
+        if isinstance(pat, dict):
+            bad = set(pat) - {"path", "methods"}
+            sel = pat.get("methods")
+            if bad or not isinstance(pat.get("path"), str) or not (
+                    isinstance(sel, list) and sel and all(isinstance(x, str) for x in sel)):
+                raise InputError("a subject table needs 'path' (string) and 'methods' (list of names) only", path)
+            for x in sel:
+                if x not in names:
+                    raise InputError(f"subject {pat['path']!r}: method {x!r} is not one of the cohort's "
+                                     f"methods ({', '.join(names)})", path)
+            pat = pat["path"]
+        elif not isinstance(pat, str):
+            raise InputError("'subjects' entries must be paths (strings) or {path, methods} tables", path)
         full = pat if Path(pat).is_absolute() else str(root / pat)
         if glob.has_magic(pat):
             hits = sorted(Path(h) for h in glob.glob(full))
@@ -221,6 +249,8 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
             h = h.resolve()
             if h not in files:
                 files.append(h)
+            if sel is not None:
+                only[h] = tuple(sel)
     subjects: list[SubjectEntry] = []
     seen: dict[str, Path] = {}
     for f in files:
@@ -234,7 +264,7 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
         seen[sid] = f
         if sid in ("cohort", "report"):
             raise InputError(f"subject id {sid!r} is reserved for the cohort's own directories", f)
-        subjects.append(SubjectEntry(sid, f))
+        subjects.append(SubjectEntry(sid, f, only.get(f)))
     if validate_subjects:
         from glymphmpi.subject import load_subject
 

@@ -120,7 +120,7 @@ def cohort_status(cohort, out: Path, query_slurm: bool = True) -> dict:
     runs = {}
     for s in cohort.subjects:
         runs[s.id] = {m: task_status(out, s.id, m, state.data["tasks"].get(task_key(s.id, m)), jobs)
-                      for m in cohort.method_names}
+                      for m in cohort.method_names if cohort.runs(s, m)}
     counts = {k: 0 for k in STATES}
     for row in runs.values():
         for st in row.values():
@@ -148,8 +148,8 @@ def format_status(st: dict) -> str:
             return f"complete ({x['runtime_s']:.0f} s)"
         return s
 
-    rows = [["subject", *methods]] + [[sid, *(cell(st["runs"][sid][m]) for m in methods)]
-                                       for sid in st["subjects"]]
+    rows = [["subject", *methods]] + [[sid, *(cell(st["runs"][sid][m]) if m in st["runs"][sid] else "-"
+                                             for m in methods)] for sid in st["subjects"]]
     widths = [min(max(len(r[i]) for r in rows), 60) for i in range(len(rows[0]))]
     lines = ["  ".join(c[:60].ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

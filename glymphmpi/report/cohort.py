@@ -86,6 +86,8 @@ def subject_row(cohort, out, sid: str) -> dict:
 
     recs = CohortState(out).data["tasks"]
     for m in cohort.method_names:
+        if not cohort.runs(entry, m):
+            continue
         rd = out / sid / m
         summ = read_summary(rd) or {}
         # the launcher's view (e.g. a cancelled job) over the method's own summary
@@ -123,6 +125,8 @@ def subject_report(cohort, out, sid: str, *runs) -> dict:
         parts.append(f"; true D = {row['D_true']:.4g} mm&sup2;/h (synthetic)")
     parts.append("</p>")
     for m in cohort.method_names:
+        if f"{m}.status" not in row:
+            continue
         parts.append(f"<h2>{html.escape(m)}: {html.escape(str(row.get(f'{m}.status')))}</h2>")
         if row.get(f"{m}.error"):
             parts.append(f"<p class=err>{html.escape(row[f'{m}.error'])}</p>")
@@ -271,6 +275,9 @@ def cohort_report(cohort, out) -> dict[str, Path]:
         cells = []
         for m in methods:
             st = r.get(f"{m}.status")
+            if st is None:  # not run on this subject
+                cells.append("<td><span class=na>-</span></td>")
+                continue
             rt = r.get(f"{m}.runtime_s")
             ranks = r.get(f"{m}.mpi_ranks")
             txt = html.escape(str(st)) + (f", {rt:.1f} s" if isinstance(rt, float) else "") + (
@@ -282,7 +289,7 @@ def cohort_report(cohort, out) -> dict[str, Path]:
         if r.get("subject_report"):
             links.append(f'<a href="{html.escape(os.path.relpath(r["subject_report"], paths["dir"]))}">subject</a>')
         for m in methods:
-            for f in r["figures"].get(m, []):
+            for f in r.get("figures", {}).get(m, []):
                 links.append(f'<a href="{html.escape(os.path.relpath(out / f, paths["dir"]))}">'
                              f"{html.escape(m)}/{html.escape(Path(f).name)}</a>")
         p.append(f"<tr><td>{html.escape(r['subject'])}</td>{''.join(cells)}<td style='text-align:left'>"
