@@ -102,12 +102,21 @@ def test_one_subject_through_fem_on_two_ranks(tmp_path):
     assert "<th>fem D</th>" in (out / "report" / "index.html").read_text()
 
 
-def test_job_array_three_subjects_and_noop_rerun(tmp_path, small_phantom):
+def test_job_array_three_subjects_launcher_as_a_job_and_noop_rerun(tmp_path, small_phantom):
+    """The launcher itself submitted as jobs/cohort.sbatch (as users do) puts the three
+    subjects into one job array; a second launch finds nothing to do."""
     c = write_cohort(tmp_path, small_phantom, body=FAST, toy_args=("--steps", "5", "--step-s", "0.01"))
     out = tmp_path / "out"
-    r = glymph_cli("cohort", "run", c, "--out", out, "--scheduler", "slurm", timeout=240)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "toy: submitted array" in r.stdout and "[0-2]" in r.stdout
+    cli = Path(sys.executable).with_name("glymph")
+    log = tmp_path / "cohort-job.log"
+    jid = subprocess.run(["sbatch", "--parsable", f"--output={log}",
+                          f"--export=ALL,COHORT={c},OUTDIR={out},GLYMPH={cli}", str(ROOT / "jobs" / "cohort.sbatch")],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    wait_for(lambda: job_state(jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+             timeout=240, dt=1.0)
+    text = log.read_text()
+    assert job_state(jid)["JobState"] == "COMPLETED", text
+    assert "toy: submitted array" in text and "[0-2]" in text and "rc 0" in text
     jobs = [task_rec(out, f"{s}/toy")["job"] for s in ("sub-01", "sub-02", "sub-03")]
     aid = jobs[0].split("_")[0]
     assert jobs == [f"{aid}_0", f"{aid}_1", f"{aid}_2"]  # one array, one task per subject
