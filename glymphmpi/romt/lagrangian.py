@@ -472,9 +472,10 @@ def point_maps(lines: Pathlines, mask: np.ndarray, smooth_sigma_voxels: float = 
     """
     shape = mask.shape
     valid = lines.valid()
-    p = lines.positions[valid].astype(np.float64)  # (m, 3)
-    r = np.clip(np.rint(p).astype(np.int64), 0, np.array(shape) - 1)
+    r = np.rint(lines.positions[valid]).astype(np.int64)  # (m, 3) nearest voxels
+    np.clip(r, 0, np.array(shape) - 1, out=r)
     flat = np.ravel_multi_index(r.T, shape)
+    del r
     inside = mask.ravel()[flat]
     flat = flat[inside]
     n = int(np.prod(shape))

@@ -348,9 +348,11 @@ def _fmt(x) -> str:
 
 def _arc_lengths_mm(lines: lg.Pathlines, A: np.ndarray) -> np.ndarray:
     """(n,) polyline length of each line in world mm."""
-    seg = np.diff(lines.positions.astype(np.float64), axis=0) @ A.T  # (n_nodes-1, n, 3)
-    valid = lines.valid()[1:]
-    return np.where(valid, np.linalg.norm(seg, axis=2), 0.0).sum(axis=0)
+    seg = np.diff(lines.positions, axis=0) @ A.T.astype(np.float32)  # (n_nodes-1, n, 3) float32
+    length = np.linalg.norm(seg, axis=2)
+    del seg
+    length[~lines.valid()[1:]] = 0.0
+    return length.sum(axis=0, dtype=np.float64)
 
 
 def line_points(lines: lg.Pathlines) -> tuple[np.ndarray, np.ndarray]:
