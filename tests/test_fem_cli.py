@@ -79,7 +79,8 @@ def test_preempt_and_resume(tmp_path):
     subj = _tiny_subject(tmp_path / "subj", noise=0.02)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "glymphmpi", "fem", str(subj), "--out", str(out), "--set", "fem.dt_h=0.25",
-           "--set", "fem.max_iterations=40", "--set", "fem.gatol=0", "--set", "fem.grtol=0"]
+           "--set", "fem.max_iterations=40", "--set", "fem.D_rtol=0", "--set", "fem.gatol=0",
+           "--set", "fem.grtol=0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_"))}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ck = out / "checkpoint.h5"
@@ -101,7 +102,7 @@ def test_preempt_and_resume(tmp_path):
     saved = int(tree["iteration"])
     assert saved >= 3 and len(tree["state"]["history"]["iteration"]) == saved + 1
     Jsaved = tree["state"]["history"]["J"][-1]
-    r = subprocess.run(cmd[:-6] + ["--set", "fem.max_iterations=" + str(saved + 5)], env=env,
+    r = subprocess.run(cmd + ["--set", "fem.max_iterations=" + str(saved + 5)], env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming from {ck} at iteration {saved}" in r.stderr

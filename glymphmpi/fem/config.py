@@ -48,6 +48,10 @@ class FemConfig:
         max_iterations: TAO iteration limit.
         gatol, grtol: TAO absolute / relative gradient tolerances (of the
             normalised functional J / J_scale, J_scale = sum_i ||d_i||^2).
+        D_rtol, D_window: also stop when D varied by at most D_rtol (relative)
+            over the last D_window iterations (0 disables; boundary-control
+            mode only): the boundary controls keep refining long after D has
+            settled.
         lmvm_memory: L-BFGS memory (pairs).
         petsc_options: KSP/PC options, applied with prefix ``petsc_prefix``.
         tao_options: extra TAO options (without prefix), e.g. {"tao_ls_type": "armijo"}.
@@ -75,6 +79,8 @@ class FemConfig:
     max_iterations: int = 200
     gatol: float = 1e-8
     grtol: float = 1e-6
+    D_rtol: float = 1e-3
+    D_window: int = 10
     lmvm_memory: int = 10
     petsc_options: dict = field(default_factory=_default_petsc_options)
     tao_options: dict = field(default_factory=dict)
@@ -103,6 +109,8 @@ class FemConfig:
             raise ValueError("fem.theta must be in [0.5, 1] (0.5 Crank-Nicolson, 1 implicit Euler)")
         if min(self.alpha, self.beta, self.gamma) < 0:
             raise ValueError("fem.alpha, fem.beta, fem.gamma must be >= 0")
+        if self.D_rtol < 0 or self.D_window < 1:
+            raise ValueError("fem.D_rtol must be >= 0 and fem.D_window >= 1")
         if self.max_iterations < 0 or self.lmvm_memory < 1:
             raise ValueError("fem.max_iterations must be >= 0 and fem.lmvm_memory >= 1")
         if self.checkpoint_every < 0 or self.vtk_every < 1:

@@ -158,6 +158,10 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             log.info("it %3d  J = %.6e  |grad| = %.3e  D = %.6f mm^2/h", it, f * problem.J_scale, gnorm, D)
         if checkpointer is not None:
             checkpointer.step(it, state_fn(xv))
+        w = cfg.D_window
+        Ds = history["D"]
+        return bool(cfg.D_rtol > 0 and problem.full and len(Ds) > w and it - start >= w
+                    and (max(Ds[-w - 1:]) - min(Ds[-w - 1:])) <= cfg.D_rtol * Ds[-1])
 
     ev0, ksp0, sol0 = problem.evaluations, model.ksp_iterations, model.solves
     out = run_tao(problem, cfg, x, start_iteration=start, on_iteration=on_iteration)

@@ -19,9 +19,11 @@ def run_tao(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dic
         x: initial control Vec; holds the solution afterwards.
         start_iteration: iterations done before (on resume); TAO gets
             ``max_iterations - start_iteration`` more.
-        on_iteration: ``f(iteration, x, f, gnorm)`` called by every TAO monitor
-            call (iteration counted from ``start_iteration``); it may raise
-            (e.g. Preempted): TAO then stops and the exception is re-raised.
+        on_iteration: ``f(iteration, x, f, gnorm) -> bool`` called by every TAO
+            monitor call (iteration counted from ``start_iteration``); a true
+            return value stops TAO (reason CONVERGED_USER, reported as
+            "CONVERGED_D_STAGNATION"); it may raise (e.g. Preempted): TAO then
+            stops and the exception is re-raised.
     Returns:
         {"reason": str, "iterations": int (total), "f": float, "gnorm": float}
     """
@@ -36,6 +38,7 @@ def run_tao(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dic
     tao.setOptionsPrefix(prefix)
     tao.setType(cfg.tao_type)
     failure: list = []
+    stopped: list = []
     grad = x.duplicate()
 
     def objgrad(tao_, xv, gv):
@@ -55,8 +58,9 @@ def run_tao(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dic
             tao_.setConvergedReason(PETSc.TAO.Reason.DIVERGED_USER)
             return
         try:
-            if on_iteration is not None:
-                on_iteration(start_iteration + its, tao_.getSolution(), f, gnorm)
+            if on_iteration is not None and on_iteration(start_iteration + its, tao_.getSolution(), f, gnorm):
+                stopped.append(its)
+                tao_.setConvergedReason(PETSc.TAO.Reason.CONVERGED_USER)
         except BaseException as exc:
             failure.append(exc)
             tao_.setConvergedReason(PETSc.TAO.Reason.CONVERGED_USER)
@@ -84,7 +88,8 @@ def run_tao(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dic
     if failure:
         raise failure[0]
     names = {v: k for k, v in vars(PETSc.TAO.Reason).items() if not k.startswith("_")}
-    out = {"reason": names.get(reason, str(reason)), "iterations": start_iteration + its,
+    name = "CONVERGED_D_STAGNATION" if stopped else names.get(reason, str(reason))
+    out = {"reason": name, "iterations": start_iteration + its,
            "f": float(f), "gnorm": float(gnorm), "seconds": time.time() - t0}
     log.info("TAO %s: %s after %d iterations (f = %.6g, |g| = %.3g)", cfg.tao_type, out["reason"],
              out["iterations"], f, gnorm)

@@ -25,7 +25,11 @@ def plot_fem(path, history: dict, scans: np.ndarray, fit: np.ndarray, mask: np.n
     from glymphmpi.store import atomic_path
 
     p = len(times_h)
-    k = int(np.argmax(mask.sum(axis=(0, 1))))  # the fullest axial slice
+    counts = mask.sum(axis=(0, 1))
+    # the axial slice through the mask's centre (the fullest one if that is empty)
+    k = int(round(float(np.dot(np.arange(counts.size), counts) / max(counts.sum(), 1))))
+    if counts[k] == 0:
+        k = int(np.argmax(counts))
     vmax = float(max(np.max(scans[:, :, :, k] * mask[:, :, k]), 1e-12))
     fig = plt.figure(figsize=(3 * p, 8.4), constrained_layout=True)
     gs = fig.add_gridspec(3, p)
