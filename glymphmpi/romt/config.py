@@ -51,6 +51,10 @@ class RomtConfig:
             is steered only by the weak kinetic and smoothness terms).
         mask_dilation: velocities are unknowns only on the subject mask
             dilated by this many voxels (negative: the whole box).
+        crop_margin: solve on the bounding box of the active set and of the
+            images' support widened by this many voxels (negative: the whole
+            grid); equal to the whole-grid solve to ~1e-13 (see
+            :func:`glymphmpi.romt.solve.crop_box`), cheaper DCTs.
         mask_images: multiply the images by the subject mask before solving.
         fft_workers: threads of scipy.fft (0: all cores, divided by the
             number of MPI ranks on the node).
@@ -76,6 +80,7 @@ class RomtConfig:
     armijo_c: float = 1e-4
     init: str = "drift"
     mask_dilation: int = 3
+    crop_margin: int = 6
     mask_images: bool = True
     fft_workers: int = 0
     tune_malloc: bool = True

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 NUMERIC_KEYS = ("nt", "dt", "sigma", "beta", "gamma", "boundary", "mode", "gn_max_iter", "gn_gtol",
                 "gn_ftol", "pcg_max_iter", "pcg_rtol", "ls_max_halvings", "armijo_c", "init",
-                "mask_dilation", "mask_images")
+                "mask_dilation", "mask_images", "crop_margin")
 
 
 def config_key(cfg: RomtConfig) -> str:
@@ -116,8 +116,58 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
     """
     if cfg.tune_malloc:
         tune_malloc()
+    box = crop_box(active, (rho0, target), cfg.crop_margin)
+    full_shape = rho0.shape
     with _single_threaded_blas():
-        return _solve_loop(rho0, target, cfg, active, comm, state, on_iteration, label, workers)
+        res = _solve_loop(np.ascontiguousarray(rho0[box]), np.ascontiguousarray(target[box]), cfg,
+                          np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers)
+    if tuple(res["density"].shape[1:]) != tuple(full_shape):
+        res = _uncrop(res, box, full_shape, cfg)
+    return res
+
+
+def crop_box(active: np.ndarray, images, margin: int) -> tuple:
+    """Slices of the computational box: the bounding box of the active set and of the
+    images' support, widened by ``margin`` voxels (negative: the whole grid).
+
+    Outside it nothing moves (v = 0) and there is no mass, so only the diffusion of
+    the step could carry mass there: with ``dt sigma`` ~ 1e-3 the share that crosses
+    ``margin`` = 6 voxels in nt = 10 steps is below ~1e-13 (C(10, 6) (dt sigma)^6), so
+    the cropped solve equals the whole-grid one to round-off while the DCT, the
+    dominant cost at brain scale, runs on fewer voxels. A particle would have to
+    move more than ``margin - 1`` voxels in one step to reach the crop edge.
+    """
+    shape = active.shape
+    if margin < 0:
+        return tuple(slice(0, n) for n in shape)
+    occ = active.copy()
+    for img in images:
+        occ |= img != 0
+    box = []
+    for d in range(3):
+        axes = tuple(e for e in range(3) if e != d)
+        idx = np.flatnonzero(occ.any(axis=axes))
+        if idx.size == 0:
+            return tuple(slice(0, n) for n in shape)
+        box.append(slice(max(0, int(idx[0]) - margin), min(shape[d], int(idx[-1]) + margin + 1)))
+    return tuple(box)
+
+
+def _uncrop(res: dict, box: tuple, shape: tuple, cfg: RomtConfig) -> dict:
+    """Embed a loop solved on ``box`` into the whole grid (zero velocity and no mass outside)."""
+    vel = np.zeros((cfg.nt, 3, *shape), dtype=np.float32)
+    vel[(slice(None), slice(None), *box)] = res["velocity"]
+    dens = np.zeros((cfg.nt + 1, *shape), dtype=np.float32)
+    dens[(slice(None), *box)] = res["density"]
+    end = np.zeros(shape)
+    end[box] = res["rho_end"].reshape(res["density"].shape[1:])
+    out = dict(res)
+    out.update(velocity=vel, density=dens, rho_end=end.ravel())
+    vmax = float(np.abs(res["velocity"]).max(initial=0.0)) * cfg.dt
+    if vmax > cfg.crop_margin - 1:
+        log.warning("a particle moved %.1f voxels in one step, more than the crop margin allows; "
+                    "raise romt.crop_margin or set it to -1", vmax)
+    return out
 
 
 _MALLOC_TUNED = False
