@@ -397,3 +397,47 @@ def test_subject_tables_limit_methods(tmp_path, small_phantom):
     c.write_text(bad)
     with pytest.raises(InputError, match="method 'nope' is not one of the cohort's methods"):
         load_cohort(c)
+
+
+def test_local_commands_per_kind(tmp_path, small_phantom):
+    """The local launcher's process per run: plain for one process, mpirun for MPI ranks,
+    torch.distributed.run (torchrun) for DDP processes."""
+    from glymphmpi.cohort.launch import LocalLauncher
+    from glymphmpi.cohort.manifest import load_cohort
+
+    body = "[resources.fem]\nranks = 3\n[resources.pinn]\nranks = 2\n[resources.romt]\nranks = 1\n"
+    c = write_cohort(tmp_path, small_phantom, body=body, methods='["romt", "fem", "pinn"]')
+    co = load_cohort(c)
+    la = LocalLauncher(co, tmp_path / "o")
+    s = co.subjects[0]
+    romt, fem, pinn = co.methods
+    cmd = la.command(s.toml, romt, tmp_path / "o" / "r")
+    assert cmd[1:] == ["--quiet", "romt", str(s.toml), "--out", str(tmp_path / "o" / "r")]
+    cmd = la.command(s.toml, fem, tmp_path / "f")
+    assert cmd[:4] == ["mpirun", "-n", "3", "--oversubscribe"] and cmd[5:7] == ["--quiet", "fem"]
+    cmd = la.command(s.toml, pinn, tmp_path / "p")
+    assert cmd[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    assert cmd[6:9] == ["glymphmpi", "--quiet", "pinn"]
+
+
+@pytest.mark.slow
+def test_glymph_demo_end_to_end(tmp_path):
+    """`glymph demo`: the demo cohort through every installed method, locally, with a report."""
+    from glymphmpi.cohort.methods import installed_builtins
+
+    r = glymph_cli("demo", "--out", tmp_path / "demo", timeout=3000)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = tmp_path / "demo" / "run" / "report" / "index.html"
+    assert f"report:  {report}" in r.stdout and report.exists()
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "demo" / "run" / "report" / "cohort.csv").open()))
+    ms = installed_builtins()
+    for row in rows:
+        for m in ms:
+            if row.get(f"{m}.status"):
+                assert row[f"{m}.status"] == "complete", (row["subject"], m)
+    if "fem" in ms:  # the phantoms know their D: the report computes the relative error
+        assert all(row["fem.D_rel_error"] != "" for row in rows if row["subject"].startswith("sub-"))
+    r = glymph_cli("demo", "--out", tmp_path / "demo", timeout=600)
+    assert r.returncode == 0 and "nothing to do" in r.stdout

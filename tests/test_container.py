@@ -111,6 +111,15 @@ def test_post_and_test_in_debian12_chroot(tmp_path_factory):
             else:
                 shutil.copy2(ROOT / src, target)
     shutil.copy2("/etc/resolv.conf", root / "etc" / "resolv.conf")
+    # the same package sources as this machine: its pip configuration and local wheel folders
+    # (a cluster build uses PyPI directly); Debian packages come from the chroot's own mirror
+    for conf in ("/etc/pip.conf", "/etc/xdg/pip"):
+        if Path(conf).exists():
+            dst = root / conf.lstrip("/")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if Path(conf).is_dir() else shutil.copy2)(conf, dst, **(
+                {"dirs_exist_ok": True} if Path(conf).is_dir() else {}))
+    binds = [Path(p) for p in ("/opt/wheels", "/opt/pypi", "/opt/pypi-more") if Path(p).is_dir()]
     mounts = []
     try:
         for m in ("proc", "sys", "dev"):
@@ -118,8 +127,12 @@ def test_post_and_test_in_debian12_chroot(tmp_path_factory):
             subprocess.run(["mount", "--bind" if m == "dev" else "-t", *(["/dev"] if m == "dev" else
                             [{"proc": "proc", "sys": "sysfs"}[m], m]), str(root / m)], check=True)
             mounts.append(root / m)
+        for b in binds:
+            (root / str(b).lstrip("/")).mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "--bind", str(b), str(root / str(b).lstrip("/"))], check=True)
+            mounts.append(root / str(b).lstrip("/"))
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-               "LANG": "C.UTF-8"}
+               "LANG": "C.UTF-8", **{k: v for k, v in os.environ.items() if k.startswith("PIP_")}}
         for name in ("post", "test"):
             (root / f"glymph-{name}.sh").write_text(sec[name])
             r = subprocess.run(["chroot", str(root), "/bin/bash", f"/glymph-{name}.sh"], env=env,

@@ -89,6 +89,10 @@ def task_status(out: Path, sid: str, method: str, rec: dict | None, jobs=None) -
         if info is not None and info.get("JobState") == "CANCELLED":
             st.update(state="failed", reason=f"SLURM job {job} cancelled", exit_code=exit_code(info))
             return st
+    if rec.get("scheduler") == "slurm" and job and jobs is None and rec.get("state") in ("submitted", "running"):
+        st["state"] = "running" if rec["state"] == "running" else "queued"
+        st["reason"] = "last seen by the launcher (SLURM not queried)"
+        return st
     if rec.get("scheduler") == "local" and rec.get("state") == "running" and _pid_alive(rec.get("pid")):
         st["state"] = "running"
         return st
