@@ -118,6 +118,9 @@ class PinnNet(nn.Module):
             gzx = gx @ wt                                # (3, N, W): one (3N, W) x (W, W) product
             gzt = gt @ wt
             lz = lh @ wt
+            if self.act_name == "tanh":
+                h, gx, gt, lh = _TanhLaplacianStep.apply(z, gzx, gzt, lz)
+                continue
             a, a1, a2 = self._act(z)
             h = a
             gx = a1 * gzx
@@ -126,6 +129,38 @@ class PinnNet(nn.Module):
         wl, bl = self.layers[-1].weight.T, self.layers[-1].bias  # (W, 1), (1,)
         c = torch.addmm(bl, h, wl).squeeze(-1) * self.out_scale
         return c, (gt @ wl).squeeze(-1) * self.out_scale, (lh @ wl).squeeze(-1) * self.out_scale
+
+
+class _TanhLaplacianStep(torch.autograd.Function):
+    """tanh applied to (z, grad_x z, dz/dt, lap z) -> (a, grad_x a, da/dt, lap a), hand-written backward.
+
+    Fewer saved tensors and kernels than autograd's graph of the same formulas.
+    With a = tanh z, a1 = 1 - a^2, a2 = -2 a a1, a3 = -2 (a1^2 + a a2) (the
+    first three derivatives of tanh) and S = |grad_x z|^2, the outputs are
+    a, a1 grad_x z, a1 z_t, a2 S + a1 lap z; for incoming gradients G:
+    dz = G_a a1 + a2 (<G_gx, grad_x z> + G_t z_t) + G_l (a3 S + a2 lap z),
+    d grad_x z = a1 G_gx + 2 a2 G_l grad_x z, d z_t = a1 G_t, d lap z = a1 G_l.
+    """
+
+    @staticmethod
+    def forward(ctx, z, gzx, gzt, lz):
+        a = torch.tanh(z)
+        a1 = 1.0 - a * a
+        a2 = -2.0 * a * a1
+        S = (gzx * gzx).sum(0)
+        ctx.save_for_backward(a, gzx, gzt, lz, S)
+        return a, a1 * gzx, a1 * gzt, torch.addcmul(a2 * S, a1, lz)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, Ga, Ggx, Gt, Gl):
+        a, gzx, gzt, lz, S = ctx.saved_tensors
+        a1 = 1.0 - a * a
+        a2 = -2.0 * a * a1
+        a3 = -2.0 * (a1 * a1 + a * a2)
+        dz = Ga * a1 + a2 * ((Ggx * gzx).sum(0) + Gt * gzt) + Gl * (a3 * S + a2 * lz)
+        dgzx = a1 * Ggx + (2.0 * Gl * a2) * gzx
+        return dz, dgzx, a1 * Gt, a1 * Gl
 
 
 def derivatives_autograd(net: nn.Module, xt: torch.Tensor, create_graph: bool = True):
