@@ -149,8 +149,33 @@ def crop_box(active: np.ndarray, images, margin: int) -> tuple:
         idx = np.flatnonzero(occ.any(axis=axes))
         if idx.size == 0:
             return tuple(slice(0, n) for n in shape)
-        box.append(slice(max(0, int(idx[0]) - margin), min(shape[d], int(idx[-1]) + margin + 1)))
+        lo = max(0, int(idx[0]) - margin)
+        hi = min(shape[d], int(idx[-1]) + margin + 1)
+        length = fft_friendly_length(hi - lo, shape[d])
+        lo = max(0, min(lo - (length - (hi - lo)) // 2, shape[d] - length))
+        box.append(slice(lo, lo + length))
     return tuple(box)
+
+
+def _largest_prime_factor(n: int) -> int:
+    p, f = n, 2
+    best = 1
+    while f * f <= p:
+        while p % f == 0:
+            best, p = f, p // f
+        f += 1
+    return max(best, p) if p > 1 else best
+
+
+def fft_friendly_length(need: int, limit: int) -> int:
+    """The smallest length in [need, limit] whose prime factors are all <= 13 (a fast DCT
+    size: measured 2x faster at 104 or 108 than at 103 or 106), else the one with the
+    smallest largest prime factor."""
+    cands = list(range(need, limit + 1))
+    for n in cands:
+        if _largest_prime_factor(n) <= 13:
+            return n
+    return min(cands, key=lambda n: (_largest_prime_factor(n), n))
 
 
 def _uncrop(res: dict, box: tuple, shape: tuple, cfg: RomtConfig) -> dict:
