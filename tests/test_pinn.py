@@ -60,7 +60,7 @@ def test_forward_laplacian_matches_autograd(act):
 def test_parameter_gradients_match_autograd():
     """Gradients of a residual loss w.r.t. the weights agree between both derivative paths."""
     torch.manual_seed(2)
-    net = PinnNet(2, 12, "tanh", [0, 0, 0, 0], [4, 4, 4, 2]).double()
+    net = PinnNet(3, 12, "tanh", [0, 0, 0, 0], [4, 4, 4, 2]).double()
     x = torch.rand(64, 4, dtype=torch.float64) * 4
     _, ct, lap = net.derivatives(x)
     params = list(net.parameters())[:-1]  # the output bias does not enter dc/dt or lap c
@@ -140,7 +140,7 @@ def test_heat_kernel_recovers_D_within_5_percent():
     elapsed = time.perf_counter() - t0
     assert res.history["D"][0] > 0.6  # it started away from the truth
     assert abs(res.D / 0.5 - 1) < 0.05, res.D
-    assert elapsed < 90  # about 25 s on an idle 2-core machine
+    assert elapsed < 300  # about 25 s on an idle 2-core machine; a guard against a pathological slow-down
     assert res.residual_t.shape == (21,) and np.isfinite(res.residual_norm)
 
 

@@ -112,55 +112,78 @@ class PinnNet(nn.Module):
         gx = a1.unsqueeze(0) * w0.T[:3].unsqueeze(1)     # (3, N, W) spatial gradient
         gt = a1 * w0[:, 3]                               # (N, W) time derivative
         lh = a2 * (w0[:, :3] ** 2).sum(1)                # (N, W) spatial Laplacian
-        for lin in self.layers[1:-1]:
-            wt = lin.weight.T
-            z = torch.addmm(lin.bias, h, wt)
-            gzx = gx @ wt                                # (3, N, W): one (3N, W) x (W, W) product
-            gzt = gt @ wt
-            lz = lh @ wt
-            if self.act_name == "tanh":
-                h, gx, gt, lh = _TanhLaplacianStep.apply(z, gzx, gzt, lz)
-                continue
-            a, a1, a2 = self._act(z)
-            h = a
-            gx = a1 * gzx
-            gt = a1 * gzt
-            lh = a2 * (gzx * gzx).sum(0) + a1 * lz
+        if self.act_name == "tanh" and len(self.layers) > 2:
+            # fused path: streams stacked as (6, N, W) = [c, d/dx, d/dy, d/dz, d/dt, lap]
+            S = torch.cat((h.unsqueeze(0), gx, gt.unsqueeze(0), lh.unsqueeze(0)), dim=0)
+            for lin in self.layers[1:-1]:
+                S = _TanhLaplacianLayer.apply(S, lin.weight, lin.bias)
+            h, gt, lh = S[0], S[4], S[5]
+        else:
+            for lin in self.layers[1:-1]:
+                wt = lin.weight.T
+                z = torch.addmm(lin.bias, h, wt)
+                gzx = gx @ wt                            # (3, N, W): one (3N, W) x (W, W) product
+                gzt = gt @ wt
+                lz = lh @ wt
+                a, a1, a2 = self._act(z)
+                h = a
+                gx = a1 * gzx
+                gt = a1 * gzt
+                lh = a2 * (gzx * gzx).sum(0) + a1 * lz
         wl, bl = self.layers[-1].weight.T, self.layers[-1].bias  # (W, 1), (1,)
         c = torch.addmm(bl, h, wl).squeeze(-1) * self.out_scale
         return c, (gt @ wl).squeeze(-1) * self.out_scale, (lh @ wl).squeeze(-1) * self.out_scale
 
 
-class _TanhLaplacianStep(torch.autograd.Function):
-    """tanh applied to (z, grad_x z, dz/dt, lap z) -> (a, grad_x a, da/dt, lap a), hand-written backward.
+class _TanhLaplacianLayer(torch.autograd.Function):
+    """One hidden layer (affine map, then tanh) acting on the stacked streams, hand-written backward.
 
-    Fewer saved tensors and kernels than autograd's graph of the same formulas.
-    With a = tanh z, a1 = 1 - a^2, a2 = -2 a a1, a3 = -2 (a1^2 + a a2) (the
-    first three derivatives of tanh) and S = |grad_x z|^2, the outputs are
-    a, a1 grad_x z, a1 z_t, a2 S + a1 lap z; for incoming gradients G:
-    dz = G_a a1 + a2 (<G_gx, grad_x z> + G_t z_t) + G_l (a3 S + a2 lap z),
-    d grad_x z = a1 G_gx + 2 a2 G_l grad_x z, d z_t = a1 G_t, d lap z = a1 G_l.
+    ``S`` is (6, N, W_in): value, d/dx, d/dy, d/dz, d/dt and spatial Laplacian
+    of the previous layer's outputs. ``Z = S W^T`` (bias on the value only) in
+    one (6N, W_in) x (W_in, W_out) product; then, with a = tanh z,
+    a1 = 1 - a^2, a2 = -2 a a1, a3 = -2 (a1^2 + a a2) and Q = |grad_x z|^2,
+    the outputs are a, a1 grad_x z, a1 z_t, a2 Q + a1 lap z. For incoming
+    gradients G: dz = G_a a1 + a2 (<G_gx, grad_x z> + G_t z_t) + G_l (a3 Q + a2 lap z),
+    d grad_x z = a1 G_gx + 2 a2 G_l grad_x z, d z_t = a1 G_t, d lap z = a1 G_l;
+    then dS = dZ W, dW = dZ^T S (one product each over all six streams), db = sum dz.
+    Checked against autograd in the tests (parameter gradients).
     """
 
     @staticmethod
-    def forward(ctx, z, gzx, gzt, lz):
+    def forward(ctx, S, weight, bias):
+        Z = torch.matmul(S, weight.T)
+        z = Z[0].add_(bias)
+        gzx, gzt, lz = Z[1:4], Z[4], Z[5]
         a = torch.tanh(z)
         a1 = 1.0 - a * a
         a2 = -2.0 * a * a1
-        S = (gzx * gzx).sum(0)
-        ctx.save_for_backward(a, gzx, gzt, lz, S)
-        return a, a1 * gzx, a1 * gzt, torch.addcmul(a2 * S, a1, lz)
+        Q = (gzx * gzx).sum(0)
+        out = torch.empty_like(Z)
+        out[0] = a
+        torch.mul(gzx, a1, out=out[1:4])
+        torch.mul(gzt, a1, out=out[4])
+        torch.addcmul(a2 * Q, a1, lz, out=out[5])
+        ctx.save_for_backward(S, weight, Z, a, Q)
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, Ga, Ggx, Gt, Gl):
-        a, gzx, gzt, lz, S = ctx.saved_tensors
+    def backward(ctx, G):
+        S, weight, Z, a, Q = ctx.saved_tensors
+        gzx, gzt, lz = Z[1:4], Z[4], Z[5]
         a1 = 1.0 - a * a
         a2 = -2.0 * a * a1
         a3 = -2.0 * (a1 * a1 + a * a2)
-        dz = Ga * a1 + a2 * ((Ggx * gzx).sum(0) + Gt * gzt) + Gl * (a3 * S + a2 * lz)
-        dgzx = a1 * Ggx + (2.0 * Gl * a2) * gzx
-        return dz, dgzx, a1 * Gt, a1 * Gl
+        Ggx, Gt, Gl = G[1:4], G[4], G[5]
+        dZ = torch.empty_like(G)
+        dZ[0] = G[0] * a1 + a2 * ((Ggx * gzx).sum(0) + Gt * gzt) + Gl * (a3 * Q + a2 * lz)
+        torch.addcmul(a1 * Ggx, (2.0 * Gl * a2), gzx, out=dZ[1:4])
+        torch.mul(Gt, a1, out=dZ[4])
+        torch.mul(Gl, a1, out=dZ[5])
+        w_out, w_in = weight.shape
+        dS = torch.matmul(dZ, weight)
+        dW = dZ.reshape(-1, w_out).T @ S.reshape(-1, w_in)
+        return dS, dW, dZ[0].sum(0)
 
 
 def derivatives_autograd(net: nn.Module, xt: torch.Tensor, create_graph: bool = True):
