@@ -97,6 +97,27 @@ def test_mpirun_two_processes_match_one_process(hk_subject, serial_D, tmp_path):
     assert s["D_mm2_per_h"] == pytest.approx(serial_D, rel=1e-8)
 
 
+def test_slurm_environment_two_processes_match_one_process(hk_subject, serial_D, tmp_path):
+    """Rank and size from SLURM's variables (as ``srun -n 2`` sets them), without a SLURM."""
+    import socket
+
+    with socket.socket() as sk:  # a free port for the rendezvous
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    out = tmp_path / "slurm"
+    procs = [subprocess.Popen([sys.executable, "-m", "glymphmpi", "pinn", str(hk_subject), "--out", str(out),
+                               *SETS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                              env=_clean_env({"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r),
+                                              "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "localhost",
+                                              "MASTER_PORT": str(port)}))
+             for r in range(2)]
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
+    s = _summary(out)
+    assert s["world_size"] == 2 and s["max_rank_difference"] == 0.0
+    assert s["D_mm2_per_h"] == pytest.approx(serial_D, rel=1e-8)
+
+
 @pytest.mark.mpi
 def test_ddp_in_process_under_mpirun(comm):
     """Under ``mpirun -n 2``: in-process DDP over gloo equals each rank's own one-process run."""

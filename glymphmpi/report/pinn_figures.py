@@ -27,14 +27,21 @@ def _save(fig, path) -> Path:
 
 
 def plot_histories(histories: list[dict], path) -> Path:
-    """D (mm^2/h), data loss J and PDE loss L_r over epochs, one line per ensemble member."""
+    """D (mm^2/h), data loss J, PDE loss L_r and the residual norm at checkpoints over epochs.
+
+    One line per ensemble member; the checkpoint residual norm uses 20 times and
+    at most 2000 interior voxels (the full r(t) is computed after training).
+    """
     plt = _plt()
-    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
     for k, h in enumerate(histories):
         ep = np.asarray(h["epoch"])
         ax[0].plot(ep, h["D"], label=f"member {k}")
         ax[1].semilogy(ep, h["loss_data"])
         ax[2].semilogy(ep, h["loss_pde"])
+        if len(h.get("residual_check_epoch", ())):
+            ax[3].semilogy(h["residual_check_epoch"], h["residual_check_norm"], "o-")
+    ax[3].set(xlabel="epoch", ylabel="mean r(t)", title="residual norm at checkpoints")
     ax[0].set(xlabel="epoch", ylabel="D (mm$^2$/h)", title="diffusion coefficient")
     ax[1].set(xlabel="epoch", ylabel="J", title="data misfit")
     ax[2].set(xlabel="epoch", ylabel="$L_r$", title="PDE loss (mean $|r|^p$)")
