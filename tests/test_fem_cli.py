@@ -115,18 +115,21 @@ def test_preempt_and_resume(tmp_path):
     assert not ck.exists()
 
 
-def test_cli_two_ranks_same_D(tmp_path, glymph):
-    """The data-boundary fit on 2 ranks gives the serial D to 1e-6 relative
-    (two subprocesses: 1 rank and mpirun -n 2, on a subject made by another
-    discretisation, so D is not known exactly: only the agreement is tested)."""
+@pytest.mark.parametrize("mode,extra", [("data-boundary", ["fem.gatol=1e-12", "fem.grtol=1e-12"]),
+                                        ("boundary-control", ["fem.max_iterations=15", "fem.D_rtol=0"])])
+def test_cli_two_ranks_same_D(tmp_path, glymph, mode, extra):
+    """A fit on 2 ranks gives the serial D to 1e-6 relative (two subprocesses:
+    1 rank and mpirun -n 2; data-boundary converged, boundary-control after the
+    same 15 L-BFGS iterations). The subject is made by another discretisation,
+    so D is not known exactly: only the agreement is tested."""
     run_glymph = glymph
 
     subj = _tiny_subject(tmp_path / "subj")
     D = []
     for n in (0, 2):
         out = tmp_path / f"run{n}"
-        r = run_glymph("fem", subj, "--out", out, "--set", "fem.mode=data-boundary", "--set", "fem.gatol=1e-12",
-                       "--set", "fem.grtol=1e-12", mpi=n)
+        sets = [a for e in extra for a in ("--set", e)]
+        r = run_glymph("fem", subj, "--out", out, "--set", f"fem.mode={mode}", *sets, mpi=n)
         assert r.returncode == 0, r.stderr[-2000:]
         s = json.loads((out / "summary.json").read_text())
         assert s["mpi_ranks"] == max(n, 1)

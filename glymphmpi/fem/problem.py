@@ -122,11 +122,11 @@ class ControlProblem:
         curv = []
         for kind in ("delta", "g"):
             d.set(0.0)
+            arr = d.array  # every rank takes the array: PETSc's cached norms stay consistent
             if kind == "delta":
-                if self.nd:
-                    d.array[0] = 1.0
+                arr[: self.nd] = 1.0
             else:
-                d.array[self.nd:] = 1.0
+                arr[self.nd:] = 1.0
             d.normalize()
             xe = x.copy()
             xe.axpy(eps, d)
@@ -136,8 +136,8 @@ class ControlProblem:
             xe.destroy()
         ratio = curv[0] / curv[1] if curv[1] > 0 else 1.0
         self.ds *= float(np.sqrt(max(ratio, 1e-300)))
-        if self.nd:
-            x.array[0] = delta * self.ds
+        arr = x.array  # on every rank (see above)
+        arr[: self.nd] = delta * self.ds
         for v in (g0, g1, d):
             v.destroy()
         log.info("control scaling: delta curvature %.3g, g curvature %.3g -> delta scale %.3g",

@@ -73,8 +73,8 @@ def run_tao(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dic
         lb, ub = x.duplicate(), x.duplicate()
         lb.set(PETSc.NINFINITY)
         ub.set(PETSc.INFINITY)
-        if problem.nd:
-            lb.array[0] = 1e-6  # D = delta > 0
+        arr = lb.array  # on every rank: PETSc's cached norms must change collectively
+        arr[: problem.nd] = 1e-6 * problem.ds  # D = delta > 0
         tao.setVariableBounds(lb, ub)
     tao.setFromOptions()
     tao.setSolution(x)
