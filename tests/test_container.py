@@ -120,6 +120,10 @@ def test_post_and_test_in_debian12_chroot(tmp_path_factory):
             (shutil.copytree if Path(conf).is_dir() else shutil.copy2)(conf, dst, **(
                 {"dirs_exist_ok": True} if Path(conf).is_dir() else {}))
     binds = [Path(p) for p in ("/opt/wheels", "/opt/pypi", "/opt/pypi-more") if Path(p).is_dir()]
+    pip_env = {k: v for k, v in os.environ.items() if k.startswith("PIP_")}
+    if Path(pip_env.get("PIP_CERT", "/nonexistent")).is_file():  # a TLS proxy's CA, as on this host
+        shutil.copy2(pip_env["PIP_CERT"], root / "etc" / "glymph-host-ca.crt")
+        pip_env["PIP_CERT"] = "/etc/glymph-host-ca.crt"
     mounts = []
     try:
         for m in ("proc", "sys", "dev"):
@@ -127,12 +131,16 @@ def test_post_and_test_in_debian12_chroot(tmp_path_factory):
             subprocess.run(["mount", "--bind" if m == "dev" else "-t", *(["/dev"] if m == "dev" else
                             [{"proc": "proc", "sys": "sysfs"}[m], m]), str(root / m)], check=True)
             mounts.append(root / m)
+        if Path("/dev/pts").is_dir():
+            (root / "dev" / "pts").mkdir(exist_ok=True)
+            subprocess.run(["mount", "--bind", "/dev/pts", str(root / "dev" / "pts")], check=True)
+            mounts.append(root / "dev" / "pts")
         for b in binds:
             (root / str(b).lstrip("/")).mkdir(parents=True, exist_ok=True)
             subprocess.run(["mount", "--bind", str(b), str(root / str(b).lstrip("/"))], check=True)
             mounts.append(root / str(b).lstrip("/"))
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root",
-               "LANG": "C.UTF-8", **{k: v for k, v in os.environ.items() if k.startswith("PIP_")}}
+               "LANG": "C.UTF-8", **pip_env}
         for name in ("post", "test"):
             (root / f"glymph-{name}.sh").write_text(sec[name])
             r = subprocess.run(["chroot", str(root), "/bin/bash", f"/glymph-{name}.sh"], env=env,

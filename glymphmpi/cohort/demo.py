@@ -18,8 +18,8 @@ from glymphmpi.config import load_toml
 
 #: quick settings per method (the defaults reproduce the papers and take much longer)
 DEMO_SETTINGS = {
-    "fem": {"max_iterations": 25},
-    "pinn": {"epochs": 5, "batches": 4, "width": 32, "depth": 4, "residual_times": 10,
+    "fem": {"max_iterations": 15},
+    "pinn": {"epochs": 3, "batches": 4, "width": 32, "depth": 4, "residual_times": 10,
              "residual_voxels": 2000},
     "romt": {"nt": 5, "gn_max_iter": 3},
 }

@@ -222,9 +222,12 @@ class LocalLauncher(BaseLauncher):
             if k.startswith(("OMPI_COMM_WORLD", "PMIX_", "OMPI_MCA_ess", "OMPI_MCA_orte")):
                 env.pop(k)
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                   OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS=str(
+                   OMPI_MCA_rmaps_base_oversubscribe="1", OMPI_MCA_mpi_yield_when_idle="1",
+                   OMP_NUM_THREADS=str(
                        self.cohort.resources[m.name].cpus_per_task), MPLBACKEND="Agg", PYTHONUNBUFFERED="1")
         key = task_key(sid, m.name)
+        if self.stopping.is_set():  # the launcher is stopping: do not start new runs
+            return {"subject": sid, "method": m.name, "state": "pending", "exit_code": None}
         with self.lock:
             rec = self.state.task(sid, m.name)
             rec.update(attempts=rec.get("attempts", 0) + 1, requeues=0, scheduler="local",
@@ -247,6 +250,11 @@ class LocalLauncher(BaseLauncher):
                 with self.lock:
                     self.children.pop(key, None)
                 fh.write(f"[glymph] end {time.time():.3f} rc {rc}\n")
+            if self.stopping.is_set() and rc != 0 and rc != EXIT_PREEMPTED:
+                # stopped by us before it could checkpoint: not a failure of the run
+                with self.lock:
+                    rec.update(state="stopped", reason=f"stopped by the launcher (exit {rc})", exit_code=rc)
+                break
             state = self.record_end(sid, m, rc)
             if state == "resumable" and not self.stopping.is_set():
                 with self.lock:
