@@ -161,7 +161,8 @@ def _fmt(v, digits: int = 4) -> str:
 
 def _pick(row: dict, method: str, rx: re.Pattern) -> list[tuple[str, float]]:
     return [(k.split(".", 1)[1], v) for k, v in row.items()
-            if k.startswith(method + ".") and isinstance(v, float) and rx.search(k.split(".", 1)[1])]
+            if k.startswith(method + ".") and isinstance(v, float) and rx.search(k.split(".", 1)[1])
+            and ".config." not in k]
 
 
 def cohort_plot(rows: list[dict], methods: list[str], path: Path) -> Path | None:
@@ -173,6 +174,7 @@ def cohort_plot(rows: list[dict], methods: list[str], path: Path) -> Path | None
     import numpy as np
 
     dm = [m for m in methods if any(_d(r, m) is not None for r in rows)]
+    rows = [r for r in rows if any(_d(r, m) is not None for m in dm)]  # subjects with a D
     if not dm or not rows:
         return None
     x = np.arange(len(rows))
