@@ -315,7 +315,7 @@ def test_local_cohort_failure_retries_and_noop(tmp_path, small_phantom):
 def test_local_launcher_killed_at_random_moments_resumes_to_same_result(tmp_path, small_phantom):
     """SIGTERM to the local launcher at random moments (3 times): it stops its runs (they
     checkpoint, exit 75) and exits 75; re-running finishes with bit-identical values."""
-    steps = 80  # 8 s of work per run: each kill below lands while the runs are going
+    steps = 120  # 12 s of work per run: each kill below lands while the runs are going
     c = write_cohort(tmp_path, small_phantom, ids=("k1", "k2"), body="[cohort]\npoll_s = 0.1\n",
                      toy_args=("--steps", str(steps), "--step-s", "0.1"))
     out = tmp_path / "out"

@@ -96,20 +96,24 @@ def test_toy_matches_reference_and_resumes_exactly(tmp_path, small_phantom):
     from glymphmpi.subject import load_subject
 
     subj = load_subject(small_phantom)
-    ref = toy_reference(subj.mass_per_scan(), subj.id, 12)
+    steps = 40
+    ref = toy_reference(subj.mass_per_scan(), subj.id, steps)
     cmd = [sys.executable, __file__, "--quiet", "toy", str(small_phantom), "--out", str(tmp_path / "a"),
-           "--steps", "12", "--step-s", "0.1"]
+           "--steps", str(steps), "--step-s", "0.1"]
     proc = subprocess.Popen(cmd)
-    time.sleep(2.0)  # inside the loop (startup ~1 s), not at its end (12 x 0.1 s)
+    t0 = time.time()
+    while not (tmp_path / "a" / "checkpoint.h5").exists() and time.time() - t0 < 60:
+        time.sleep(0.02)
+    time.sleep(0.5)  # inside the loop: first checkpoint after step 1, the run takes 4 s
     proc.send_signal(signal.SIGTERM)
     assert proc.wait() == 75
     s = read_summary(tmp_path / "a")
     assert s["status"] == "preempted" and s["resumable"] is True
     assert subprocess.run(cmd).returncode == 0
     s = read_summary(tmp_path / "a")
-    assert s["status"] == "complete" and 0 < s["resumed_from"] < 12
+    assert s["status"] == "complete" and 0 < s["resumed_from"] < steps
     assert s["value"] == ref  # bit-for-bit: the RNG state came back from the checkpoint
-    # the running mean of 12 noisy draws of scan masses lies within the masses' range
+    # the running mean of 40 noisy draws of scan masses lies within the masses' range
     m = subj.mass_per_scan()
     assert m.min() * 0.95 <= s["value"] <= m.max() * 1.05
     assert not any(Path(tmp_path / "a").glob("checkpoint*.h5"))

@@ -149,7 +149,7 @@ def test_requeued_jobs_resume_to_the_uninterrupted_result(tmp_path, small_phanto
     SIGTERM to the job step (time limit / preemption signal: checkpoint, exit 75, the job
     requeues itself) and ``scontrol requeue`` (hard requeue). The resumed runs end with
     bit-for-bit the values of uninterrupted ones."""
-    steps = 40
+    steps = 80  # 8 s per run: several kills land while it runs
     c = write_cohort(tmp_path, small_phantom, ids=("r1", "r2"), body=FAST,
                      toy_args=("--steps", str(steps), "--step-s", "0.1"))
     out = tmp_path / "out"
