@@ -234,12 +234,14 @@ def gauss_newton(prob: LoopProblem, state: GNState, max_iter: int, gtol: float, 
     Returns:
         The final state (``done`` True, ``reason`` says why it stopped).
     """
+    carry = None  # the forward states of an accepted full step, reused by the next iteration
     while not state.done:
         if state.iterations >= max_iter:
             state.done, state.reason = True, f"max iterations ({max_iter})"
             break
         t0 = time.perf_counter()
-        lin = prob.forward(state.u)
+        lin = carry if carry is not None else prob.forward(state.u)
+        carry = None
         phi = lin.terms.total
         if not state.history:
             state.history.append(phi)
@@ -255,19 +257,27 @@ def gauss_newton(prob: LoopProblem, state: GNState, max_iter: int, gtol: float, 
         gs = prob.dot(g, s)
         if gs >= 0:  # not a descent direction (should not happen): use the steepest descent
             s, gs = -g, -gnorm ** 2
-        a, accepted, new = 1.0, False, None
+        a, accepted, new, u_try = 1.0, False, None, None
         for _ in range(ls_max_halvings + 1):
-            new = prob.objective(state.u + a * s)
+            u_try = state.u + a * s
+            if a == 1.0:  # keep the states: a full step is usually accepted
+                trial = prob.forward(u_try)
+                new = trial.terms
+            else:
+                trial, new = None, prob.objective(u_try)
             if new.total <= phi + armijo_c * a * gs:
                 accepted = True
+                carry = trial
                 break
+            del trial
             a *= 0.5
         accepted = bool(prob.pc.bcast(accepted))
         state.pcg_iterations += pit
         if not accepted:
+            carry = None
             state.done, state.reason = True, "line search failed (no sufficient decrease)"
             break
-        state.u = state.u + a * s
+        state.u = u_try
         state.iterations += 1
         state.history.append(new.total)
         rel = (phi - new.total) / max(abs(phi), 1e-300)
