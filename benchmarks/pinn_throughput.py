@@ -55,6 +55,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd variant")
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -77,9 +78,15 @@ def main(argv=None) -> int:
          + torch.tensor(lo)).to(dev, dtype)
 
     ours = PinnNet(args.depth, args.width, "tanh", lo, hi).to(dev, dtype)
+    ours_c = PinnNet(args.depth, args.width, "tanh", lo, hi, compiled=True).to(dev, dtype)
+    ours_c.load_state_dict(ours.state_dict())
 
     def step_ours():
         _, ct, lap = ours.derivatives(x)
+        ((ct - D * lap) ** 2).mean().backward()
+
+    def step_compiled():
+        _, ct, lap = ours_c.derivatives(x)
         ((ct - D * lap) ** 2).mean().backward()
 
     def step_autograd():
@@ -88,7 +95,13 @@ def main(argv=None) -> int:
 
     res = {"points": args.points, "depth": args.depth, "width": args.width, "device": str(dev),
            "dtype": args.dtype, "threads": torch.get_num_threads(), "torch": torch.__version__}
-    fns = {"glymphmpi": step_ours, "glymphmpi_autograd": step_autograd}
+    fns = {"glymphmpi": step_ours, "glymphmpi_compiled": step_compiled, "glymphmpi_autograd": step_autograd}
+    if args.no_compile:
+        fns.pop("glymphmpi_compiled")
+    else:
+        t0 = time.perf_counter()
+        step_compiled()
+        res["compile_s"] = time.perf_counter() - t0
     try:
         import deepxde as dde
 
@@ -117,6 +130,7 @@ def main(argv=None) -> int:
     print(f"PDE-residual points/s, forward + backward, {args.depth} x {args.width} tanh, {n} points, "
           f"{args.dtype} on {dev} ({res['threads']} threads)")
     for key, label in (("glymphmpi_s", "glymphmpi (forward Laplacian)"),
+                       ("glymphmpi_compiled_s", "glymphmpi (forward Laplacian, torch.compile)"),
                        ("glymphmpi_autograd_s", "glymphmpi (reverse-mode reference)"),
                        ("deepxde_s", f"DeepXDE {res.get('deepxde')} (pytorch backend)")):
         if key in res:
@@ -129,6 +143,13 @@ def main(argv=None) -> int:
         res["speedup_vs_deepxde_median"] = res["deepxde_median_s"] / res["glymphmpi_median_s"]
         print(f"  speed-up over DeepXDE: {res['speedup_vs_deepxde']:.2f}x best-of-{args.reps}, "
               f"{res['speedup_vs_deepxde_median']:.2f}x median (target >= 2x)")
+        if "glymphmpi_compiled_s" in res:
+            res["speedup_compiled_vs_deepxde"] = res["deepxde_s"] / res["glymphmpi_compiled_s"]
+            res["speedup_compiled_vs_deepxde_median"] = (res["deepxde_median_s"]
+                                                         / res["glymphmpi_compiled_median_s"])
+            print(f"  speed-up over DeepXDE with torch.compile: {res['speedup_compiled_vs_deepxde']:.2f}x "
+                  f"best, {res['speedup_compiled_vs_deepxde_median']:.2f}x median "
+                  f"(one-off compile {res['compile_s']:.0f} s)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(res, fh, indent=2)

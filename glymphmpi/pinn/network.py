@@ -67,10 +67,14 @@ class PinnNet(nn.Module):
         lo, hi: (4,) bounding box of the inputs (x, y, z in mm, t in h);
             mapped to [-1, 1].
         out_scale: the output is ``out_scale * N(x_scaled)`` (the data's magnitude).
+        compiled: ``torch.compile`` the elementwise work of the fused tanh layers
+            (fused loops; a one-off compile of tens of seconds).
     """
 
-    def __init__(self, depth: int, width: int, act: str, lo, hi, out_scale: float = 1.0):
+    def __init__(self, depth: int, width: int, act: str, lo, hi, out_scale: float = 1.0,
+                 compiled: bool = False):
         super().__init__()
+        self.compiled = bool(compiled)
         self.act_name = act
         self._act = activation(act)
         lo = torch.as_tensor(lo, dtype=torch.float64)
@@ -116,7 +120,7 @@ class PinnNet(nn.Module):
             # fused path: streams stacked as (6, N, W) = [c, d/dx, d/dy, d/dz, d/dt, lap]
             S = torch.cat((h.unsqueeze(0), gx, gt.unsqueeze(0), lh.unsqueeze(0)), dim=0)
             for lin in self.layers[1:-1]:
-                S = _TanhLaplacianLayer.apply(S, lin.weight, lin.bias)
+                S = _TanhLaplacianLayer.apply(S, lin.weight, lin.bias, self.compiled)
             h, gt, lh = S[0], S[4], S[5]
         else:
             for lin in self.layers[1:-1]:
@@ -150,40 +154,61 @@ class _TanhLaplacianLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, S, weight, bias):
+    def forward(ctx, S, weight, bias, compiled):
         Z = torch.matmul(S, weight.T)
-        z = Z[0].add_(bias)
-        gzx, gzt, lz = Z[1:4], Z[4], Z[5]
-        a = torch.tanh(z)
-        a1 = 1.0 - a * a
-        a2 = -2.0 * a * a1
-        Q = (gzx * gzx).sum(0)
-        out = torch.empty_like(Z)
-        out[0] = a
-        torch.mul(gzx, a1, out=out[1:4])
-        torch.mul(gzt, a1, out=out[4])
-        torch.addcmul(a2 * Q, a1, lz, out=out[5])
+        fwd, _ = _elementwise(compiled)
+        out, a, Q = fwd(Z, bias)
         ctx.save_for_backward(S, weight, Z, a, Q)
+        ctx.compiled = compiled
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, G):
         S, weight, Z, a, Q = ctx.saved_tensors
-        gzx, gzt, lz = Z[1:4], Z[4], Z[5]
-        a1 = 1.0 - a * a
-        a2 = -2.0 * a * a1
-        a3 = -2.0 * (a1 * a1 + a * a2)
-        Ggx, Gt, Gl = G[1:4], G[4], G[5]
-        dZ = torch.empty_like(G)
-        dZ[0] = G[0] * a1 + a2 * ((Ggx * gzx).sum(0) + Gt * gzt) + Gl * (a3 * Q + a2 * lz)
-        torch.addcmul(a1 * Ggx, (2.0 * Gl * a2), gzx, out=dZ[1:4])
-        torch.mul(Gt, a1, out=dZ[4])
-        torch.mul(Gl, a1, out=dZ[5])
+        _, bwd = _elementwise(ctx.compiled)
+        dZ = bwd(G.contiguous(), Z, a, Q)
         w_out, w_in = weight.shape
         dS = torch.matmul(dZ, weight)
         dW = dZ.reshape(-1, w_out).T @ S.reshape(-1, w_in)
-        return dS, dW, dZ[0].sum(0)
+        return dS, dW, dZ[0].sum(0), None
+
+
+def _tanh_fwd_elem(Z, bias):
+    """Elementwise part of the fused layer's forward: (outputs (6, N, W), a, Q)."""
+    z = Z[0] + bias
+    gzx, gzt, lz = Z[1:4], Z[4], Z[5]
+    a = torch.tanh(z)
+    a1 = 1.0 - a * a
+    a2 = -2.0 * a * a1
+    Q = (gzx * gzx).sum(0)
+    out = torch.cat((a.unsqueeze(0), gzx * a1, (gzt * a1).unsqueeze(0), (a2 * Q + a1 * lz).unsqueeze(0)), 0)
+    return out, a, Q
+
+
+def _tanh_bwd_elem(G, Z, a, Q):
+    """Elementwise part of the fused layer's backward: dZ (6, N, W) (class docstring)."""
+    gzx, gzt, lz = Z[1:4], Z[4], Z[5]
+    a1 = 1.0 - a * a
+    a2 = -2.0 * a * a1
+    a3 = -2.0 * (a1 * a1 + a * a2)
+    Ggx, Gt, Gl = G[1:4], G[4], G[5]
+    d0 = G[0] * a1 + a2 * ((Ggx * gzx).sum(0) + Gt * gzt) + Gl * (a3 * Q + a2 * lz)
+    d1 = a1 * Ggx + (2.0 * Gl * a2) * gzx
+    return torch.cat((d0.unsqueeze(0), d1, (Gt * a1).unsqueeze(0), (Gl * a1).unsqueeze(0)), 0)
+
+
+_COMPILED: dict = {}
+
+
+def _elementwise(compiled: bool):
+    """(forward, backward) elementwise kernels; ``torch.compile``d (fused loops) when asked."""
+    if not compiled:
+        return _tanh_fwd_elem, _tanh_bwd_elem
+    if not _COMPILED:
+        _COMPILED["fwd"] = torch.compile(_tanh_fwd_elem, dynamic=True)
+        _COMPILED["bwd"] = torch.compile(_tanh_bwd_elem, dynamic=True)
+    return _COMPILED["fwd"], _COMPILED["bwd"]
 
 
 def derivatives_autograd(net: nn.Module, xt: torch.Tensor, create_graph: bool = True):

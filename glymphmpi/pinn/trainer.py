@@ -149,7 +149,8 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            net = PinnNet(cfg.depth, cfg.width, cfg.activation, problem.lo, problem.hi, problem.out_scale)
+            net = PinnNet(cfg.depth, cfg.width, cfg.activation, problem.lo, problem.hi, problem.out_scale,
+                          compiled=cfg.compile)
         dcoef = DiffusionCoefficient(cfg.d_param, cfg.delta0, cfg.d_min, cfg.d_max)
         self.model = PinnModel(net, dcoef).to(device=dev, dtype=self.dtype)
         if self.ctx.active:
