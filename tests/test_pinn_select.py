@@ -157,3 +157,19 @@ def test_slurm_job_array(tmp_path, glymph, tiny_subject):
     assert "#SBATCH --array=0-3" in script
     logs = list((out / "slurm" / "logs").glob(f"{summ['slurm_job']}_*.out"))
     assert len(logs) == 4
+
+
+def test_cohort_runs_pinn_select_and_reports_it(tmp_path, glymph, tiny_subject):
+    """A per-subject method list with pinn-select; the cohort CSV gains its D column."""
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID.replace("w_r = [0.0, 1.0]", "w_r = [1.0]"))
+    cohort = tmp_path / "cohort.toml"
+    cohort.write_text(f'subjects = [{{path = "{tiny_subject}", methods = ["pinn-select"]}}]\n'
+                      'methods = ["fem", "pinn-select"]\n'
+                      f'[settings.pinn_select]\ngrid = "{grid}"\nseeds = 1\nparallel = 2\n')
+    r = glymph("cohort", "run", cohort, "--out", tmp_path / "run", "--scheduler", "local", timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "report" / "cohort.csv")))
+    assert rows[0]["pinn-select.status"] == "complete"
+    sel = json.loads((tmp_path / "run" / "tiny" / "pinn-select" / "selection.json").read_text())
+    assert float(rows[0]["pinn-select.D_mm2_per_h"]) == pytest.approx(sel["D_mm2_per_h"], rel=1e-9)

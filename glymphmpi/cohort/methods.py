@@ -88,6 +88,9 @@ _BUILTIN = {
     "pinn": MethodSpec("pinn", "torch", default_ranks=1, module="glymphmpi.pinn.cli"),
 }
 _REGISTRY: dict[str, MethodSpec] = dict(_BUILTIN)
+# Opt-in (not part of the default method list): residual-guided PINN set-up selection. It trains its grid
+# with local processes inside its own job (give it CPUs with [resources.pinn-select] cpus_per_task).
+_REGISTRY["pinn-select"] = MethodSpec("pinn-select", "serial", default_ranks=1, module="glymphmpi.pinnselect.cli")
 
 
 def register_method(spec: MethodSpec) -> None:

@@ -10,6 +10,8 @@ class PinnSelectConfig:
     """Configuration of the set-up selection.
 
     Attributes:
+        grid: grid TOML file (``[axes]``, ``[fixed]``); empty: the paper's
+            grid. ``--grid`` on the command line takes precedence.
         seeds: seeds per set-up (each seed is one training run).
         misfit_tolerance: a set-up is eligible when its mean final data misfit
             is at most ``(1 + misfit_tolerance)`` times the best set-up's.
@@ -21,6 +23,7 @@ class PinnSelectConfig:
         cpus_per_task, mem: SLURM resources of one array task.
     """
 
+    grid: str = ""
     seeds: int = 3
     misfit_tolerance: float = 0.25
     parallel: int = 0

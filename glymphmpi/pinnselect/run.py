@@ -90,7 +90,8 @@ def plot(rows, records, chosen, fem, path: Path) -> None:
 
 def solve(subject, cfg, rundir, comm, args) -> dict:
     out = rundir.root
-    setups = load_grid(args.grid) if args.grid else make_setups()
+    grid = args.grid or cfg.grid
+    setups = load_grid(grid) if grid else make_setups()
     runs = expand_runs(setups, cfg.seeds)
     subject_path = Path(args.subject).resolve()
     atomic_write_json(out / "grid.json", [{"setup": s.name, "axes": s.axes, "pinn": s.keys} for s in setups])
