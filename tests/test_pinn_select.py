@@ -25,6 +25,8 @@ def test_default_grid_is_the_papers():
     assert s.keys == {"w_r": 256.0, "p_schedule": "1", "lr_start": 1e-4, "lr_end": 1e-5, "rar_epochs": []}
     on = next(s for s in setups if s.axes["rar"] and s.axes["w_r"] == 1.0)
     assert on.keys["rar_epochs"] == [500, 1000, 1500]  # 25/50/75% of the default 2000 epochs
+    es = make_setups(early_stop_fraction=0.25)
+    assert all(s.keys["early_stop_epochs"] == [500] for s in es)
     runs = expand_runs(setups[:1], 3)
     assert [r.seed for r in runs] == [0, 1, 2]
     assert "pinn.seed=2" in run_overrides(runs[2]) and "pinn.ensemble=1" in run_overrides(runs[2])
@@ -173,3 +175,29 @@ def test_cohort_runs_pinn_select_and_reports_it(tmp_path, glymph, tiny_subject):
     assert rows[0]["pinn-select.status"] == "complete"
     sel = json.loads((tmp_path / "run" / "tiny" / "pinn-select" / "selection.json").read_text())
     assert float(rows[0]["pinn-select.D_mm2_per_h"]) == pytest.approx(sel["D_mm2_per_h"], rel=1e-9)
+
+
+def test_early_stop_of_hopeless_run(tmp_path, glymph, tiny_subject):
+    """D pinned at the lower bound (delta0 = -30, lr tiny): stopped at the check epoch with the reason."""
+    out = tmp_path / "p"
+    r = glymph("pinn", tiny_subject, "--out", out, "--set", "pinn.epochs=6", "--set", "pinn.depth=2",
+               "--set", "pinn.width=16", "--set", "pinn.batches=2", "--set", "pinn.delta0=-30.0",
+               "--set", "pinn.lr_start=1e-7", "--set", "pinn.lr_end=1e-7", "--set", "pinn.early_stop_epochs=[3]",
+               "--set", "pinn.residual_times=10", "--set", "pinn.residual_voxels=100", "--set", "pinn.figures=false",
+               "--set", "pinn.maps=false")
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["early_stopped"] is True
+    assert "stuck at the lower bound" in s["early_stop_reason"] and "not below" in s["early_stop_reason"]
+    import h5py
+
+    with h5py.File(out / "results.h5") as fh:
+        assert len(fh["members/m0/history/epoch"][()]) == 3  # stopped at epoch 3 of 6
+    from glymphmpi.pinnselect.execute import record
+    from glymphmpi.pinnselect.grid import Run, Setup
+
+    s_path = tmp_path / "runs" / "p" / "seed0"
+    s_path.mkdir(parents=True)
+    (s_path / "summary.json").write_text(json.dumps(s))
+    rec = record(tmp_path, Run(Setup("p", {}, {}), 0))
+    assert rec.status == "early_stopped" and "lower bound" in rec.reason

@@ -64,6 +64,15 @@ class PinnConfig:
         seed: random seed.
         checkpoint_every: checkpoint every N epochs (0: only on a signal).
         log_every: log a line every N epochs.
+        early_stop_epochs: epochs at which a hopeless run is stopped (empty:
+            never): D stuck at the lower bound (within ``early_stop_d_margin``
+            x d_max of d_min, sigmoid parametrisation) or the residual norm
+            (mean |dc/dt - D lap c| on a quick grid) not below
+            ``(1 - early_stop_min_drop)`` x its value after the first epoch.
+            The run then ends normally with ``early_stopped`` and the reason in
+            its summary (pinn-select never selects such a run).
+        early_stop_d_margin: see ``early_stop_epochs``.
+        early_stop_min_drop: see ``early_stop_epochs``.
         maps: write NIfTI maps of the prediction at the scan times.
         figures: write PNG figures.
     """
@@ -99,6 +108,9 @@ class PinnConfig:
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 50
+    early_stop_epochs: tuple[int, ...] = ()
+    early_stop_d_margin: float = 0.01
+    early_stop_min_drop: float = 0.1
     maps: bool = True
     figures: bool = True
 
@@ -132,6 +144,10 @@ class PinnConfig:
             raise ValueError("d_param 'direct' needs delta0 > 0 (the initial D in mm^2/h)")
         if (self.rar_epochs or self.rae_epochs) and self.rar_pool < 1:
             raise ValueError("rar_pool must be >= 1 when RAR/RAE is on")
+        if not (0 <= self.early_stop_d_margin < 1 and 0 <= self.early_stop_min_drop < 1):
+            raise ValueError("early_stop_d_margin and early_stop_min_drop must be in [0, 1)")
+        if any(e < 2 for e in self.early_stop_epochs):
+            raise ValueError("early_stop_epochs must be >= 2 (the baseline is taken after epoch 1)")
         if self.log_every < 1:
             raise ValueError("log_every must be >= 1")
 

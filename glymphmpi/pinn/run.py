@@ -55,6 +55,8 @@ def solve(subject, cfg: PinnConfig, rundir, comm, ctx, quiet: bool = False) -> d
         "epochs": cfg.epochs, "ensemble": cfg.ensemble, "pde_points_final": int(last["n_pde"][-1]),
         "device": str(ctx.device), "world_size": ctx.size, "backend": ctx.backend, "dtype": cfg.dtype,
         "train_s": float(sum(m.train_s for m in members)),
+        "early_stopped": any(m.early_stop_reason for m in members),
+        "early_stop_reason": "; ".join(m.early_stop_reason for m in members if m.early_stop_reason),
         "max_rank_difference": float(max(m.rank_spread for m in members)),
     }
     if rundir.rank == 0:

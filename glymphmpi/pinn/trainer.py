@@ -128,6 +128,7 @@ class MemberResult:
     prediction: np.ndarray | None = None  # (p, n_mask) at the scan times
     train_s: float = 0.0
     rank_spread: float = 0.0  # max |theta_rank - theta_rank0| over ranks and parameters (delta included)
+    early_stop_reason: str = ""  # non-empty: stopped as hopeless (see PinnConfig.early_stop_epochs)
 
 
 class Trainer:
@@ -342,10 +343,17 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, check
 
         bar = progress(range(tr.epoch, cfg.epochs), quiet=quiet if ctx.rank == 0 else True,
                        desc=f"pinn member {m + 1}", initial=tr.epoch, total=cfg.epochs)
+        stop_reason = ""
         for _ in bar:
             rec = tr.run_epoch()
             if callback is not None:
                 callback(tr, rec)
+            if cfg.early_stop_epochs:
+                stop_reason = _hopeless(tr, problem, cfg)
+                if stop_reason:
+                    if ctx.rank == 0:
+                        log.warning("member %d stopped early at epoch %d: %s", m + 1, tr.epoch, stop_reason)
+                    break
             if cfg.checkpoint_every and tr.epoch % cfg.checkpoint_every == 0 and tr.epoch < cfg.epochs:
                 _, norm = _residual_check(tr, problem, cfg, quick=True)
                 tr.residual_checks["epoch"].append(tr.epoch)
@@ -356,7 +364,7 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, check
                          rec["seconds"])
             if checkpointer is not None:
                 checkpointer.step(m * cfg.epochs + tr.epoch, state_fn)
-        if cfg.lbfgs_steps:
+        if cfg.lbfgs_steps and not stop_reason:
             tr.lbfgs(cfg.lbfgs_steps)
             if ctx.rank == 0:
                 log.info("after %d L-BFGS iterations: D = %.5f mm^2/h", cfg.lbfgs_steps, tr.D())
@@ -370,7 +378,8 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, check
                 for t in problem.times_h])
         res = MemberResult(seed=seed, D=tr.D(), history=tr.history, events=tr.events,
                            residual_t=r, t_grid=t_grid, residual_norm=float(np.mean(r)),
-                           prediction=pred, train_s=tr.train_s, rank_spread=spread)
+                           prediction=pred, train_s=tr.train_s, rank_spread=spread,
+                           early_stop_reason=stop_reason)
         res.history = dict(tr.history, residual_check_epoch=tr.residual_checks["epoch"],
                            residual_check_norm=tr.residual_checks["residual_norm"])
         results.append(res)
@@ -378,7 +387,37 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, check
             log.info("member %d: D = %.5f mm^2/h, residual norm %.4e, %.1f s training", m + 1, res.D,
                      res.residual_norm, res.train_s)
         del tr
+        if stop_reason:  # a hopeless set-up: the other members would not fare better
+            break
     return results
+
+
+def _hopeless(tr: Trainer, problem: Problem, cfg: PinnConfig) -> str:
+    """Why this run is hopeless at this epoch ("" if it is not, or not a check epoch).
+
+    The baseline residual norm is measured after epoch 1 (kept in the
+    checkpointed ``residual_checks``, so a resumed run decides the same).
+    """
+    checks = tr.residual_checks
+    if tr.epoch == 1 and "baseline" not in checks:
+        _, norm = _residual_check(tr, problem, cfg, quick=True)
+        checks["baseline"] = [norm]
+        checks["epoch"].append(1)
+        checks["residual_norm"].append(norm)
+        return ""
+    if tr.epoch not in cfg.early_stop_epochs:
+        return ""
+    reasons = []
+    if cfg.d_param == "sigmoid" and tr.D() <= cfg.d_min + cfg.early_stop_d_margin * cfg.d_max:
+        reasons.append(f"D = {tr.D():.4g} mm^2/h stuck at the lower bound {cfg.d_min:g}")
+    base = checks["baseline"][0] if "baseline" in checks else None
+    _, norm = _residual_check(tr, problem, cfg, quick=True)
+    checks["epoch"].append(tr.epoch)
+    checks["residual_norm"].append(norm)
+    if base is not None and norm > (1.0 - cfg.early_stop_min_drop) * base:
+        reasons.append(f"residual norm {norm:.3g} not below {1 - cfg.early_stop_min_drop:.2f} x its epoch-1 "
+                       f"value {base:.3g}")
+    return "; ".join(reasons)
 
 
 def rank_spread(model, ctx: DistContext) -> float:

@@ -15,6 +15,9 @@ class PinnSelectConfig:
         seeds: seeds per set-up (each seed is one training run).
         misfit_tolerance: a set-up is eligible when its mean final data misfit
             is at most ``(1 + misfit_tolerance)`` times the best set-up's.
+        early_stop_fraction: stop hopeless runs (D stuck at the lower bound or
+            residual not falling; PinnConfig.early_stop_epochs) at this share of
+            the epochs; 0: never. Set-ups that set early_stop_epochs keep theirs.
         parallel: local processes at once (0: the number of CPU cores).
         threads_per_run: torch/OpenMP threads of each local run.
         max_retries: re-runs of a failed run before it is recorded as failed.
@@ -26,6 +29,7 @@ class PinnSelectConfig:
     grid: str = ""
     seeds: int = 3
     misfit_tolerance: float = 0.25
+    early_stop_fraction: float = 0.25
     parallel: int = 0
     threads_per_run: int = 1
     max_retries: int = 1
@@ -40,6 +44,8 @@ class PinnSelectConfig:
     def validate(self) -> None:
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
+        if not 0 <= self.early_stop_fraction < 1:
+            raise ValueError("early_stop_fraction must be in [0, 1)")
         if self.misfit_tolerance < 0:
             raise ValueError("misfit_tolerance must be >= 0")
         if self.parallel < 0 or self.threads_per_run < 1 or self.max_retries < 0:

@@ -89,8 +89,13 @@ def _pinn_defaults() -> dict:
     return dataclasses.asdict(PinnConfig())
 
 
-def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str = "grid") -> list[Setup]:
-    """All combinations of the axes, each checked as a full PinnConfig."""
+def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str = "grid",
+                early_stop_fraction: float = 0.0) -> list[Setup]:
+    """All combinations of the axes, each checked as a full PinnConfig.
+
+    ``early_stop_fraction`` > 0 adds a hopeless-run check at that fraction of
+    the epochs to every set-up that does not set ``early_stop_epochs`` itself.
+    """
     from glymphmpi.pinn.config import PinnConfig
 
     axes = dict(DEFAULT_AXES if axes is None else axes)
@@ -111,6 +116,10 @@ def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str 
         keys = dict(fixed)
         for k, v in ax.items():
             keys.update(_expand(k, v, fixed, where))
+        if early_stop_fraction > 0 and "early_stop_epochs" not in keys:
+            epochs = int(keys.get("epochs", _pinn_defaults()["epochs"]))
+            if epochs >= 4:
+                keys["early_stop_epochs"] = [max(2, int(early_stop_fraction * epochs))]
         build(PinnConfig, {**keys, "ensemble": 1}, where)  # validates types and values
         name = setup_name(ax)
         if name in names:
@@ -120,14 +129,14 @@ def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str 
     return setups
 
 
-def load_grid(path) -> list[Setup]:
+def load_grid(path, early_stop_fraction: float = 0.0) -> list[Setup]:
     doc = load_toml(path)
     unknown = set(doc) - {"axes", "fixed"}
     if unknown:
         raise InputError(f"unknown table {sorted(unknown)[0]!r} (valid: axes, fixed)", path)
     if "axes" not in doc or not isinstance(doc["axes"], dict) or not doc["axes"]:
         raise InputError("needs an [axes] table with at least one axis", path)
-    return make_setups(doc["axes"], doc.get("fixed", {}), str(Path(path)))
+    return make_setups(doc["axes"], doc.get("fixed", {}), str(Path(path)), early_stop_fraction)
 
 
 def expand_runs(setups: list[Setup], seeds: int) -> list[Run]:

@@ -91,7 +91,8 @@ def plot(rows, records, chosen, fem, path: Path) -> None:
 def solve(subject, cfg, rundir, comm, args) -> dict:
     out = rundir.root
     grid = args.grid or cfg.grid
-    setups = load_grid(grid) if grid else make_setups()
+    setups = (load_grid(grid, cfg.early_stop_fraction) if grid
+              else make_setups(early_stop_fraction=cfg.early_stop_fraction))
     runs = expand_runs(setups, cfg.seeds)
     subject_path = Path(args.subject).resolve()
     atomic_write_json(out / "grid.json", [{"setup": s.name, "axes": s.axes, "pinn": s.keys} for s in setups])
