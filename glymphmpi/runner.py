@@ -44,6 +44,7 @@ def run_method(method: str, args, solve: Callable, comm=None, config_section: st
              "" if rundir.size == 1 else "s")
     try:
         fields = solve(subject, cfg, rundir, comm)
+        fields.setdefault("subject_path", str(subject.path))  # romt-post and reports find the subject
         summary = rundir.write_summary(method, subject.id, fields)
         log.info("done: %s", rundir.summary)
         return summary

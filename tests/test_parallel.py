@@ -52,8 +52,13 @@ def test_rundir_collective(comm, mpi_tmp_path):
 
 
 def test_torch_env_from_openmpi(monkeypatch):
+    import os
+
+    # torch_dist_env writes os.environ: give it a private copy so nothing leaks into later tests
+    # (a leaked WORLD_SIZE=4 would make every later PINN run wait for 3 missing ranks)
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+        os.environ.pop(k, None)
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
