@@ -201,13 +201,48 @@ def _tanh_bwd_elem(G, Z, a, Q):
 _COMPILED: dict = {}
 
 
+class CompiledKernelError(RuntimeError):
+    """torch.compile produced elementwise kernels that disagree with eager PyTorch."""
+
+
+def _checked(compiled_fn, eager_fn, name: str):
+    """Run ``compiled_fn``; the first call per dtype is compared with ``eager_fn`` on the same inputs.
+
+    Inductor's CPU kernels were seen to compute wrong values in a process that had
+    imported PETSc/DOLFINx before compiling; a wrong kernel must never train a model.
+    """
+    verified: set = set()
+
+    def call(*args):
+        out = compiled_fn(*args)
+        dtype = args[0].dtype
+        if dtype not in verified:
+            ref = eager_fn(*args)
+            outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+            tol = 1e-9 if dtype == torch.float64 else 1e-4
+            for o, r in zip(outs, refs):
+                scale = float(r.abs().max()) if r.numel() else 0.0
+                if not torch.allclose(o, r, rtol=tol, atol=tol * max(scale, 1e-30)):
+                    raise CompiledKernelError(
+                        f"pinn.compile: the compiled {name} kernel disagrees with eager PyTorch "
+                        f"(max difference {float((o - r).abs().max()):.3g}); run with pinn.compile=false "
+                        "(seen when PETSc/DOLFINx were imported in the same process)")
+            verified.add(dtype)
+        return out
+
+    return call
+
+
 def _elementwise(compiled: bool):
-    """(forward, backward) elementwise kernels; ``torch.compile``d (fused loops) when asked."""
+    """(forward, backward) elementwise kernels; ``torch.compile``d (fused loops) when asked.
+
+    Compiled kernels are verified against the eager ones on their first call per dtype.
+    """
     if not compiled:
         return _tanh_fwd_elem, _tanh_bwd_elem
     if not _COMPILED:
-        _COMPILED["fwd"] = torch.compile(_tanh_fwd_elem, dynamic=True)
-        _COMPILED["bwd"] = torch.compile(_tanh_bwd_elem, dynamic=True)
+        _COMPILED["fwd"] = _checked(torch.compile(_tanh_fwd_elem, dynamic=True), _tanh_fwd_elem, "forward")
+        _COMPILED["bwd"] = _checked(torch.compile(_tanh_bwd_elem, dynamic=True), _tanh_bwd_elem, "backward")
     return _COMPILED["fwd"], _COMPILED["bwd"]
 
 
