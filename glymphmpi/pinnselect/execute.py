@@ -73,8 +73,7 @@ def run_local(subject: Path, out: Path, runs: list[Run], parallel: int, threads:
     SIGTERM/SIGUSR1 to this process is passed on to the children (they
     checkpoint and exit 75), then :class:`Preempted` is raised.
     """
-    todo = [r for r in runs if record(out, r).status != "complete" and
-            record(out, r).status != "early_stopped"]
+    todo = [r for r in runs if record(out, r).status not in ("complete", "early_stopped")]
     if not todo:
         return
     workers = parallel or os.cpu_count() or 1
