@@ -148,62 +148,28 @@ def _setup_3d(ax, pts: np.ndarray) -> None:
     ax.view_init(elev=22, azim=-60)
 
 
-def pathlines_3d(path, segments: np.ndarray, values: np.ndarray, title: str, label: str, kind="speed",
-                 context: np.ndarray | None = None, dpi=110) -> str:
-    """Pathline segments in 3D coloured by a value.
+def _figure_3d(values: np.ndarray, kind: str, what: str):
+    """A 3D axes with the colour map of ``kind``: (plt, fig, ax, norm, cmap, ok).
 
-    Args:
-        segments: (m, 2, 3) world mm segment end points.
-        values: (m,) value of each segment.
-        context: optional (q, 3) world mm points (e.g. the mask outline) drawn faintly.
+    ``ok`` marks the values that can be coloured (finite; positive for Pe). When
+    none can, the axes say so (``what`` names the drawn items).
     """
     plt = _plt()
-    from mpl_toolkits.mplot3d.art3d import Line3DCollection
-
     fig = plt.figure(figsize=(8.5, 7.2), layout="constrained")
     ax = fig.add_subplot(projection="3d")
     norm = _pe_norm(values) if kind == "peclet" else _speed_norm(values)
     cmap = plt.get_cmap("RdBu_r" if kind == "peclet" else "turbo")
     ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True)
-    if ok.any():
-        lc = Line3DCollection(segments[ok], colors=cmap(norm(values[ok])), linewidths=0.9)
-        ax.add_collection3d(lc, autolim=False)
-    else:
-        ax.text2D(0.5, 0.5, "no segment has a defined value" + (
+    if not ok.any():
+        ax.text2D(0.5, 0.5, f"no {what} has a defined value" + (
             "\n(Pe needs diffusion: sigma > 0 and a density gradient)" if kind == "peclet" else ""),
             transform=ax.transAxes, ha="center", va="center")
-    pts = segments.reshape(-1, 3)
-    if context is not None and context.size:
-        ax.scatter(*context.T, s=0.3, c="0.75", alpha=0.25, depthshade=False)
-        pts = np.concatenate([pts, context])
-    _setup_3d(ax, pts)
-    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
-    cb = fig.colorbar(sm, ax=ax, shrink=0.7, pad=0.08)
-    cb.set_label(label)
-    _format_colorbar(cb, kind)
-    ax.set_title(title)
-    return _save(fig, path, dpi)
+    return plt, fig, ax, norm, cmap, ok
 
 
-def flux_vectors_3d(path, start: np.ndarray, disp: np.ndarray, values: np.ndarray, title: str,
-                    label: str, kind="speed", context: np.ndarray | None = None, dpi=110) -> str:
-    """Arrows from each pathline's start to its end (world mm), coloured by a value."""
-    plt = _plt()
-    fig = plt.figure(figsize=(8.5, 7.2), layout="constrained")
-    ax = fig.add_subplot(projection="3d")
-    norm = _pe_norm(values) if kind == "peclet" else _speed_norm(values)
-    cmap = plt.get_cmap("RdBu_r" if kind == "peclet" else "turbo")
-    ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True)
-    if ok.any():
-        cols = cmap(norm(values[ok]))
-        # a 3D quiver draws all shafts, then one side of every head, then the other side
-        cols = np.concatenate([cols, cols, cols])
-        ax.quiver(*start[ok].T, *disp[ok].T, colors=cols, arrow_length_ratio=0.3, linewidths=1.1)
-    else:
-        ax.text2D(0.5, 0.5, "no vector has a defined value" + (
-            "\n(Pe needs diffusion: sigma > 0 and a density gradient)" if kind == "peclet" else ""),
-            transform=ax.transAxes, ha="center", va="center")
-    pts = np.concatenate([start, start + disp]) if start.size else start
+def _finish_3d(plt, fig, ax, pts: np.ndarray, context, norm, cmap, label: str, kind: str, title: str,
+               path, dpi) -> str:
+    """Faint context points, limits from ``pts`` and the context, colour bar, title; saves the figure."""
     if context is not None and context.size:
         ax.scatter(*context.T, s=0.3, c="0.75", alpha=0.25, depthshade=False)
         pts = np.concatenate([pts, context]) if pts.size else context
@@ -214,6 +180,37 @@ def flux_vectors_3d(path, start: np.ndarray, disp: np.ndarray, values: np.ndarra
     _format_colorbar(cb, kind)
     ax.set_title(title)
     return _save(fig, path, dpi)
+
+
+def pathlines_3d(path, segments: np.ndarray, values: np.ndarray, title: str, label: str, kind="speed",
+                 context: np.ndarray | None = None, dpi=110) -> str:
+    """Pathline segments in 3D coloured by a value.
+
+    Args:
+        segments: (m, 2, 3) world mm segment end points.
+        values: (m,) value of each segment.
+        context: optional (q, 3) world mm points (e.g. the mask outline) drawn faintly.
+    """
+    from mpl_toolkits.mplot3d.art3d import Line3DCollection
+
+    plt, fig, ax, norm, cmap, ok = _figure_3d(values, kind, "segment")
+    if ok.any():
+        lc = Line3DCollection(segments[ok], colors=cmap(norm(values[ok])), linewidths=0.9)
+        ax.add_collection3d(lc, autolim=False)
+    return _finish_3d(plt, fig, ax, segments.reshape(-1, 3), context, norm, cmap, label, kind, title, path, dpi)
+
+
+def flux_vectors_3d(path, start: np.ndarray, disp: np.ndarray, values: np.ndarray, title: str,
+                    label: str, kind="speed", context: np.ndarray | None = None, dpi=110) -> str:
+    """Arrows from each pathline's start to its end (world mm), coloured by a value."""
+    plt, fig, ax, norm, cmap, ok = _figure_3d(values, kind, "vector")
+    if ok.any():
+        cols = cmap(norm(values[ok]))
+        # a 3D quiver draws all shafts, then one side of every head, then the other side
+        cols = np.concatenate([cols, cols, cols])
+        ax.quiver(*start[ok].T, *disp[ok].T, colors=cols, arrow_length_ratio=0.3, linewidths=1.1)
+    pts = np.concatenate([start, start + disp]) if start.size else start
+    return _finish_3d(plt, fig, ax, pts, context, norm, cmap, label, kind, title, path, dpi)
 
 
 def mask_outline_world(mask: np.ndarray, affine: np.ndarray, max_points: int = 4000) -> np.ndarray:
