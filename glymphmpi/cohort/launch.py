@@ -146,6 +146,20 @@ class BaseLauncher:
         self.say(f"report: {paths['html']}")
         return 0 if counts.get("complete", 0) == len(self.cohort.tasks()) else 1
 
+    def begin(self, scheduler: str, where: str) -> tuple[list | None, int | None]:
+        """Prepare a launch: (runs to do, None), or (None, exit code) when there is nothing to do.
+
+        Announces the launch and records it in the state (``scheduler``: "local" or "slurm").
+        """
+        todo, done, gave_up = self.prepare()
+        rc = self.nothing_to_do(done, gave_up)
+        if rc is not None:
+            return None, rc
+        self.say(f"cohort {self.cohort.path.name}: {len(self.cohort.subjects)} subjects x "
+                 f"{len(self.cohort.methods)} methods; {len(done)} complete, {len(todo)} to run ({where})")
+        self.state.data["launches"].append({"scheduler": scheduler, "time": time.time(), "pid": os.getpid()})
+        return todo, None
+
     def nothing_to_do(self, done, gave_up) -> int | None:
         if gave_up and not self.quiet:
             for s, m in gave_up:
@@ -279,18 +293,13 @@ class LocalLauncher(BaseLauncher):
             pass
 
     def run(self) -> int:
-        todo, done, gave_up = self.prepare()
-        r = self.nothing_to_do(done, gave_up)
-        if r is not None:
-            return r
+        todo, rc = self.begin("local", f"local, {self.cores} cores")
+        if todo is None:
+            return rc
         from dask.distributed import Client, LocalCluster, wait
 
         from glymphmpi.report.cohort import subject_report
 
-        self.say(f"cohort {self.cohort.path.name}: {len(self.cohort.subjects)} subjects x "
-                 f"{len(self.cohort.methods)} methods; {len(done)} complete, {len(todo)} to run "
-                 f"(local, {self.cores} cores)")
-        self.state.data["launches"].append({"scheduler": "local", "time": time.time(), "pid": os.getpid()})
         self.save()
         token = f"{os.getpid()}-{id(self)}"
         _LOCAL[token] = self
@@ -523,15 +532,11 @@ class SlurmLauncher(BaseLauncher):
     def run(self) -> int:
         from .sbatch import ACTIVE, JobTable
 
-        todo, done, gave_up = self.prepare()
-        r = self.nothing_to_do(done, gave_up)
-        if r is not None:
-            return r
+        todo, rc = self.begin("slurm", "SLURM")
+        if todo is None:
+            return rc
         from glymphmpi.report.cohort import subject_report
 
-        self.say(f"cohort {self.cohort.path.name}: {len(self.cohort.subjects)} subjects x "
-                 f"{len(self.cohort.methods)} methods; {len(done)} complete, {len(todo)} to run (SLURM)")
-        self.state.data["launches"].append({"scheduler": "slurm", "time": time.time(), "pid": os.getpid()})
         # adopt runs that a previous launcher submitted and that are still queued or running
         jobs = JobTable.query()
         active: dict = {}
