@@ -189,6 +189,22 @@ def test_heat_kernel_recovers_D_within_5_percent():
     assert res.residual_t.shape == (21,) and np.isfinite(res.residual_norm)
 
 
+def test_delta_frozen_for_the_first_epochs_then_free():
+    """delta_freeze_epochs = 3: D stays exactly at D0 for epochs 1-3 while the network trains, then moves."""
+    from glymphmpi.pinn.trainer import build_problem, fit
+
+    scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0)
+    pb = build_problem(scans, mask, affine, times)
+    cfg = PinnConfig(**dict(TINY, batches=2), epochs=6, lr_start=1e-2, lr_end=1e-2, delta_freeze_epochs=3)
+    (res,) = fit(pb, cfg, quiet=True)
+    D0 = DiffusionCoefficient()().item()  # delta0 = 0: 0.7 mm^2/h
+    assert res.history["D"][:3] == [D0] * 3
+    assert all(abs(d - D0) > 1e-4 for d in res.history["D"][3:]), res.history["D"]
+    assert res.history["loss_data"][2] < res.history["loss_data"][0]  # the network did train meanwhile
+    with pytest.raises(ValueError, match="delta_freeze_epochs"):
+        PinnConfig(delta_freeze_epochs=-1).validate()
+
+
 # ---------------------------------------------------------------- RAR / RAE
 def _time_peaked_residual(pts):
     """|residual| concentrated in time around t = 3 h, uniform in space."""

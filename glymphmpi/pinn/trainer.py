@@ -10,7 +10,10 @@ identical on all ranks and equal to a one-process run with the same global
 batches, up to summation order.
 
 Adam's learning rate decays exponentially from ``lr_start`` to ``lr_end``
-over the epochs (``ExponentialLR`` stepped once per epoch). RAR and RAE act
+over the epochs (``ExponentialLR`` stepped once per epoch). During the first
+``delta_freeze_epochs`` epochs delta gets no update (its gradient is dropped
+after the DDP all-reduce, on every rank alike), so D cannot run off while the
+network is still far from the data. RAR and RAE act
 before the epochs listed in the config. The state (model, optimiser,
 scheduler, PDE point set, generator and RNG states, histories) is saved
 every ``checkpoint_every`` epochs and on SIGTERM/SIGUSR1, and a run resumes
@@ -247,6 +250,8 @@ class Trainer:
             c_pred, res = self.ddp(self.data_xt[di], xp)
             J, L, sq, rp = shard_losses(c_pred, self.data_c[di], res, p, db.numel(), pb.numel(), ctx.size)
             (J + cfg.w_r * L).backward()
+            if self.epoch < cfg.delta_freeze_epochs:
+                self.model.dcoef.delta.grad = None  # Adam leaves a parameter without gradient untouched
             self.opt.step()
             sums += torch.stack((sq, rp)).to(torch.float64)
         self.sched.step()
