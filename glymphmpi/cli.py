@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--times", default="0,7,24,46", help="scan times in hours, comma-separated")
     b.add_argument("--noise", type=float, default=0.0, help="noise std relative to the peak")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--boundary", choices=("face", "full"), default="face",
+                   help="Dirichlet voxels: a 6-neighbour outside (face) or any of 26 (full: the FEM mesh's "
+                        "boundary nodes)")
     b.add_argument("--dt-h", type=float, default=0.05, help="forward-solve time step (h)")
     b.add_argument("--id", default="phantom")
     b.set_defaults(func=_cmd_synth_brain)
@@ -141,7 +144,7 @@ def _cmd_synth_brain(args) -> int:
     times = tuple(_parse_times(args.times))
     spec = bd.PhantomSpec(block=tuple(args.block), centre_mm=None if args.centre_mm is None else
                           tuple(args.centre_mm), D_mm2_per_h=args.D, times_h=times,
-                          noise=args.noise, seed=args.seed, dt_h=args.dt_h)
+                          noise=args.noise, seed=args.seed, dt_h=args.dt_h, boundary=args.boundary)
     if args.D <= 0 or args.noise < 0 or args.dt_h <= 0 or len(times) < 2 or any(
             b <= a for a, b in zip(times, times[1:])):
         raise InputError("need D > 0, noise >= 0, dt > 0 and at least 2 increasing times")

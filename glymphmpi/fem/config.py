@@ -36,6 +36,9 @@ class FemConfig:
         delta_scale: the optimiser sees delta * delta_scale; None = automatic
             (equal curvature along delta and along a uniform g, estimated
             with two extra gradients at the start; boundary-control only).
+        g_scaling: "diagonal" (TAO sees each g value times the square root of an estimate of
+            the Hessian's diagonal: the regularisation's exactly, plus the direct misfit at scan
+            steps) or "none" (raw concentrations). The projection optimizer always scales.
         dt_h: time step in hours (steps are shortened to land on every scan).
         t_end_h: end of the simulated interval (default: the last scan); every
             scan must lie in [first scan, t_end_h].
@@ -44,14 +47,23 @@ class FemConfig:
             misfit (the Q1 scheme is then close to the voxel finite differences).
         alpha, beta, gamma: regularisation weights of g^2, (dg/dt)^2 and
             |grad_boundary g|^2 on the boundary.
+        optimizer: "tao" (TAO's ``tao_type`` on (delta, g) together) or "projection"
+            (variable projection, boundary-control mode: for each D the best g is one linear
+            solve, PETSc KSP CG on the matrix-free Hessian, warm started; then a safeguarded
+            secant search for the root of dj/dD; see projection.py). data-boundary mode
+            always uses TAO (D is the only control).
+        inner_rtol, inner_max_it: the first inner CG solve reduces its residual by inner_rtol,
+            later ones stop at the same absolute residual; iteration cap per solve (each
+            iteration is one forward + adjoint solve).
+        inner_options: extra options of the inner KSP (prefix ``<petsc_prefix>inner_``).
+        outer_step: first step in delta of the outer search (sigmoid; "direct": fraction of D).
         tao_type: PETSc TAO solver.
         max_iterations: TAO iteration limit.
         gatol, grtol: TAO absolute / relative gradient tolerances (of the
             normalised functional J / J_scale, J_scale = sum_i ||d_i||^2).
-        D_rtol, D_window: also stop when D varied by at most D_rtol (relative)
-            over the last D_window iterations (0 disables; boundary-control
-            mode only): the boundary controls keep refining long after D has
-            settled.
+        D_rtol, D_window: projection: stop when an outer step changes D by at most D_rtol
+            (relative). TAO: also stop when D varied by at most D_rtol over the last
+            D_window iterations (0 disables; boundary-control mode only).
         lmvm_memory: L-BFGS memory (pairs).
         petsc_options: KSP/PC options, applied with prefix ``petsc_prefix``.
         tao_options: extra TAO options (without prefix), e.g. {"tao_ls_type": "armijo"}.
@@ -68,6 +80,7 @@ class FemConfig:
     D_max: float = 1.2
     delta0: float = 0.0
     delta_scale: float | None = None
+    g_scaling: str = "none"
     dt_h: float = 1.0
     t_end_h: float | None = None
     theta: float = 0.5
@@ -75,6 +88,11 @@ class FemConfig:
     alpha: float = 1e-6
     beta: float = 0.1
     gamma: float = 0.01
+    optimizer: str = "tao"
+    inner_rtol: float = 1e-4
+    inner_max_it: int = 200
+    inner_options: dict = field(default_factory=dict)
+    outer_step: float = 0.2
     tao_type: str = "lmvm"
     max_iterations: int = 200
     gatol: float = 1e-8
@@ -95,12 +113,18 @@ class FemConfig:
         if self.parametrization not in PARAMETRIZATIONS:
             raise ValueError(f"fem.parametrization {self.parametrization!r} is not one of "
                              f"{', '.join(PARAMETRIZATIONS)}")
+        if self.optimizer not in ("projection", "tao"):
+            raise ValueError(f"fem.optimizer {self.optimizer!r} is not 'projection' or 'tao'")
+        if not (0 < self.inner_rtol < 1 and self.inner_max_it >= 1 and self.outer_step > 0):
+            raise ValueError("fem.inner_rtol must be in (0, 1), fem.inner_max_it >= 1, fem.outer_step > 0")
         if self.tao_type not in TAO_TYPES:
             raise ValueError(f"fem.tao_type {self.tao_type!r} is not one of {', '.join(TAO_TYPES)}")
         if not (self.D_min > 0 and self.D_max > 0):
             raise ValueError("fem.D_min and fem.D_max must be > 0")
         if self.parametrization == "direct" and self.delta0 <= 0:
             raise ValueError("fem.delta0 is the initial D with parametrization 'direct': must be > 0")
+        if self.g_scaling not in ("diagonal", "none"):
+            raise ValueError(f"fem.g_scaling {self.g_scaling!r} is not 'diagonal' or 'none'")
         if self.delta_scale is not None and not self.delta_scale > 0:
             raise ValueError("fem.delta_scale must be > 0")
         if not self.dt_h > 0:
@@ -115,7 +139,7 @@ class FemConfig:
             raise ValueError("fem.max_iterations must be >= 0 and fem.lmvm_memory >= 1")
         if self.checkpoint_every < 0 or self.vtk_every < 1:
             raise ValueError("fem.checkpoint_every must be >= 0 and fem.vtk_every >= 1")
-        for k in list(self.petsc_options) + list(self.tao_options):
+        for k in list(self.petsc_options) + list(self.tao_options) + list(self.inner_options):
             if not isinstance(k, str) or k.startswith("-"):
                 raise ValueError(f"PETSc option {k!r}: give names without a leading '-'")
 

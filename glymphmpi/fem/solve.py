@@ -88,7 +88,7 @@ class Controls:
             if not p.comm.allreduce(bool(ok), op=_land()):
                 raise InputError("checkpoint does not match this mesh and time grid (other dt_h or "
                                  "subject?); rerun with --fresh", where)
-            arr[p.nd:] = g[:, pos].ravel()
+            arr[p.nd:] = p.pack_g(g[:, pos])
         x.array[:] = arr
 
 
@@ -133,7 +133,8 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             controls.scatter(state["controls"], x, checkpointer.path)
             history = {k: list(v) for k, v in state["history"].items()}
             log.info("resuming from %s at iteration %d", checkpointer.path, start)
-    problem.auto_scale(x)
+    if cfg.optimizer == "tao":
+        problem.auto_scale(x)
     log.info("%s: %d time steps of %.3g-%.3g h (theta = %g), %d controls", cfg.mode, grid.n_steps,
              grid.tau[1:].min(), grid.tau[1:].max(), cfg.theta, x.getSize())
 
@@ -164,7 +165,12 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
                     and (max(Ds[-w - 1:]) - min(Ds[-w - 1:])) <= cfg.D_rtol * Ds[-1])
 
     ev0, ksp0, sol0 = problem.evaluations, model.ksp_iterations, model.solves
-    out = run_tao(problem, cfg, x, start_iteration=start, on_iteration=on_iteration)
+    if problem.full and cfg.optimizer == "projection":
+        from glymphmpi.fem.projection import run_projection
+
+        out = run_projection(problem, cfg, x, start_iteration=start, on_iteration=on_iteration)
+    else:
+        out = run_tao(problem, cfg, x, start_iteration=start, on_iteration=on_iteration)
     opt_s = time.time() - t_opt
     n_eval = problem.evaluations - ev0
     ksp_per = (model.ksp_iterations - ksp0) / max(model.solves - sol0, 1)

@@ -44,6 +44,7 @@ class PhantomSpec:
     seed: int = 0
     dt_h: float = 0.05
     resolution_mm: int = 1
+    boundary: str = "face"  # "face": Dirichlet voxels have a 6-neighbour outside; "full": any of 26
 
 
 def load_wm_template(resolution_mm: int = 1):
@@ -84,14 +85,24 @@ def choose_block(prob: np.ndarray, affine: np.ndarray, spec: PhantomSpec):
     return tuple(slice(int(s), int(s + n)) for s, n in zip(start, b))
 
 
-def boundary_interior(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(interior, boundary): interior voxels have all six neighbours in the mask."""
-    interior = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1),
+def boundary_interior(mask: np.ndarray, boundary: str = "face") -> tuple[np.ndarray, np.ndarray]:
+    """(interior, boundary): interior voxels have all six ("face") or all 26 ("full") neighbours in the mask.
+
+    "full" makes the Dirichlet voxels exactly the boundary nodes of the FEM
+    method's voxel-centre hexahedral mesh (a node whose 26 neighbours are all
+    in the mask is a corner of eight cells), so the phantom and the FEM model
+    then share their domain; the interior operator stays the 7-point stencil.
+    """
+    if boundary not in ("face", "full"):
+        raise ValueError(f"boundary must be 'face' or 'full', got {boundary!r}")
+    conn = 1 if boundary == "face" else 3
+    interior = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, conn),
                                       border_value=0)
     return interior, mask & ~interior
 
 
-def laplacian_split(mask: np.ndarray, h_mm) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray, np.ndarray]:
+def laplacian_split(mask: np.ndarray, h_mm, boundary: str = "face") -> tuple[sp.csr_matrix, sp.csr_matrix,
+                                                                             np.ndarray, np.ndarray]:
     """7-point Laplacian on the interior voxels, split into interior and boundary couplings.
 
     Returns:
@@ -99,7 +110,7 @@ def laplacian_split(mask: np.ndarray, h_mm) -> tuple[sp.csr_matrix, sp.csr_matri
         A_ib: (n_i, n_b) coupling of interior rows to boundary voxels.
         interior_idx, boundary_idx: flat indices into the mask's array.
     """
-    interior, boundary = boundary_interior(mask)
+    interior, boundary = boundary_interior(mask, boundary)
     h = np.asarray(h_mm, dtype=np.float64)
     shape = mask.shape
     ii = np.flatnonzero(interior)
@@ -135,7 +146,7 @@ def laplacian_split(mask: np.ndarray, h_mm) -> tuple[sp.csr_matrix, sp.csr_matri
     return A_ii, A_ib, ii, bb
 
 
-def solve_diffusion(mask, h_mm, D: float, g_fn, times_h, dt_h: float = 0.05, c0=None):
+def solve_diffusion(mask, h_mm, D: float, g_fn, times_h, dt_h: float = 0.05, c0=None, boundary: str = "face"):
     """Crank-Nicolson solve of dc/dt = D lap c with c = g on the mask's boundary voxels.
 
     Args:
@@ -147,11 +158,12 @@ def solve_diffusion(mask, h_mm, D: float, g_fn, times_h, dt_h: float = 0.05, c0=
         times_h: output times (increasing, the first is the initial time).
         dt_h: maximum time step in hours (steps are shortened to hit each time).
         c0: (ni, nj, nk) initial field (default zero inside).
+        boundary: which voxels carry g (see :func:`boundary_interior`).
     Returns:
         (len(times_h), ni, nj, nk) concentrations, zero outside the mask.
     """
     times = np.asarray(times_h, dtype=np.float64)
-    A_ii, A_ib, ii, bb = laplacian_split(mask, h_mm)
+    A_ii, A_ib, ii, bb = laplacian_split(mask, h_mm, boundary)
     n = ii.size
     eye = sp.identity(n, format="csc")
     u = np.zeros(n) if c0 is None else np.asarray(c0).ravel()[ii].astype(np.float64)
@@ -234,7 +246,7 @@ def make_phantom(spec: PhantomSpec, prob=None, template_affine=None):
     sl = choose_block(prob, template_affine, spec)
     block = prob[sl]
     mask = largest_component(block > spec.threshold)
-    interior, boundary = boundary_interior(mask)
+    interior, boundary = boundary_interior(mask, spec.boundary)
     if interior.sum() < 8:
         raise InputError(f"the white-matter block has only {int(interior.sum())} interior voxels")
     affine = template_affine.copy()
@@ -243,7 +255,7 @@ def make_phantom(spec: PhantomSpec, prob=None, template_affine=None):
     h = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     bb = np.flatnonzero(boundary)
     g = boundary_function(mask, affine, bb)
-    clean = solve_diffusion(mask, h, spec.D_mm2_per_h, g, spec.times_h, spec.dt_h)
+    clean = solve_diffusion(mask, h, spec.D_mm2_per_h, g, spec.times_h, spec.dt_h, boundary=spec.boundary)
     peak = float(clean.max())
     scans = clean.copy()
     if spec.noise > 0:
@@ -260,7 +272,8 @@ def make_phantom(spec: PhantomSpec, prob=None, template_affine=None):
         "interior_voxels": int(interior.sum()),
         "boundary_voxels": int(boundary.sum()),
         "dt_h": spec.dt_h,
-        "solver": "7-point finite differences on voxels, Crank-Nicolson, Dirichlet g on mask boundary voxels",
+        "solver": "7-point finite differences on voxels, Crank-Nicolson, Dirichlet g on mask boundary voxels "
+                  f"({'a 6-neighbour' if spec.boundary == 'face' else 'any of the 26 neighbours'} outside)",
         "boundary_concentration": "g = A(x) (t/tp(x)) exp(1 - t/tp(x)); A = 1 + 0.4 sin(2 pi (z-z0)/Lz); "
                                   "tp = 6 + 6 (y-y0)/Ly hours",
         "template": f"nilearn MNI152 white matter, {spec.resolution_mm} mm",

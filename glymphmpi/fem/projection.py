@@ -1,0 +1,175 @@
+"""Variable projection: eliminate the boundary control g, then solve a 1D problem in D.
+
+For a fixed D the state is affine in g and J is quadratic in it, so the best
+g for that D solves one linear system, H(D) u = b(D), with H the (scaled)
+Hessian of J in g. This module solves it with PETSc KSP (CG on a
+matrix-free operator: every product is one forward and one adjoint solve,
+``H v = grad J(v) - grad J(0)``, exact because J is quadratic in g), warm
+started from the previous D's solution. What is left is the reduced
+functional j(D) = min_g J(D, g), a smooth function of one variable, whose
+derivative is dJ/dD at the inner solution (the inner gradient vanishes
+there). Its root is found by a safeguarded secant iteration (bracketing
+with the Illinois rule once the sign changes).
+
+Why not L-BFGS on (D, g) together: J has a long curved valley along which a
+larger D is traded for a flatter g. L-BFGS walks along it in tiny steps (on
+the 24^3 phantom with weak regularisation, 150 iterations moved D only from
+0.767 to 0.760 while the valley's floor is at 0.742), and stopping rules
+based on D's progress fire long before the bottom. Eliminating g removes the
+valley: each outer step lands on its floor.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+log = logging.getLogger(__name__)
+
+
+class _Hessian:
+    """Matrix-free (scaled) Hessian of J in g at fixed delta, as a PETSc Python Mat context."""
+
+    def __init__(self, problem, x, grad, grad0):
+        self.p, self.x, self.grad, self.grad0 = problem, x, grad, grad0
+        self.products = 0
+
+    def mult(self, mat, v, y):
+        p = self.p
+        arr = self.x.array  # every rank takes the array: PETSc's cached norms stay consistent
+        arr[p.nd:] = v.array_r
+        p.evaluate(self.x, self.grad)
+        y.array[:] = self.grad.array_r[p.nd:] - self.grad0
+        self.products += 1
+
+
+def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dict:
+    """Minimise J over (delta, g) from ``x`` (updated in place) by variable projection.
+
+    Args and return value as :func:`glymphmpi.fem.tao.run_tao`; an iteration
+    is one outer step (one value of D with its inner solve).
+    """
+    from petsc4py import PETSc
+
+    from glymphmpi.fem.forward import set_petsc_options
+
+    comm = problem.comm
+    nd = problem.nd
+    t0 = time.time()
+    grad = x.duplicate()
+    ng = problem.nloc - nd
+    rhs = PETSc.Vec().createMPI((ng, PETSc.DECIDE), comm=comm)
+    u = rhs.duplicate()
+    ctx_grad0 = None
+    H = PETSc.Mat().createPython(((ng, PETSc.DECIDE), (ng, PETSc.DECIDE)), comm=comm)
+    ctx = _Hessian(problem, x, grad, None)
+    H.setPythonContext(ctx)
+    H.setUp()
+    prefix = cfg.petsc_prefix + "inner_"
+    # the first solve reduces its initial residual by inner_rtol; later (warm-started) solves stop at
+    # the same absolute residual, so that every j(D) and dj/dD is computed to the same accuracy
+    set_petsc_options(prefix, {"ksp_type": "cg", "pc_type": "none", "ksp_rtol": cfg.inner_rtol,
+                               "ksp_max_it": cfg.inner_max_it, "ksp_converged_use_initial_residual_norm": True,
+                               **cfg.inner_options})
+    ksp = PETSc.KSP().create(comm)
+    ksp.setOptionsPrefix(prefix)
+    ksp.setOperators(H)
+    ksp.setFromOptions()
+    ksp.setInitialGuessNonzero(True)
+    inner_its = 0
+    target = [None]
+
+    def reduced(delta: float) -> tuple[float, float]:
+        """(j, dj/ddelta) at ``delta``: inner solve warm-started from x's g, x updated."""
+        nonlocal ctx_grad0, inner_its
+        arr = x.array
+        u.array[:] = arr[nd:]
+        if nd:
+            arr[0] = delta * problem.ds
+        arr[nd:] = 0.0
+        problem.evaluate(x, grad)  # gradient at g = 0: the affine part
+        ctx_grad0 = grad.array_r[nd:].copy()
+        ctx.grad0 = ctx_grad0
+        rhs.array[:] = -ctx_grad0
+        ksp.solve(rhs, u)
+        if target[0] is None:
+            target[0] = max(ksp.getResidualNorm(), 1e-300)
+            _, _, dtol0, maxit0 = ksp.getTolerances()
+            ksp.setTolerances(rtol=1e-30, atol=target[0], divtol=dtol0, max_it=maxit0)
+        reason = ksp.getConvergedReason()
+        inner_its += ksp.getIterationNumber()
+        if reason < 0 and reason != PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT:
+            raise RuntimeError(f"inner KSP for g failed (reason {reason}); adjust fem.inner_options")
+        arr = x.array
+        arr[nd:] = u.array_r
+        f = problem.evaluate(x, grad)
+        dphi = comm.bcast(float(grad.array_r[0]) * problem.ds if nd else None, root=0)
+        log.info("  D = %.6f: inner CG %d iterations (%s), j = %.6e, dj/ddelta = %.3e",
+                 problem.D_of(delta)[0], ksp.getIterationNumber(), reason, f, dphi)
+        return f, dphi
+
+    problem.probe_g_scale(x)
+    delta, _ = problem.split(x)
+    it = start_iteration
+    failure = None
+    reason = "DIVERGED_MAXITS"
+    f, phi = float("nan"), float("nan")
+    try:
+        f, phi = reduced(delta)
+        if on_iteration is not None:
+            on_iteration(it, x, f, abs(phi))
+        bracket = {"a": None, "b": None, "side": None}  # a: phi < 0, b: phi > 0
+
+        def update(d: float, ph: float) -> None:
+            # Illinois rule: when the same end is replaced twice in a row, halve the other end's phi
+            side = "a" if ph < 0 else "b"
+            other = "b" if side == "a" else "a"
+            if bracket["side"] == side and bracket[other] is not None:
+                bracket[other] = (bracket[other][0], 0.5 * bracket[other][1])
+            bracket[side] = (d, ph)
+            bracket["side"] = side
+
+        update(delta, phi)
+        prev = None
+        step = cfg.outer_step if cfg.parametrization == "sigmoid" else cfg.outer_step * max(delta, 1e-3)
+        while it < cfg.max_iterations:
+            if phi == 0.0:
+                reason = "CONVERGED_GATOL"
+                break
+            a, b = bracket["a"], bracket["b"]
+            if a is not None and b is not None:  # regula falsi inside the bracket
+                new = a[0] - a[1] * (b[0] - a[0]) / (b[1] - a[1])
+            elif prev is not None and (prev[1] - phi) * (prev[0] - delta) > 0:
+                # secant toward the root while unbracketed (positive curvature), at most 4x the last step
+                sec = delta - phi * (delta - prev[0]) / (phi - prev[1])
+                lim = 4.0 * abs(delta - prev[0])
+                new = delta + max(-lim, min(lim, sec - delta))
+            else:  # downhill by a growing step
+                new = delta - math.copysign(step, phi)
+                step *= 2.0
+            prev = (delta, phi)
+            D_old = problem.D_of(delta)[0]
+            delta = new
+            f, phi = reduced(delta)
+            update(delta, phi)
+            it += 1
+            D_new = problem.D_of(delta)[0]
+            if on_iteration is not None:
+                on_iteration(it, x, f, abs(phi))
+            if abs(D_new - D_old) <= cfg.D_rtol * abs(D_new):
+                reason = "CONVERGED_D_STEP"
+                break
+    except BaseException as exc:  # re-raised after the clean-up
+        failure = exc
+    ksp.destroy()
+    H.destroy()
+    for v in (grad, rhs, u):
+        v.destroy()
+    if failure is not None:
+        raise failure
+    out = {"reason": reason, "iterations": it, "f": float(f), "gnorm": abs(float(phi)),
+           "seconds": time.time() - t0, "inner_iterations": inner_its, "hessian_products": ctx.products}
+    log.info("variable projection: %s after %d outer iterations, %d inner CG iterations (f = %.6g)",
+             reason, it, inner_its, f)
+    return out
