@@ -56,6 +56,9 @@ class FemConfig:
             later ones stop at the same absolute residual; iteration cap per solve (each
             iteration is one forward + adjoint solve).
         inner_options: extra options of the inner KSP (prefix ``<petsc_prefix>inner_``).
+        inner_probe: measure the misfit's curvature between scans with one random Hessian
+            product and add it to the g scaling (helps when g is unregularised; see
+            ``ControlProblem.probe_g_scale``).
         outer_step: first step in delta of the outer search (sigmoid; "direct": fraction of D).
         tao_type: PETSc TAO solver.
         max_iterations: TAO iteration limit.
@@ -92,6 +95,7 @@ class FemConfig:
     inner_rtol: float = 1e-4
     inner_max_it: int = 200
     inner_options: dict = field(default_factory=dict)
+    inner_probe: bool = True
     outer_step: float = 0.2
     tao_type: str = "lmvm"
     max_iterations: int = 200

@@ -109,7 +109,8 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
                  problem.D_of(delta)[0], ksp.getIterationNumber(), reason, f, dphi)
         return f, dphi
 
-    problem.probe_g_scale(x)
+    if cfg.inner_probe:
+        problem.probe_g_scale(x)
     delta, _ = problem.split(x)
     it = start_iteration
     failure = None
