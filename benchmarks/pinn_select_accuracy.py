@@ -12,7 +12,9 @@ whole table of set-ups; then how many phantoms are within 5%.
         [--grid GRID.toml] [--run-seeds 2] [--parallel 0] [--out DIR]
 
 The default grid is a reduced version of the paper's (w_r x p; the CPU-sized
-training settings of benchmarks/pinn_table.py are in [fixed]); pass
+training settings of benchmarks/pinn_table.py are in [fixed]: D0 = 0.35
+(delta0 = -1.335), D held for the first 100 epochs, RAR at epochs 133 and 266
+adding half the 16^3 block's 2744 interior voxels from a pool of 8x); pass
 ``--grid`` for another. A rerun with the same ``--out`` trains only what is
 missing (pinn-select resumes).
 """
@@ -39,9 +41,11 @@ width = 32
 batches = 40
 lr_start = 5e-3
 lr_end = 5e-4
-delta0 = -1.2
+delta0 = -1.335
 delta_freeze_epochs = 100
-rar_epochs = [200, 300]
+rar_epochs = [133, 266]
+rar_add = 1372
+rar_pool = 21952
 residual_times = 100
 residual_voxels = 4000
 figures = false

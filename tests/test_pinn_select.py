@@ -27,6 +27,8 @@ def test_default_grid_is_the_papers():
     assert on.keys["rar_epochs"] == [500, 1000, 1500]  # 25/50/75% of the default 2000 epochs
     es = make_setups(early_stop_fraction=0.25)
     assert all(s.keys["early_stop_epochs"] == [500] for s in es)
+    fz = make_setups({"w_r": [1.0]}, {"epochs": 400, "delta_freeze_epochs": 100}, early_stop_fraction=0.25)
+    assert fz[0].keys["early_stop_epochs"] == [175]  # 100 epochs with D held + 25% of the other 300
     runs = expand_runs(setups[:1], 3)
     assert [r.seed for r in runs] == [0, 1, 2]
     assert "pinn.seed=2" in run_overrides(runs[2]) and "pinn.ensemble=1" in run_overrides(runs[2])

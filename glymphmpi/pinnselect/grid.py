@@ -94,7 +94,8 @@ def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str 
     """All combinations of the axes, each checked as a full PinnConfig.
 
     ``early_stop_fraction`` > 0 adds a hopeless-run check at that fraction of
-    the epochs to every set-up that does not set ``early_stop_epochs`` itself.
+    the epochs after ``delta_freeze_epochs`` to every set-up that does not set
+    ``early_stop_epochs`` itself.
     """
     from glymphmpi.pinn.config import PinnConfig
 
@@ -117,9 +118,13 @@ def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str 
         for k, v in ax.items():
             keys.update(_expand(k, v, fixed, where))
         if early_stop_fraction > 0 and "early_stop_epochs" not in keys:
+            # judged at that share of the epochs in which D may move: while delta is held
+            # (delta_freeze_epochs) neither D nor the residual can show progress
             epochs = int(keys.get("epochs", _pinn_defaults()["epochs"]))
-            if epochs >= 4:
-                keys["early_stop_epochs"] = [max(2, int(early_stop_fraction * epochs))]
+            freeze = int(keys.get("delta_freeze_epochs", 0))
+            at = max(2, freeze + int(early_stop_fraction * (epochs - freeze)))
+            if epochs >= 4 and at < epochs:
+                keys["early_stop_epochs"] = [at]
         build(PinnConfig, {**keys, "ensemble": 1}, where)  # validates types and values
         name = setup_name(ax)
         if name in names:
