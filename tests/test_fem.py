@@ -304,3 +304,24 @@ def test_full_boundary_phantom_matches_mesh_boundary():
     assert not (face & nodes & ~bnd).any() and (bnd & ~face).sum() > 0
     with pytest.raises(ValueError):
         boundary_interior(mask, "edge")
+
+
+@pytest.mark.mpi
+def test_projection_checkpoint_resume(comm, mpi_tmp_path):
+    """Variable projection checkpoints every outer iteration; a rerun resumes from the saved
+    D and g (history continues from the saved iteration) and ends where a run without the
+    interruption ends, to the outer tolerance (the secant's memory restarts)."""
+    from glymphmpi.fem.solve import estimate
+    from glymphmpi.store import Checkpointer
+
+    subj = _synthetic_subject(comm, D=0.45)
+    cfg = FemConfig(dt_h=0.5, alpha=0.0, beta=0.0, gamma=0.0, optimizer="projection")
+    ck = Checkpointer(mpi_tmp_path / "checkpoint.h5", every=1, comm=comm)
+    first = estimate(subj, __import__("dataclasses").replace(cfg, max_iterations=2), comm, checkpointer=ck)
+    assert first.iterations == 2 and first.reason == "DIVERGED_MAXITS"
+    first.model.destroy()
+    res = estimate(subj, cfg, comm, checkpointer=ck)
+    assert res.history["iteration"][:3] == [0, 1, 2] and res.iterations > 2
+    assert res.history["D"][2] == pytest.approx(first.D, rel=1e-12)
+    assert res.D == pytest.approx(0.45, rel=5e-3)
+    res.model.destroy()
