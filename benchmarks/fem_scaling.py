@@ -143,10 +143,9 @@ def main() -> None:
         # because L-BFGS on (D, g) does not reach the minimiser there (fem/README.md)
         weak = ["fem.optimizer=projection", "fem.alpha=1e-9", "fem.beta=1e-5", "fem.gamma=1e-6",
                 "fem.inner_probe=false"]
-        cases = [(0.0, "boundary-control", []), (0.0, "data-boundary", []), (0.05, "boundary-control", []),
-                 (0.05, "data-boundary", []), (0.0, "boundary-control", weak)]
-        if not args.weak:
-            cases = cases[:4]
+        cases = [(noise, mode, []) for noise in (0.0, 0.05) for mode in ("boundary-control", "data-boundary")]
+        if args.weak:
+            cases.append((0.0, "boundary-control", weak))
         for noise, mode, extra in cases:
             subj = phantom(out, 36, noise)
             r = run_worker(subj, args.accuracy_ranks, [*args.set, f"fem.mode={mode}", *extra], estimate=True,

@@ -4,6 +4,7 @@ tests, exact recovery of D, and bad input. Tests marked ``mpi`` also run under
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -317,7 +318,7 @@ def test_projection_checkpoint_resume(comm, mpi_tmp_path):
     subj = _synthetic_subject(comm, D=0.45)
     cfg = FemConfig(dt_h=0.5, alpha=0.0, beta=0.0, gamma=0.0, optimizer="projection")
     ck = Checkpointer(mpi_tmp_path / "checkpoint.h5", every=1, comm=comm)
-    first = estimate(subj, __import__("dataclasses").replace(cfg, max_iterations=2), comm, checkpointer=ck)
+    first = estimate(subj, dataclasses.replace(cfg, max_iterations=2), comm, checkpointer=ck)
     assert first.iterations == 2 and first.reason == "DIVERGED_MAXITS"
     first.model.destroy()
     res = estimate(subj, cfg, comm, checkpointer=ck)

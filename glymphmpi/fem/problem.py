@@ -89,7 +89,7 @@ class ControlProblem:
         dMg = m.Mg.getDiagonal().array[m.bidx]
         dKg = m.Kg.getDiagonal().array[m.bidx]
         dM = m.M.getDiagonal().array[m.bidx]
-        diag = np.zeros((self.N + 2, self.nb))
+        diag = np.zeros((self.N + 1, self.nb))  # row n: step n (row 0, the first scan, is no control)
         for n in range(1, self.N + 1):
             diag[n] = tau[n] * (cfg.alpha * dMg + cfg.gamma * dKg) + cfg.beta * dMg / tau[n]
             if n < self.N:
@@ -118,7 +118,7 @@ class ControlProblem:
         """
         if self.gs is None:
             return
-        delta, g = self.split(x)
+        _, g = self.split(x)
         # +-1 drawn per voxel of the image grid and step: the same z on any number of ranks
         vox = self.model.vm.owned_voxel[self.model.bidx]
         nvox = int(np.prod(self.model.vm.shape))

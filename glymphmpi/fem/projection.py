@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 class _Hessian:
     """Matrix-free (scaled) Hessian of J in g at fixed delta, as a PETSc Python Mat context."""
 
-    def __init__(self, problem, x, grad, grad0):
-        self.p, self.x, self.grad, self.grad0 = problem, x, grad, grad0
+    def __init__(self, problem, x, grad):
+        self.p, self.x, self.grad = problem, x, grad
+        self.grad0 = None  # (owned g part of) grad J at g = 0 for the current delta
         self.products = 0
 
     def mult(self, mat, v, y):
@@ -61,9 +62,8 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
     ng = problem.nloc - nd
     rhs = PETSc.Vec().createMPI((ng, PETSc.DECIDE), comm=comm)
     u = rhs.duplicate()
-    ctx_grad0 = None
     H = PETSc.Mat().createPython(((ng, PETSc.DECIDE), (ng, PETSc.DECIDE)), comm=comm)
-    ctx = _Hessian(problem, x, grad, None)
+    ctx = _Hessian(problem, x, grad)
     H.setPythonContext(ctx)
     H.setUp()
     prefix = cfg.petsc_prefix + "inner_"
@@ -78,25 +78,24 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
     ksp.setFromOptions()
     ksp.setInitialGuessNonzero(True)
     inner_its = 0
-    target = [None]
+    first_solve = True
 
     def reduced(delta: float) -> tuple[float, float]:
         """(j, dj/ddelta) at ``delta``: inner solve warm-started from x's g, x updated."""
-        nonlocal ctx_grad0, inner_its
+        nonlocal first_solve, inner_its
         arr = x.array
         u.array[:] = arr[nd:]
         if nd:
             arr[0] = delta * problem.ds
         arr[nd:] = 0.0
         problem.evaluate(x, grad)  # gradient at g = 0: the affine part
-        ctx_grad0 = grad.array_r[nd:].copy()
-        ctx.grad0 = ctx_grad0
-        rhs.array[:] = -ctx_grad0
+        ctx.grad0 = grad.array_r[nd:].copy()
+        rhs.array[:] = -ctx.grad0
         ksp.solve(rhs, u)
-        if target[0] is None:
-            target[0] = max(ksp.getResidualNorm(), 1e-300)
+        if first_solve:
+            first_solve = False
             _, _, dtol0, maxit0 = ksp.getTolerances()
-            ksp.setTolerances(rtol=1e-30, atol=target[0], divtol=dtol0, max_it=maxit0)
+            ksp.setTolerances(rtol=1e-30, atol=max(ksp.getResidualNorm(), 1e-300), divtol=dtol0, max_it=maxit0)
         reason = ksp.getConvergedReason()
         inner_its += ksp.getIterationNumber()
         if reason < 0 and reason != PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT:

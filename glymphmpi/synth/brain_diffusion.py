@@ -101,8 +101,8 @@ def boundary_interior(mask: np.ndarray, boundary: str = "face") -> tuple[np.ndar
     return interior, mask & ~interior
 
 
-def laplacian_split(mask: np.ndarray, h_mm, boundary: str = "face") -> tuple[sp.csr_matrix, sp.csr_matrix,
-                                                                             np.ndarray, np.ndarray]:
+def laplacian_split(mask: np.ndarray, h_mm, kind: str = "face") -> tuple[sp.csr_matrix, sp.csr_matrix,
+                                                                         np.ndarray, np.ndarray]:
     """7-point Laplacian on the interior voxels, split into interior and boundary couplings.
 
     Returns:
@@ -110,7 +110,7 @@ def laplacian_split(mask: np.ndarray, h_mm, boundary: str = "face") -> tuple[sp.
         A_ib: (n_i, n_b) coupling of interior rows to boundary voxels.
         interior_idx, boundary_idx: flat indices into the mask's array.
     """
-    interior, boundary = boundary_interior(mask, boundary)
+    interior, boundary = boundary_interior(mask, kind)
     h = np.asarray(h_mm, dtype=np.float64)
     shape = mask.shape
     ii = np.flatnonzero(interior)
