@@ -343,7 +343,7 @@ def test_cli_outputs(glymph, hk_subject, tmp_path):
         assert (out / "figures" / f).stat().st_size > 1000
     import nibabel as nib
 
-    from glymphmpi.store import read_h5_tree
+    from glymphmpi.io import read_h5_tree
 
     pred = np.asarray(nib.load(out / "maps" / "pinn_pred_t00.nii.gz").dataobj)
     assert pred.shape == (6, 6, 6) and np.isfinite(pred).all()
@@ -395,3 +395,19 @@ def test_cli_sigterm_then_resume_matches_uninterrupted(hk_subject, tmp_path, gly
     D_cut = json.loads((out / "summary.json").read_text())["D_mm2_per_h"]
     D_ref = json.loads((tmp_path / "ref" / "summary.json").read_text())["D_mm2_per_h"]
     assert D_cut == pytest.approx(D_ref, rel=1e-9)
+
+
+def test_serial_communicator_collectives_are_identities():
+    """One process: the PINN's communicator is present and its collectives are the identity."""
+    from glymphmpi.pinn.distributed import SERIAL, DistContext
+
+    c = DistContext()
+    assert (c.rank, c.size, c.active) == (0, 1, False) and SERIAL.size == 1
+    assert c.bcast({"a": 1}) == {"a": 1} and c.allgather(3) == [3] and c.gather(4) == [4]
+    assert c.allreduce(True) is True and c.allreduce(2.5) == 2.5
+    t = torch.arange(3.0)
+    assert torch.equal(c.allreduce_sum(t), t) and torch.equal(c.gather_shards(t, [3]), t)
+    assert len(c.all_gather_tensor(t)) == 1
+    m = torch.nn.Linear(2, 1)
+    assert c.data_parallel(m) is m
+    c.Barrier()

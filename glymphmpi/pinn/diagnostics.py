@@ -12,21 +12,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from glymphmpi.pinn.distributed import DistContext
+from glymphmpi.pinn.distributed import SERIAL, DistContext
 
 
 @torch.no_grad()
-def abs_residual(model, pts: torch.Tensor, ctx: DistContext | None = None,
+def abs_residual(model, pts: torch.Tensor, ctx: DistContext = SERIAL,
                  chunk: int = 65536) -> torch.Tensor:
     """|residual| at (N, 4) points -> (N,), identical on every rank.
 
     Args:
         model: a :class:`~glymphmpi.pinn.network.PinnModel` (unwrapped).
         pts: points in mm and h, on any device (moved to the model's).
-        ctx: distributed context (None: one process).
+        ctx: the communicator (serial by default).
         chunk: points per forward pass.
     """
-    ctx = ctx or DistContext()
     dev = next(model.parameters()).device
     shards = torch.tensor_split(torch.arange(pts.shape[0]), ctx.size)
     mine = shards[ctx.rank]
@@ -45,7 +44,7 @@ def predict(net, pts: torch.Tensor, chunk: int = 131072) -> torch.Tensor:
         torch.zeros(0, device=dev)
 
 
-def residual_over_time(model, centres: torch.Tensor, t_grid: np.ndarray, ctx: DistContext | None = None,
+def residual_over_time(model, centres: torch.Tensor, t_grid: np.ndarray, ctx: DistContext = SERIAL,
                        chunk: int = 65536) -> tuple[np.ndarray, float]:
     """r(t) on ``t_grid`` (T,) over the voxel ``centres`` (M, 3) and its mean (the residual norm).
 

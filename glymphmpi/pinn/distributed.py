@@ -2,10 +2,11 @@
 
 Rank and world size come from the launcher (torchrun, ``mpirun``/Open MPI,
 SLURM ``srun``) through :func:`glymphmpi.parallel.torch_dist_env`. The
-backend is gloo on CPUs and nccl on GPUs. :class:`TorchComm` gives the run
+backend is gloo on CPUs and nccl on GPUs. The communicator gives the run
 directory and checkpointer (written for mpi4py communicators) the handful of
 collectives they use, over the torch process group, so that the CLI works
-under torchrun where there is no MPI world.
+under torchrun where there is no MPI world. :class:`DistContext` is that
+communicator, always present (a serial one on one process).
 """
 
 from __future__ import annotations
@@ -39,7 +40,15 @@ def select_device(pref: str, local_rank: int = 0) -> tuple[torch.device, str]:
 
 @dataclass
 class DistContext:
-    """Where this process stands: rank, world size, device, backend."""
+    """The PINN's communicator: rank, world size, device, backend and the collectives.
+
+    Always present: one process gets a serial context (size 1, no process
+    group), whose collectives are the identity, so callers never test for a
+    missing communicator. It also offers the mpi4py-like subset that the run
+    directory, checkpointer and stop flag use (``rank``, ``size``, ``bcast``,
+    ``Barrier``, ``allgather``, ``gather``, ``allreduce``), so it is the
+    ``comm`` handed to ``solve`` (under torchrun there is no MPI world).
+    """
 
     rank: int = 0
     size: int = 1
@@ -52,6 +61,7 @@ class DistContext:
     def active(self) -> bool:
         return self.size > 1
 
+    # ---------------------------------------------------------- tensors
     def allreduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.active:
             t = t.clone()
@@ -69,9 +79,75 @@ class DistContext:
         dist.all_gather(parts, buf)
         return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
-    def barrier(self) -> None:
+    def all_gather_tensor(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's copy of an equally shaped tensor (rank order)."""
+        if not self.active:
+            return [t]
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t)
+        return parts
+
+    def average_gradients(self, params) -> None:
+        """Sum the gradients over the ranks in place (the loss carries the 1/size factor)."""
+        if self.active:
+            for prm in params:
+                if prm.grad is not None:
+                    dist.all_reduce(prm.grad)
+
+    def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model wrapped for gradient averaging (DistributedDataParallel; itself on one process)."""
+        if not self.active:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        kw = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+        return DDP(model, **kw)
+
+    # ---------------------------------------------------------- Python objects (mpi4py-like)
+    def bcast(self, obj, root: int = 0):
+        if not self.active:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=root)
+        return box[0]
+
+    def Barrier(self) -> None:  # noqa: N802 - mpi4py's name
         if self.active:
             dist.barrier()
+
+    barrier = Barrier
+
+    def allgather(self, obj) -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def gather(self, obj, root: int = 0):
+        out = self.allgather(obj)
+        return out if self.rank == root else None
+
+    def allreduce(self, obj, op=None):
+        """Reduce Python values; ``op`` is an mpi4py op (LOR, LAND, SUM, MAX, MIN) or None (SUM)."""
+        vals = self.allgather(obj)
+        name = _op_name(op)
+        if name == "LOR":
+            return any(vals)
+        if name == "LAND":
+            return all(vals)
+        if name == "MAX":
+            return max(vals)
+        if name == "MIN":
+            return min(vals)
+        total = vals[0]
+        for v in vals[1:]:
+            total = total + v
+        return total
+
+
+SERIAL = DistContext()
+"""One process on the CPU (the default of library calls such as :func:`glymphmpi.pinn.trainer.fit`)."""
 
 
 def init_distributed(device_pref: str = "auto", timeout_s: float = 300.0) -> DistContext:
@@ -116,48 +192,9 @@ def teardown(ctx: DistContext) -> None:
             dist.destroy_process_group()
 
 
-class TorchComm:
-    """The mpi4py-like subset used by RunDir/Checkpointer/StopFlag, over torch.distributed."""
-
-    def __init__(self, ctx: DistContext):
-        self.rank = ctx.rank
-        self.size = ctx.size
-
-    def bcast(self, obj, root: int = 0):
-        box = [obj]
-        dist.broadcast_object_list(box, src=root)
-        return box[0]
-
-    def Barrier(self) -> None:  # noqa: N802 - mpi4py's name
-        dist.barrier()
-
-    barrier = Barrier
-
-    def allgather(self, obj) -> list:
-        out = [None] * self.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def gather(self, obj, root: int = 0):
-        out = self.allgather(obj)
-        return out if self.rank == root else None
-
-    def allreduce(self, obj, op=None):
-        """Reduce Python values; ``op`` is an mpi4py op (LOR, LAND, SUM, MAX, MIN) or None (SUM)."""
-        vals = self.allgather(obj)
-        name = _op_name(op)
-        if name == "LOR":
-            return any(vals)
-        if name == "LAND":
-            return all(vals)
-        if name == "MAX":
-            return max(vals)
-        if name == "MIN":
-            return min(vals)
-        total = vals[0]
-        for v in vals[1:]:
-            total = total + v
-        return total
+def TorchComm(ctx: DistContext) -> DistContext:  # noqa: N802 - kept until pinn/run.py main() is rewired (H1)
+    """The communicator of a context: the context itself (it carries the collectives)."""
+    return ctx
 
 
 def _op_name(op) -> str:

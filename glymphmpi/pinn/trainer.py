@@ -34,7 +34,7 @@ from scipy import ndimage
 from glymphmpi.errors import InputError
 from glymphmpi.pinn.config import PinnConfig
 from glymphmpi.pinn.diagnostics import abs_residual, predict, residual_over_time
-from glymphmpi.pinn.distributed import DistContext
+from glymphmpi.pinn.distributed import SERIAL, DistContext
 from glymphmpi.pinn.losses import p_at, shard_losses
 from glymphmpi.pinn.network import DiffusionCoefficient, PinnModel, PinnNet
 from glymphmpi.pinn.samplers import InteriorSampler, rae_exchange, rar_add
@@ -140,13 +140,13 @@ class Trainer:
     Args:
         problem: the data and domain.
         cfg: settings.
-        ctx: distributed context (None: one process on CPU).
+        ctx: the communicator (serial: one process on the CPU).
         seed: seed of the network initialisation and all point draws.
     """
 
-    def __init__(self, problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, seed: int = 0):
+    def __init__(self, problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, seed: int = 0):
         self.pb, self.cfg = problem, cfg
-        self.ctx = ctx or DistContext()
+        self.ctx = ctx
         self.seed = int(seed)
         self.dtype = DTYPES[cfg.dtype]
         dev = self.ctx.device
@@ -157,13 +157,7 @@ class Trainer:
                           compiled=cfg.compile)
         dcoef = DiffusionCoefficient(cfg.d_param, cfg.delta0, cfg.d_min, cfg.d_max)
         self.model = PinnModel(net, dcoef).to(device=dev, dtype=self.dtype)
-        if self.ctx.active:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            kw = {"device_ids": [dev.index]} if dev.type == "cuda" else {}
-            self.ddp = DDP(self.model, **kw)
-        else:
-            self.ddp = self.model
+        self.ddp = self.ctx.data_parallel(self.model)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr_start)
         gamma = (cfg.lr_end / cfg.lr_start) ** (1.0 / cfg.epochs)
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=gamma)
@@ -287,12 +281,8 @@ class Trainer:
                 loss = J + cfg.w_r * L
                 loss.backward()
                 total += loss.detach().double()
-            if ctx.active:  # average gradients and loss over ranks by hand (no DDP hooks here)
-                for prm in self.model.parameters():
-                    if prm.grad is not None:
-                        torch.distributed.all_reduce(prm.grad)
-                total = ctx.allreduce_sum(total)
-            return total.to(self.dtype)
+            ctx.average_gradients(self.model.parameters())  # by hand: no DDP hooks here
+            return ctx.allreduce_sum(total).to(self.dtype)
 
         opt.step(closure)
         self.history["D"].append(self.D())
@@ -302,14 +292,14 @@ class Trainer:
 
 
 # ------------------------------------------------------------------ ensembles
-def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, checkpointer=None,
+def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, checkpointer=None,
         callback=None, quiet: bool | None = None) -> list[MemberResult]:
     """Train ``cfg.ensemble`` members (seeds ``cfg.seed + k``), checkpointing and resuming.
 
     Args:
         problem: data and domain.
         cfg: settings.
-        ctx: distributed context.
+        ctx: the communicator (serial by default).
         checkpointer: a :class:`glymphmpi.store.Checkpointer` or None.
         callback: ``callback(trainer, record)`` after every epoch (tests use it).
         quiet: progress bar off.
@@ -320,7 +310,6 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext | None = None, check
     """
     from glymphmpi.log import progress
 
-    ctx = ctx or DistContext()
     done: list[dict] = []
     resume = checkpointer.load() if checkpointer is not None else None
     start_member, trainer_state = 0, None
@@ -427,11 +416,8 @@ def _hopeless(tr: Trainer, problem: Problem, cfg: PinnConfig) -> str:
 
 def rank_spread(model, ctx: DistContext) -> float:
     """Largest difference of D and of the parameters between any rank and rank 0 (0 on one process)."""
-    if not ctx.active:
-        return 0.0
     flat = torch.cat([p.detach().reshape(-1).double() for p in model.parameters()])
-    parts = [torch.empty_like(flat) for _ in range(ctx.size)]
-    torch.distributed.all_gather(parts, flat)
+    parts = ctx.all_gather_tensor(flat)
     return float(max((q - parts[0]).abs().max() for q in parts))
 
 
