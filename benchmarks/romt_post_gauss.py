@@ -26,7 +26,7 @@ import numpy as np
 def evaluate(run_dir, subject_dir, radius: float = 2.0) -> dict:
     import nibabel as nib
 
-    from glymphmpi.report.vtk import read_vtp
+    from glymphmpi.io.vtk import read_vtp
 
     run_dir, subject_dir = Path(run_dir), Path(subject_dir)
     truth = json.loads((subject_dir / "truth.json").read_text())

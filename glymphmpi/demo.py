@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def make_demo_cohort(out: Path) -> Path:
-    from glymphmpi.store import atomic_write_bytes
+    from glymphmpi.io import atomic_write_bytes
     from glymphmpi.synth import brain_diffusion as bd
     from glymphmpi.synth import gaussian_spheres as gs
 

@@ -260,7 +260,7 @@ def write_subject(out_dir, sid: str, times_h, scans, mask, affine, anatomy=None,
                   scan_name="conc_{i:02d}.nii.gz", description: str | None = None,
                   dtype=np.float32) -> Path:
     """Write NIfTI scans, mask and subject.toml into ``out_dir`` (atomic writes)."""
-    from glymphmpi.store import atomic_write_bytes, write_nifti
+    from glymphmpi.io import atomic_write_bytes, write_nifti
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

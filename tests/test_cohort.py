@@ -238,8 +238,8 @@ def test_job_table_lookup():
 def test_cohort_report_numbers(tmp_path, small_phantom):
     """Summaries with known numbers -> CSV columns, relative errors against truth.json, HTML, plot."""
     from glymphmpi.cohort.manifest import load_cohort
+    from glymphmpi.io import atomic_write_json
     from glymphmpi.report.cohort import cohort_report, subject_report
-    from glymphmpi.store import atomic_write_json
 
     c = write_cohort(tmp_path, small_phantom, ids=("s1", "s2"), methods='["toy"]')
     (tmp_path / "subjects" / "s1" / "truth.json").write_text(json.dumps({"D_mm2_per_h": 0.5}))

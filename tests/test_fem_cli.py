@@ -35,7 +35,7 @@ def _tiny_subject(path, noise=0.0):
 def test_cli_outputs(tmp_path, glymph):
     """summary.json fields, results.h5 history, XDMF, NIfTI maps, figure; the
     data-boundary fit has small misfits; --force needed to overwrite."""
-    from glymphmpi.store import read_h5_tree
+    from glymphmpi.io import read_h5_tree
 
     subj = _tiny_subject(tmp_path / "subj")
     out = tmp_path / "run"
@@ -74,7 +74,7 @@ def test_bad_input_cli(tmp_path, glymph):
 def test_preempt_and_resume(tmp_path):
     """SIGTERM during TAO: exit 75 with a checkpoint; the rerun resumes from it
     (history continues from the saved iteration) and completes."""
-    from glymphmpi.store import read_h5_tree
+    from glymphmpi.io import read_h5_tree
 
     subj = _tiny_subject(tmp_path / "subj", noise=0.02)
     out = tmp_path / "run"

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from glymphmpi.io import write_h5_collective
 from glymphmpi.parallel import split_evenly, torch_dist_env
-from glymphmpi.store import Checkpointer, RunDir, write_h5_collective
+from glymphmpi.store import Checkpointer, RunDir
 
 pytestmark = pytest.mark.mpi
 

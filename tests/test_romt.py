@@ -275,7 +275,7 @@ def test_cli_bad_inputs(glymph, tmp_path):
     r = glymph("romt", zero, "--out", tmp_path / "o3", "--no-post", "--set", "romt.boundary=wall")
     assert r.returncode == 2 and "boundary" in r.stderr
     # a scan on another grid than the mask
-    from glymphmpi.store import write_nifti
+    from glymphmpi.io import write_nifti
 
     two = write_subject(tmp_path / "two", "two", [0.0, 1.0], np.stack([img, img]), mask, aff)
     write_nifti(tmp_path / "two" / "conc_01.nii.gz", np.ones((6, 6, 5)), aff)

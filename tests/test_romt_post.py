@@ -224,7 +224,8 @@ def test_cleanup_and_maps():
 def make_run(tmp_path, *, vel=(0.6, 0.3, 0.0), sigma=0.0, n_loops=2, nt=8, dt=0.5, s0=2.5,
              shape=(26, 18, 12), affine=None, summary=True):
     """A synthetic rOMT run directory (subject + results.h5 + summary.json) of a moving Gaussian."""
-    from glymphmpi.store import RunDir, atomic_write_json
+    from glymphmpi.io import atomic_write_json
+    from glymphmpi.store import RunDir
     from glymphmpi.subject import write_subject
 
     affine = np.diag([0.5, 0.8, 1.25, 1.0]) if affine is None else affine
@@ -255,7 +256,7 @@ def make_run(tmp_path, *, vel=(0.6, 0.3, 0.0), sigma=0.0, n_loops=2, nt=8, dt=0.
 def test_postprocess_translation_end_to_end(tmp_path):
     import nibabel as nib
 
-    from glymphmpi.report import vtk
+    from glymphmpi.io import vtk
     from glymphmpi.subject import load_subject
 
     rd, toml, truth = make_run(tmp_path)
@@ -356,7 +357,7 @@ def test_config_validation():
 
 
 def test_vtk_roundtrip_and_checks(tmp_path):
-    from glymphmpi.report import vtk
+    from glymphmpi.io import vtk
 
     rng = np.random.default_rng(0)
     pts = rng.normal(size=(7, 3))
@@ -391,7 +392,7 @@ def test_vtk_files_read_by_vtk_itself(tmp_path):
     from vtkmodules.util.numpy_support import vtk_to_numpy
     from vtkmodules.vtkIOXML import vtkXMLPolyDataReader
 
-    from glymphmpi.report import vtk
+    from glymphmpi.io import vtk
 
     pts = np.arange(21.0).reshape(7, 3)
     vtk.write_vtp(tmp_path / "l.vtp", pts, lines=vtk.lines_from_lengths([3, 4]),

@@ -36,7 +36,7 @@ def test_romt_post_cli_errors(tmp_path, glymph):
     rd, toml, _ = make_run(tmp_path, summary=False)
     r = glymph("romt-post", rd.root)
     assert r.returncode == 2 and "not a finished rOMT run" in r.stderr and "Traceback" not in r.stderr
-    from glymphmpi.store import atomic_write_json
+    from glymphmpi.io import atomic_write_json
 
     atomic_write_json(rd.summary, {"status": "complete", "method": "romt", "subject": "synth-01"})
     r = glymph("romt-post", rd.root)
@@ -71,7 +71,7 @@ def test_postprocess_split_over_ranks(comm, mpi_tmp_path):
     lines, stats = post.trace_results(res, cfg)  # serial, on every rank
     assert fields["n_pathlines"] == lines.n == stats["n_seeds"]
     if comm.rank == 0:
-        from glymphmpi.report import vtk
+        from glymphmpi.io import vtk
 
         pl = vtk.read_vtp(rd.vtk / "pathlines.vtp")
         starts = pl["points"][np.r_[0, pl["lines"][1][:-1]]]
@@ -83,7 +83,7 @@ def test_postprocess_split_over_ranks(comm, mpi_tmp_path):
 def test_romt_then_romt_post_on_small_gaussian_spheres(tmp_path, glymph):
     """`glymph romt` runs the post-processing by default; `romt-post` re-runs it with other
     settings. A 16^3 sphere series, 2 loops of 5 steps, 2 GN iterations (a rough solve, seconds)."""
-    from glymphmpi.report.vtk import read_vtp
+    from glymphmpi.io.vtk import read_vtp
 
     r = glymph("synth", "gaussian-spheres", "--out", tmp_path / "subj", "--n", 16, "--images", 3)
     assert r.returncode == 0, r.stderr

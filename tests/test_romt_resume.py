@@ -77,7 +77,7 @@ def test_fresh_discards_finished_loops_and_other_config_is_refused(glymph, gauss
     out = tmp_path / "run"
     stale = out / "romt_loops"
     stale.mkdir(parents=True)
-    from glymphmpi.store import write_h5_tree
+    from glymphmpi.io import write_h5_tree
 
     write_h5_tree(stale / "loop_000.h5", {"velocity": np.zeros(3)}, {"config_key": "other", "loop": 0})
     r = glymph("romt", gauss14, "--out", out, *ARGS[:3])

@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 
 from glymphmpi.errors import InputError, Preempted
-from glymphmpi.store import (
-    Checkpointer,
-    RunDir,
-    StopFlag,
-    atomic_write_json,
-    read_h5_tree,
-    write_h5_tree,
-    write_nifti,
-)
+from glymphmpi.io import atomic_write_json, read_h5_tree, write_h5_tree, write_nifti
+from glymphmpi.store import Checkpointer, RunDir, StopFlag
 
 
 def test_h5_tree_round_trip(tmp_path):
@@ -45,7 +38,7 @@ def test_h5_tree_round_trip(tmp_path):
 
 
 def test_atomic_write_leaves_old_file_on_error(tmp_path):
-    from glymphmpi.store import atomic_path
+    from glymphmpi.io import atomic_path
 
     p = tmp_path / "x.json"
     atomic_write_json(p, {"v": 1})
@@ -183,11 +176,11 @@ def test_rundir_refuses_complete_output_without_force(tmp_path):
 def test_results_provenance(tmp_path):
     from glymphmpi import __version__
     from glymphmpi.config import SubjectConfig
-    from glymphmpi.store import read_results_attrs
+    from glymphmpi.io import read_h5_attrs
 
     rd = RunDir(tmp_path / "o").prepare()
     rd.write_results({"v": np.zeros(3)}, config=SubjectConfig(), subject_id="sub-9")
-    attrs = read_results_attrs(rd.results)
+    attrs = read_h5_attrs(rd.results)
     assert attrs["version"] == __version__ and attrs["subject"] == "sub-9" and attrs["mpi_size"] == 1
     assert json.loads(attrs["config"]) == {"SubjectConfig": {"max_negative_mass_fraction": 0.1}}
     assert attrs["created"].endswith("+00:00") and attrs["hostname"]

@@ -56,7 +56,7 @@ def run_cohort_demo(out: Path, cohort: Path, quiet: bool = False) -> int:
     Returns:
         0 when every run completed (a re-run of a complete demo does nothing and says so).
     """
-    from glymphmpi.store import atomic_write_bytes
+    from glymphmpi.io import atomic_write_bytes
 
     from .launch import LocalLauncher
     from .manifest import load_cohort

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 from glymphmpi.errors import EXIT_PREEMPTED
-from glymphmpi.store import StopFlag, atomic_write_bytes, read_summary
+from glymphmpi.io import atomic_write_bytes
+from glymphmpi.store import StopFlag, read_summary
 
 from .manifest import Cohort
 from .methods import MethodSpec

@@ -12,7 +12,8 @@ import os
 import time
 from pathlib import Path
 
-from glymphmpi.store import atomic_write_json, read_summary
+from glymphmpi.io import atomic_write_json
+from glymphmpi.store import read_summary
 
 STATES = ("pending", "queued", "running", "complete", "failed", "resumable")
 

@@ -22,9 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from glymphmpi.errors import MissingDependency, Preempted
+from glymphmpi.io import atomic_write_bytes
 from glymphmpi.pinnselect.grid import Run, run_overrides
 from glymphmpi.pinnselect.select import RunRecord
-from glymphmpi.store import StopFlag, atomic_write_bytes, read_summary
+from glymphmpi.store import StopFlag, read_summary
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from glymphmpi.errors import InputError
+from glymphmpi.io import atomic_write_bytes, atomic_write_json
 from glymphmpi.pinnselect import execute
 from glymphmpi.pinnselect.grid import expand_runs, load_grid, make_setups
 from glymphmpi.pinnselect.select import aggregate, choose
-from glymphmpi.store import atomic_write_bytes, atomic_write_json, read_summary
+from glymphmpi.store import read_summary
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ import os
 import re
 from pathlib import Path
 
-from glymphmpi.store import atomic_write_bytes, atomic_write_json, read_summary
+from glymphmpi.io import atomic_write_bytes, atomic_write_json
+from glymphmpi.store import read_summary
 
 D_KEYS = ("D_mm2_per_h", "D")
 SPREAD_RE = re.compile(r"^D.*(std|spread|sd|iqr|ci)", re.I)

@@ -22,7 +22,7 @@ def plot_fem(path, history: dict, scans: np.ndarray, fit: np.ndarray, mask: np.n
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from glymphmpi.store import atomic_path
+    from glymphmpi.io import atomic_path
 
     p = len(times_h)
     counts = mask.sum(axis=(0, 1))

@@ -17,7 +17,7 @@ def _plt():
 
 
 def _save(fig, path) -> Path:
-    from glymphmpi.store import atomic_path
+    from glymphmpi.io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

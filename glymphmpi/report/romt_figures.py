@@ -32,7 +32,7 @@ def _plt():
 
 
 def _save(fig, path, dpi) -> str:
-    from glymphmpi.store import atomic_path
+    from glymphmpi.io import atomic_path
 
     path = Path(path)
     with atomic_path(path) as tmp:

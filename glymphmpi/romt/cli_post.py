@@ -29,7 +29,7 @@ def find_subject_path(root, summary: dict | None, explicit: str | None):
     from pathlib import Path
 
     from glymphmpi.errors import InputError
-    from glymphmpi.store import read_results_attrs
+    from glymphmpi.io import read_h5_attrs
 
     if explicit:
         return Path(explicit)
@@ -38,7 +38,7 @@ def find_subject_path(root, summary: dict | None, explicit: str | None):
         if summary and summary.get(key):
             candidates.append(summary[key])
     try:
-        attrs = read_results_attrs(Path(root) / "results.h5")
+        attrs = read_h5_attrs(Path(root) / "results.h5")
     except OSError:
         attrs = {}
     for key in ("subject_path", "subject_file"):
@@ -62,9 +62,10 @@ def _cmd_romt_post(args) -> int:
 
     from glymphmpi.config import load_config
     from glymphmpi.errors import InputError
+    from glymphmpi.io import atomic_write_json
     from glymphmpi.log import add_file_log
     from glymphmpi.parallel import launcher_env
-    from glymphmpi.store import RunDir, atomic_write_json, read_summary
+    from glymphmpi.store import RunDir, read_summary
     from glymphmpi.subject import load_subject
 
     root = Path(args.results_dir)

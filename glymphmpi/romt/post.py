@@ -367,7 +367,7 @@ def line_points(lines: lg.Pathlines) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _write_vtk(rundir, kept, flux, disp_mm, flux_len_mm, arc_mm, affine) -> list[str]:
-    from glymphmpi.report import vtk
+    from glymphmpi.io import vtk
 
     nj, li = line_points(kept)
     pts = lg.to_world(kept.positions[nj, li].astype(np.float64), affine)
@@ -407,7 +407,7 @@ def write_romt_results(path, *, nt: int, dt: float, sigma: float, mask: np.ndarr
         extra_params: more ``/params`` entries (beta, gamma, mode, boundary, ...).
         attrs: root attributes (e.g. ``subject_path``).
     """
-    from glymphmpi.store import write_h5_tree
+    from glymphmpi.io import write_h5_tree
     from glymphmpi.subject import voxel_sizes
 
     times_h = np.asarray(times_h, dtype=np.float64)

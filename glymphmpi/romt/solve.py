@@ -331,7 +331,7 @@ class LoopStore:
         return self.dir / f"loop_{k:03d}.h5"
 
     def load_loop(self, k: int) -> dict | None:
-        from glymphmpi.store import read_h5_tree
+        from glymphmpi.io import read_h5_tree
 
         p = self.loop_path(k)
         if not p.exists():
@@ -346,7 +346,7 @@ class LoopStore:
         return tree
 
     def save_loop(self, k: int, res: dict, writer: bool) -> None:
-        from glymphmpi.store import write_h5_tree
+        from glymphmpi.io import write_h5_tree
 
         if writer:
             write_h5_tree(self.loop_path(k), res, {"config_key": self.key, "loop": k})
@@ -358,7 +358,7 @@ class LoopStore:
 
     def states(self) -> dict:
         """Loop index -> newest saved in-progress state, over every checkpoint file."""
-        from glymphmpi.store import read_h5_tree
+        from glymphmpi.io import read_h5_tree
 
         best: dict = {}
         for p in sorted(Path(self.rundir.root).glob("checkpoint*.h5")):

@@ -284,7 +284,7 @@ def make_phantom(spec: PhantomSpec, prob=None, template_affine=None):
 def write(out_dir, spec: PhantomSpec, sid: str = "phantom"):
     from pathlib import Path
 
-    from glymphmpi.store import atomic_write_json, write_nifti
+    from glymphmpi.io import atomic_write_json, write_nifti
     from glymphmpi.subject import write_subject
 
     scans, clean, mask, affine, truth = make_phantom(spec)

@@ -78,7 +78,7 @@ def write(out_dir, n: int = 50, n_images: int = 5, sid: str = "gauss", dt_h: flo
     """Write the series as a subject (mask = whole box unless ``mask_fraction`` > 0)."""
     from pathlib import Path
 
-    from glymphmpi.store import atomic_write_json
+    from glymphmpi.io import atomic_write_json
     from glymphmpi.subject import write_subject
 
     images, truth = gaussian_spheres(n, n_images)

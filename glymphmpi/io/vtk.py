@@ -1,4 +1,4 @@
-"""VTK XML writers (PolyData ``.vtp``, UnstructuredGrid ``.vtu``) and a ``.vtp`` reader.
+"""VTK XML PolyData (``.vtp``) writer and reader.
 
 The files use the VTK XML format version 1.0 with ``header_type="UInt64"``
 and raw appended binary data (little endian), which ParaView and VTK read
@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from glymphmpi.errors import InputError
+from glymphmpi.io.atomic import atomic_path
 
 _VTK_TYPES = {
     np.dtype(np.float32): "Float32", np.dtype(np.float64): "Float64",
@@ -24,9 +25,6 @@ _VTK_TYPES = {
     np.dtype(np.int32): "Int32", np.dtype(np.int64): "Int64", np.dtype(np.uint64): "UInt64",
 }
 _NP_TYPES = {v: k for k, v in _VTK_TYPES.items()}
-
-# VTK cell type ids used by write_vtu
-VTK_VERTEX, VTK_LINE, VTK_POLY_LINE = 1, 3, 4
 
 
 class _Appended:
@@ -80,8 +78,6 @@ def _cells_block(tag: str, conn: np.ndarray, offsets: np.ndarray, app: _Appended
 
 
 def _finish(path, kind: str, body: str, app: _Appended) -> Path:
-    from glymphmpi.store import atomic_path
-
     head = (f'<?xml version="1.0"?>\n<VTKFile type="{kind}" version="1.0" byte_order="LittleEndian" '
             f'header_type="UInt64">\n  <{kind}>\n{body}  </{kind}>\n')
     path = Path(path)
@@ -141,24 +137,6 @@ def write_vtp(path, points: np.ndarray, *, lines: tuple | None = None, verts: bo
         body += _cells_block("Lines", conn, offs, app)
     body += "    </Piece>\n"
     return _finish(path, "PolyData", body, app)
-
-
-def write_vtu(path, points: np.ndarray, connectivity: np.ndarray, offsets: np.ndarray,
-              types: np.ndarray, point_data: dict | None = None, cell_data: dict | None = None) -> Path:
-    """Write an UnstructuredGrid with the same encoding (cells: VTK type ids)."""
-    pts = np.asarray(points, dtype=np.float32).reshape(-1, 3)
-    n = pts.shape[0]
-    app = _Appended()
-    m = len(offsets)
-    body = f'    <Piece NumberOfPoints="{n}" NumberOfCells="{m}">\n'
-    body += _data_block("PointData", point_data, n, app, "point data")
-    body += _data_block("CellData", cell_data, m, app, "cell data")
-    body += "      <Points>\n" + app.tag(pts, "Points", "        ") + "      </Points>\n"
-    body += ("      <Cells>\n" + app.tag(np.asarray(connectivity, np.int64), "connectivity", "        ")
-             + app.tag(np.asarray(offsets, np.int64), "offsets", "        ")
-             + app.tag(np.asarray(types, np.uint8), "types", "        ") + "      </Cells>\n")
-    body += "    </Piece>\n"
-    return _finish(path, "UnstructuredGrid", body, app)
 
 
 def read_vtp(path) -> dict:
