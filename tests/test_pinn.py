@@ -315,6 +315,43 @@ def test_resume_after_signal_matches_uninterrupted(tmp_path):
     assert ref[0].D != pytest.approx(ref[1].D, rel=1e-6)  # the members differ (different seeds)
 
 
+class _Payload:
+    """Unpickling this creates a file: what a planted checkpoint would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    """The PINN state is read with torch.load(weights_only=True): a pickled object is refused, no code runs."""
+    import io
+
+    from glymphmpi.pinn.trainer import _from_blob, _to_blob, build_problem, fit
+    from glymphmpi.store import Checkpointer
+
+    marker = tmp_path / "pwned"
+    buf = io.BytesIO()
+    torch.save({"done": [], "member": 0, "trainer": None, "x": _Payload(marker)}, buf)
+    planted = np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+    with pytest.raises(InputError, match="refused"):
+        _from_blob(planted)
+    assert not marker.exists()
+    ck = Checkpointer(tmp_path / "checkpoint.h5", every=1)
+    ck.save({"blob": planted, "member": 0, "epoch": 1}, 1)
+    scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0)
+    with pytest.raises(InputError, match="checkpoint.h5.*refused"):
+        fit(build_problem(scans, mask, affine, times), PinnConfig(**TINY, epochs=2), checkpointer=ck, quiet=True)
+    assert not marker.exists()
+    # what the trainer writes (tensors, numpy arrays, plain values) round-trips
+    state = {"a": np.arange(3.0), "b": [np.float64(2.5), {"c": torch.ones(2)}], "d": None, "e": "s"}
+    back = _from_blob(_to_blob(state))
+    assert np.array_equal(back["a"], np.arange(3.0)) and isinstance(back["a"], np.ndarray)
+    assert back["b"][0] == 2.5 and torch.equal(back["b"][1]["c"], torch.ones(2)) and back["d"] is None
+
+
 # ---------------------------------------------------------------- CLI
 @pytest.fixture(scope="module")
 def hk_subject(tmp_path_factory):

@@ -105,15 +105,51 @@ def problem_from_subject(subject) -> Problem:
 
 
 # ------------------------------------------------------------------ state I/O
+# The training state is stored as one torch.save blob inside checkpoint.h5. It holds only tensors and plain
+# values (dict, list, tuple, str, int, float, bool, None); numpy arrays travel as tagged tensors. It is read
+# back with torch.load(weights_only=True), which refuses anything else: a planted file cannot run code.
+_NDARRAY = "__ndarray__"
+
+
+def _plain(obj):
+    """``obj`` with numpy arrays/scalars replaced by tensors/Python values (torch's weights-only types)."""
+    if isinstance(obj, np.ndarray):
+        return {_NDARRAY: torch.from_numpy(np.array(obj, copy=True))}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def _unplain(obj):
+    if isinstance(obj, dict):
+        if set(obj) == {_NDARRAY}:
+            return obj[_NDARRAY].numpy()
+        return {k: _unplain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unplain(v) for v in obj)
+    return obj
+
+
 def _to_blob(obj) -> np.ndarray:
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(_plain(obj), buf)
     return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
 
 
-def _from_blob(arr) -> dict:
-    return torch.load(io.BytesIO(np.asarray(arr, dtype=np.uint8).tobytes()), weights_only=False,
-                      map_location="cpu")
+def _from_blob(arr, where="checkpoint") -> dict:
+    """The state of a blob written by :func:`_to_blob`; anything but tensors and plain values is refused."""
+    try:
+        obj = torch.load(io.BytesIO(np.asarray(arr, dtype=np.uint8).tobytes()), weights_only=True,
+                         map_location="cpu")
+    except Exception as exc:  # pickle.UnpicklingError for foreign objects, RuntimeError for damaged data
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{where}: the PINN state holds something other than tensors and plain values, "
+                         f"refused ({msg}); delete it or run with --fresh") from None
+    return _unplain(obj)
 
 
 # ------------------------------------------------------------------ trainer
@@ -314,7 +350,7 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, checkpoint
     resume = checkpointer.load() if checkpointer is not None else None
     start_member, trainer_state = 0, None
     if resume is not None:
-        st = _from_blob(resume[0]["blob"])
+        st = _from_blob(resume[0]["blob"], getattr(checkpointer, "path", "checkpoint"))
         done, start_member, trainer_state = st["done"], st["member"], st["trainer"]
         if ctx.rank == 0:
             log.info("resuming from checkpoint: member %d, epoch %d", start_member,
