@@ -209,3 +209,106 @@ def test_prev_checkpoint_used_when_newest_damaged(tmp_path):
     assert it == 1 and state["v"] == 1
     os.remove(tmp_path / "checkpoint.prev.h5")
     assert ck.load() is None
+
+
+# ------------------------------------------------------------------ no pickle (issue 17 section 2)
+class _Payload:
+    """Unpickling this creates the file ``marker``: what a planted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant(path, marker, how: str) -> None:
+    """Add a dataset carrying a pickle payload to an HDF5 file (creating it, marked complete)."""
+    import pickle
+
+    import h5py
+
+    blob = pickle.dumps(_Payload(marker), protocol=4)
+    with h5py.File(path, "a") as fh:
+        grp = fh.require_group("state")
+        if how == "pickle":  # what versions before this one wrote and read back with pickle.loads
+            grp.create_dataset("rng", data=np.void(blob)).attrs["kind"] = "pickle"
+        elif how == "opaque":  # no kind, opaque bytes
+            grp.create_dataset("rng", data=np.void(blob))
+        elif how == "bytes-as-json":
+            text = pickle.dumps(_Payload(marker), protocol=0).decode("latin-1")  # protocol 0 is text
+            grp.create_dataset("rng", data=text, dtype=h5py.string_dtype()).attrs["kind"] = "json"
+        elif how == "vlen":
+            ds = grp.create_dataset("rng", (1,), dtype=h5py.vlen_dtype(np.uint8))
+            ds[0] = np.frombuffer(blob, np.uint8)
+            ds.attrs["kind"] = "array"
+        fh.attrs["complete"] = True
+        if "iteration" not in fh:
+            fh.create_dataset("iteration", data=3).attrs["kind"] = "scalar"
+
+
+@pytest.mark.parametrize("how", ["pickle", "opaque", "bytes-as-json", "vlen"])
+def test_planted_pickle_refused_in_one_line(tmp_path, how):
+    """A pickle planted in checkpoint.h5 or results.h5 is refused naming the file; it never runs."""
+    from glymphmpi.io import UnsafeFileError
+
+    marker = tmp_path / "PWNED"
+    ck = Checkpointer(tmp_path / "checkpoint.h5")
+    ck.save({"x": np.ones(3)}, 2)
+    ck.save({"x": np.ones(3)}, 3)  # a valid older checkpoint.prev.h5 must not be used instead
+    _plant(ck.path, marker, how)
+    with pytest.raises(UnsafeFileError) as err:
+        ck.load()
+    msg = str(err.value)
+    assert msg.startswith(str(ck.path)) and "refused" in msg and "\n" not in msg and err.value.exit_code == 2
+    write_h5_tree(tmp_path / "results.h5", {"v": np.zeros(2)})
+    _plant(tmp_path / "results.h5", marker, how)
+    with pytest.raises(UnsafeFileError, match="results.h5"):
+        read_h5_tree(tmp_path / "results.h5")
+    assert not marker.exists()
+    # the payload is real: plain pickle would have run it
+    import pickle
+
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.exists()
+
+
+def test_typed_layout_round_trip_and_refuses_objects(tmp_path):
+    """JSON for small structures, big ints as text; an arbitrary object is an error naming its key."""
+    tree = {"events": [{"epoch": 3, "what": "rar"}, {"epoch": 9, "what": None}], "empty": [],
+            "nested": [[1.0, 2.0], [3.0]], "big": 2**100, "neg": -(2**70), "t": (1, 2.5), "mixed": [1, "a"],
+            "nan": [1.0, float("nan")], "i64": np.int64(-5), "f32": np.float32(0.5), "b": np.bool_(False)}
+    write_h5_tree(tmp_path / "t.h5", tree)
+    back, _ = read_h5_tree(tmp_path / "t.h5")
+    assert back["events"] == tree["events"] and back["empty"] == [] and back["nested"] == [[1.0, 2.0], [3.0]]
+    assert back["big"] == 2**100 and back["neg"] == -(2**70) and back["t"] == [1, 2.5] and back["mixed"] == [1, "a"]
+    assert back["nan"][0] == 1.0 and np.isnan(back["nan"][1])
+    assert back["i64"] == -5 and back["f32"] == 0.5 and back["b"] is False
+    with pytest.raises(TypeError, match="'g/obj'"):
+        write_h5_tree(tmp_path / "u.h5", {"g": {"obj": object()}})
+    with pytest.raises(TypeError, match="inside 'lst'"):
+        write_h5_tree(tmp_path / "u.h5", {"lst": [object()]})
+    with pytest.raises(TypeError, match="dtype object"):
+        write_h5_tree(tmp_path / "u.h5", {"a": np.array([None, 1], dtype=object)})
+    assert not (tmp_path / "u.h5").exists() and [p.name for p in tmp_path.iterdir()] == ["t.h5"]
+
+
+def test_no_unsafe_deserialisation_in_package():
+    """No pickle/marshal loads, no torch.load without weights_only=True, no np.load(allow_pickle=True)."""
+    import re
+    from pathlib import Path
+
+    import glymphmpi
+
+    bad = re.compile(r"pickle\.loads?\(|marshal\.loads?\(|allow_pickle\s*=\s*True|weights_only\s*=\s*False"
+                     r"|dill\.|cloudpickle|shelve\.|yaml\.load\(|yaml\.unsafe_load")
+    found = []
+    for p in Path(glymphmpi.__file__).parent.rglob("*.py"):
+        text = p.read_text()
+        for m in bad.finditer(text):
+            found.append(f"{p.name}:{text[:m.start()].count(chr(10)) + 1}: {m.group(0)}")
+        for m in re.finditer(r"torch\.load\(", text):
+            call = text[m.start():text.find(")", m.start()) + 200]
+            if "weights_only=True" not in call.split("\n\n")[0]:
+                found.append(f"{p.name}:{text[:m.start()].count(chr(10)) + 1}: torch.load without weights_only=True")
+    assert not found, found

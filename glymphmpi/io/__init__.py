@@ -11,6 +11,7 @@ The names below are the public API; ``glymphmpi.io.vtk`` is imported as a module
 
 from glymphmpi.io.atomic import atomic_path, atomic_write_bytes, atomic_write_json
 from glymphmpi.io.h5 import (
+    UnsafeFileError,
     parallel_h5_available,
     read_h5_attrs,
     read_h5_tree,
@@ -21,6 +22,6 @@ from glymphmpi.io.nifti import write_nifti
 
 __all__ = [
     "atomic_path", "atomic_write_bytes", "atomic_write_json",
-    "parallel_h5_available", "read_h5_attrs", "read_h5_tree", "write_h5_collective", "write_h5_tree",
+    "UnsafeFileError", "parallel_h5_available", "read_h5_attrs", "read_h5_tree", "write_h5_collective", "write_h5_tree",
     "write_nifti",
 ]

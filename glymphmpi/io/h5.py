@@ -1,4 +1,4 @@
-"""HDF5 trees: nested dicts of arrays, scalars and strings, written atomically.
+"""HDF5 trees: nested dicts of arrays, scalars, strings and JSON, written atomically; never pickle.
 
 Also the collective (``mpio``) row-block writer of one dataset.
 """
@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from glymphmpi.errors import InputError
 from glymphmpi.io.atomic import atomic_path, fsync_dir, json_default, tmp_name
 
 log = logging.getLogger(__name__)
@@ -25,68 +25,135 @@ def _h5():
     return h5py
 
 
-def write_node(grp, key: str, value) -> None:
-    """Write ``value`` under ``grp[key]`` (dicts become groups)."""
+# The layout: every dataset carries attrs["kind"], one of KINDS; groups are dicts (keys are strings).
+# Nothing else is ever read: a dataset of any other kind (e.g. the "pickle" datasets of old versions)
+# or of a non-numeric dtype is refused with an UnsafeFileError naming the file.
+KINDS = {
+    "array": "numeric or bool ndarray (gzip when large)",
+    "str": "UTF-8 string",
+    "bool": "Python bool",
+    "scalar": "int (64-bit) or float",
+    "int": "integer beyond 64 bits (e.g. an RNG state), stored as its decimal string",
+    "list": "non-empty list/tuple of numbers, stored as a 1D array (read back as a list)",
+    "json": "other lists/tuples (nested lists, dicts, strings, None), stored as a JSON string",
+}
+_NUMERIC = "biuf"  # bool, int, unsigned, float dtype kinds
+
+
+class UnsafeFileError(InputError):
+    """A file holds a dataset outside the typed layout (e.g. a pickle): it is refused, never executed."""
+
+
+def _json_plain(value, where: str) -> str:
+    def default(o):
+        if isinstance(o, np.ndarray) and o.dtype.kind in _NUMERIC:
+            return o.tolist()
+        if isinstance(o, (np.generic, Path)):
+            return json_default(o)
+        raise TypeError(f"cannot store {type(o).__name__} inside {where!r}: only numbers, strings, bools, "
+                        "None, lists and dicts with string keys (JSON), or numeric arrays")
+    return json.dumps(value, default=default, allow_nan=True)
+
+
+def write_node(grp, key: str, value, where: str = "") -> None:
+    """Write ``value`` under ``grp[key]`` in the typed layout (dicts become groups; None is skipped).
+
+    Raises:
+        TypeError: a value outside the layout (an arbitrary object), naming its key.
+    """
     h5py = _h5()
+    where = f"{where}/{key}" if where else key
     if value is None:
         return
     if isinstance(value, dict):
         sub = grp.create_group(key)
         for k, v in value.items():
-            write_node(sub, str(k), v)
+            write_node(sub, str(k), v, where)
         return
     if isinstance(value, str):
         ds = grp.create_dataset(key, data=value, dtype=h5py.string_dtype())
-        ds.attrs["kind"] = "str"
-        return
-    if isinstance(value, (bool, np.bool_)):
+        kind = "str"
+    elif isinstance(value, (bool, np.bool_)):
         ds = grp.create_dataset(key, data=np.bool_(value))
-        ds.attrs["kind"] = "bool"
-        return
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and not (
-            isinstance(value, int) and not -(2**63) <= value < 2**63):
+        kind = "bool"
+    elif isinstance(value, (int, np.integer)) and not -(2**63) <= int(value) < 2**63:
+        ds = grp.create_dataset(key, data=str(int(value)), dtype=h5py.string_dtype())
+        kind = "int"
+    elif isinstance(value, (int, float, np.integer, np.floating)):
         ds = grp.create_dataset(key, data=value)
-        ds.attrs["kind"] = "scalar"
-        return
-    if isinstance(value, np.ndarray) and value.dtype != object:
+        kind = "scalar"
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind not in _NUMERIC:
+            raise TypeError(f"cannot store an array of dtype {value.dtype} at {where!r}: numeric or bool arrays only")
         opts = {"compression": "gzip", "compression_opts": 1, "shuffle": True} if value.size > 4096 else {}
-        grp.create_dataset(key, data=value, **opts)
-        return
-    if isinstance(value, (list, tuple)) and value and all(
-        isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in value
-    ):
+        ds = grp.create_dataset(key, data=value, **opts)
+        kind = "array"
+    elif isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+            and not (isinstance(v, (int, np.integer)) and not -(2**63) <= int(v) < 2**63) for v in value):
         ds = grp.create_dataset(key, data=np.asarray(value))
-        ds.attrs["kind"] = "list"
-        return
-    ds = grp.create_dataset(key, data=np.void(pickle.dumps(value, protocol=4)))
-    ds.attrs["kind"] = "pickle"
+        kind = "list"
+    elif isinstance(value, (list, tuple)):
+        ds = grp.create_dataset(key, data=_json_plain(value, where), dtype=h5py.string_dtype())
+        kind = "json"
+    else:
+        raise TypeError(f"cannot store {type(value).__name__} at {where!r}: arrays, numbers, strings, bools, "
+                        "dicts and JSON-able lists only (never pickle)")
+    ds.attrs["kind"] = kind
+
+
+def _refuse(node, why: str):
+    raise UnsafeFileError(f"dataset {node.name!r} {why}; refused (glymphmpi stores typed arrays, numbers, "
+                          "strings and JSON only, never code): delete the file or use --fresh", node.file.filename)
 
 
 def read_node(node):
+    """Read a group (dict) or dataset written by :func:`write_node`.
+
+    Raises:
+        UnsafeFileError: a dataset of another kind (e.g. pickle) or dtype (opaque, object).
+    """
     h5py = _h5()
     if isinstance(node, h5py.Group):
         return {k: read_node(node[k]) for k in node.keys()}
+    if not isinstance(node, h5py.Dataset):
+        _refuse(node, f"is a {type(node).__name__}")
     kind = node.attrs.get("kind", "")
     if isinstance(kind, bytes):
-        kind = kind.decode()
-    if kind == "str":
-        return node.asstr()[()]
+        kind = kind.decode(errors="replace")
+    kind = str(kind)
+    is_text = h5py.check_string_dtype(node.dtype) is not None
+    if kind in ("str", "int", "json"):
+        if not is_text or node.shape != ():
+            _refuse(node, f"of kind {kind!r} is not a string")
+        text = node.asstr()[()]
+        if kind == "str":
+            return text
+        try:
+            return int(text) if kind == "int" else json.loads(text)
+        except ValueError:
+            _refuse(node, f"of kind {kind!r} does not parse")
+    if kind not in ("", "array", "bool", "scalar", "list"):
+        _refuse(node, f"has kind {kind[:40]!r}")
+    if node.dtype.kind not in _NUMERIC:  # opaque, compound, object, vlen or string data
+        _refuse(node, f"has non-numeric dtype {node.dtype}")
     if kind == "bool":
         return bool(node[()])
     if kind == "scalar":
         return node[()].item()
     if kind == "list":
         return node[()].tolist()
-    if kind == "pickle":
-        return pickle.loads(node[()].tobytes())
     return node[()]
 
 
 def write_h5_tree(path, tree: dict, attrs: dict | None = None) -> Path:
-    """Write a nested dict of arrays/scalars/strings to HDF5 atomically.
+    """Write a nested dict to HDF5 atomically in the typed layout (:data:`KINDS`).
 
-    Dicts become groups, arrays datasets (gzip when large). ``attrs`` go on
-    the root (dicts and lists as JSON strings).
+    Dicts become groups, arrays datasets (gzip when large), lists JSON. ``attrs``
+    go on the root (dicts and lists as JSON strings).
+
+    Raises:
+        TypeError: a value outside the layout (nothing is written then).
     """
     h5py = _h5()
     path = Path(path)
@@ -101,7 +168,12 @@ def write_h5_tree(path, tree: dict, attrs: dict | None = None) -> Path:
 
 
 def read_h5_tree(path) -> tuple[dict, dict]:
-    """Read a file written by :func:`write_h5_tree`: (tree, root attrs)."""
+    """Read a file written by :func:`write_h5_tree`: (tree, root attrs).
+
+    Raises:
+        UnsafeFileError: a dataset outside the typed layout (one line naming the file).
+        OSError: an unreadable or incomplete file.
+    """
     h5py = _h5()
     with h5py.File(path, "r") as fh:
         if not fh.attrs.get("complete", False):

@@ -10,7 +10,7 @@ from pathlib import Path
 from glymphmpi import __version__
 from glymphmpi.errors import Preempted
 from glymphmpi.io.atomic import fsync_dir, tmp_name
-from glymphmpi.io.h5 import _h5, read_h5_tree, write_node
+from glymphmpi.io.h5 import UnsafeFileError, _h5, read_h5_tree, write_node
 from glymphmpi.store.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     """Save/load restart state every N iterations and on SIGTERM/SIGUSR1.
 
-    State is a dict of arrays, scalars, strings and picklable objects (RNG
-    states). Files: ``checkpoint.h5`` and the previous one
+    State is a dict in the typed layout of :mod:`glymphmpi.io.h5` (arrays,
+    numbers, strings, nested dicts, JSON-able lists; RNG states as dicts). Files: ``checkpoint.h5`` and the previous one
     ``checkpoint.prev.h5``; :meth:`load` returns the newest that loads.
 
     Args:
@@ -68,13 +68,20 @@ class Checkpointer:
             self.comm.Barrier()
 
     def load(self) -> tuple[dict, int] | None:
-        """Newest valid (state, iteration), or None when there is none."""
+        """Newest valid (state, iteration), or None when there is none.
+
+        Raises:
+            UnsafeFileError: a checkpoint holds data outside the typed layout
+                (e.g. a planted pickle): refused, never executed, never skipped.
+        """
         for p in (self.path, self.prev):
             if not p.exists():
                 continue
             try:
                 tree, _ = read_h5_tree(p)
                 return tree["state"], int(tree["iteration"])
+            except UnsafeFileError:
+                raise
             except Exception as exc:  # a damaged file: try the older one
                 log.warning("%s: unreadable checkpoint (%s); trying an older one", p, exc)
         return None
