@@ -1,8 +1,9 @@
-"""The ``glymph`` command: parse, load config, dispatch.
+"""The ``glymph`` command: parse, dispatch.
 
-Method subcommands plug in by module: every ``glymphmpi/<name>/cli.py`` that
-exists is asked to ``register(subparsers)``; those modules stay light (heavy
-imports happen inside their run functions).
+The method subcommands (``romt``, ``fem``, ``pinn``, ...) come from the method
+registry (:mod:`glymphmpi.methods`): one subcommand per entry, its options
+from the entry, run by :func:`glymphmpi.runner.run_method`. Nothing heavy is
+imported to build the parser.
 
 Exit codes: 0 done; 2 bad input or usage (one line, no traceback); 1 internal
 failure; 75 stopped by a signal after writing a checkpoint.
@@ -11,10 +12,7 @@ failure; 75 stopped by a signal after writing a checkpoint.
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
-import pkgutil
 import sys
 
 from glymphmpi import __version__
@@ -28,19 +26,6 @@ log = logging.getLogger("glymphmpi.cli")
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2
         self.exit(EXIT_INPUT, f"{self.prog}: error: {message}\n")
-
-
-def _plugin_modules():
-    """Every ``glymphmpi/<pkg>/cli.py`` and ``cli_*.py`` (sorted), imported."""
-    import glymphmpi
-
-    for info in sorted(pkgutil.iter_modules(glymphmpi.__path__), key=lambda i: i.name):
-        if not info.ispkg:
-            continue
-        pkg = importlib.import_module(f"glymphmpi.{info.name}")
-        for sub in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-            if not sub.ispkg and (sub.name == "cli" or sub.name.startswith("cli_")):
-                yield importlib.import_module(f"glymphmpi.{info.name}.{sub.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,8 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="demo-output")
     s.set_defaults(func=_cmd_demo)
 
-    for mod in _plugin_modules():
-        mod.register(sub)
+    from glymphmpi.cohort.cli import register as register_cohort
+    from glymphmpi.methods import all_methods
+    from glymphmpi.runner import add_run_args
+
+    for m in all_methods().values():
+        mp = sub.add_parser(m.name, help=m.help, description=m.description or m.help)
+        add_run_args(mp, m)
+        mp.set_defaults(func=_cmd_method, method=m.name)
+    register_cohort(sub)
     return p
 
 
@@ -178,6 +170,13 @@ def _cmd_subject_init(args) -> int:
     path = init_from_4d(args.series, _parse_times(args.times), args.out, args.id,
                         mask_path=args.mask, auto_mask_fraction=args.auto_mask)
     print(path)
+    return 0
+
+
+def _cmd_method(args) -> int:
+    from glymphmpi.runner import run_method
+
+    run_method(args.method, args)
     return 0
 
 

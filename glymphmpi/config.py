@@ -1,9 +1,11 @@
 """Frozen configuration dataclasses, TOML loading and ``--set`` overrides.
 
 A config file has one table per method (``[romt]``, ``[fem]``, ``[pinn]``,
-...). Each method defines one frozen dataclass in its own light module
-``glymphmpi/<method>/config.py`` exposing ``CONFIG = <Class>``; the table
-name is the method name. Unknown keys and wrong types are :class:`InputError`.
+...); a nested dataclass field is a nested table (``[romt.post]``). Each method
+defines one frozen dataclass in its own light module; the method registry
+(:mod:`glymphmpi.methods`) says which table holds which class, and passes the
+tables to :func:`resolve_table`. This module knows no method. Unknown keys and
+wrong types are :class:`InputError`.
 ``--set pinn.epochs=2000`` overrides a key (the value is parsed as TOML; a
 bare word is taken as a string).
 """
@@ -11,7 +13,6 @@ bare word is taken as a string).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import tomllib
 import types
@@ -38,46 +39,106 @@ class SubjectConfig:
     max_negative_mass_fraction: float = 0.1
 
 
-_BUILTIN = {"subject": SubjectConfig}
+def table_class(tables: dict, section: str, aliases: dict | None = None) -> type:
+    """The dataclass of ``section`` in ``tables`` (a dotted name reaches a nested table, e.g.
+    ``romt.post``); raises listing the valid tables."""
+    target = (aliases or {}).get(section, section)
+    root, *sub = target.split(".")
+    if root not in tables:
+        raise InputError(f"unknown config table [{section}]; valid tables: {', '.join(sorted(tables))}")
+    cls = tables[root]
+    for name in sub:
+        cls = _nested_class(cls, name)
+        if cls is None:
+            raise InputError(f"unknown config table [{section}]; valid tables: {', '.join(sorted(tables))}")
+    return cls
 
 
-def _registry() -> dict:
-    """Table name -> dataclass, from every ``glymphmpi/<pkg>/config*.py``.
+def _nested_class(cls, name: str):
+    """The dataclass type of field ``name`` of ``cls``, or None."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    hints = typing.get_type_hints(cls, include_extras=False)
+    tp = hints.get(name)
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
-    A module exposes ``CONFIGS = {"table": Class, ...}`` or ``CONFIG = Class``
-    (table name = the subpackage's name). Modules are light (no heavy imports).
+
+def _split_override(item, aliases: dict) -> tuple[list[str], Any, str]:
+    """``"a.b.c=v"`` or ``("a.b.c", v)`` -> (["a", "b", "c"], v, text), aliases of the first part applied."""
+    if isinstance(item, tuple):
+        dotted, value = item
+        text = f"{dotted}={value!r}"
+    else:
+        section, key, value = parse_override(item)
+        dotted, text = f"{section}.{key}", f"--set {item}"
+    parts = dotted.split(".")
+    if parts[0] in aliases:
+        parts = aliases[parts[0]].split(".") + parts[1:]
+    return parts, value, text
+
+
+def _set_nested(table: dict, keys: list[str], value, where) -> None:
+    for k in keys[:-1]:
+        nxt = table.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise InputError(f"key {k!r} is not a table", where)
+        table = nxt
+    table[keys[-1]] = value
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def resolve_table(tables: dict, section: str, path=None, overrides=(), aliases: dict | None = None):
+    """Resolve one table from an optional TOML file and overrides.
+
+    Args:
+        tables: table name -> frozen dataclass (all tables a file may hold).
+        section: the table to build (``"romt"``, ``"romt.post"`` for a nested table, an alias).
+        path: TOML file with one table per method, or None for the defaults.
+        overrides: ``SECTION.KEY=VALUE`` strings or ``("section.key", value)`` pairs; other
+            sections' are ignored, unknown sections are errors.
+        aliases: old table name -> dotted table path (``{"romt_post": "romt.post"}``).
     """
-    import pkgutil
-
-    import glymphmpi
-
-    reg = dict(_BUILTIN)
-    for info in pkgutil.iter_modules(glymphmpi.__path__):
-        if not info.ispkg:
-            continue
-        pkg = importlib.import_module(f"glymphmpi.{info.name}")
-        for sub in pkgutil.iter_modules(pkg.__path__):
-            if sub.ispkg or not (sub.name == "config" or sub.name.startswith("config_")
-                                 or sub.name.endswith("_config")):
-                continue
-            mod = importlib.import_module(f"glymphmpi.{info.name}.{sub.name}")
-            if hasattr(mod, "CONFIGS"):
-                reg.update(mod.CONFIGS)
-            elif hasattr(mod, "CONFIG"):
-                reg[info.name] = mod.CONFIG
-    return reg
-
-
-def config_class(section: str):
-    """The config dataclass of a table name; raises with the valid names."""
-    reg = _registry()
-    if section not in reg:
-        raise InputError(f"unknown config table [{section}]; valid tables: {', '.join(sorted(reg))}")
-    return reg[section]
-
-
-def known_sections() -> list[str]:
-    return sorted(_registry())
+    aliases = aliases or {}
+    target = aliases.get(section, section)
+    cls = table_class(tables, section, aliases)
+    root, *sub = target.split(".")
+    valid = ", ".join(sorted(tables))
+    data: dict = {}
+    where = "config"
+    if path is not None:
+        doc = load_toml(path)
+        where = str(path)
+        for name, value in doc.items():
+            if not isinstance(value, dict):
+                raise InputError(f"top-level key {name!r} must be a table like [{root}]", path)
+            parts = aliases.get(name, name).split(".")
+            if parts[0] not in tables:
+                raise InputError(f"unknown table [{name}] (valid: {valid})", path)
+            if parts[0] == root:
+                nested = value
+                for k in reversed(parts[1:]):
+                    nested = {k: nested}
+                _merge(data, nested)
+    for item in overrides:
+        parts, value, text = _split_override(item, aliases)
+        if parts[0] not in tables:
+            raise InputError(f"{text!r}: unknown section {parts[0]!r} (valid: {valid})")
+        if parts[0] == root:
+            _set_nested(data, parts[1:], value, text)
+            where = text if path is None else where
+    table = data
+    for name in sub:
+        table = table.get(name, {})
+        if not isinstance(table, dict):
+            raise InputError(f"[{target}] must be a table", where)
+    return build(cls, table, where)
 
 
 def _type_ok(value, tp) -> tuple[bool, Any]:
@@ -123,6 +184,12 @@ def _type_ok(value, tp) -> tuple[bool, Any]:
                 return False, value
             out.append(cv)
         return True, tuple(out) if origin is tuple else out
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return True, value
+        if isinstance(value, dict):
+            return True, build(tp, value)
+        return False, value
     if origin is dict or tp is dict:
         return isinstance(value, dict), dict(value) if isinstance(value, dict) else value
     return isinstance(value, tp), value
@@ -189,34 +256,24 @@ def load_toml(path) -> dict:
 
 
 def load_config(section: str, path=None, overrides=()):
-    """Resolve the config of one method from an optional TOML file and overrides.
+    """Transitional: :func:`glymphmpi.methods.load_config` (the tables come from the registry)."""
+    from glymphmpi.methods import load_config as _load
 
-    Args:
-        section: table name (``"romt"``, ``"fem"``, ``"pinn"``, ...).
-        path: TOML file with one table per method, or None for the defaults.
-        overrides: ``SECTION.KEY=VALUE`` strings; other sections' are ignored,
-            unknown sections are errors.
-    """
-    cls = config_class(section)
-    table: dict = {}
-    where = "config"
-    if path is not None:
-        data = load_toml(path)
-        where = str(path)
-        for name in data:
-            if not isinstance(data[name], dict):
-                raise InputError(f"top-level key {name!r} must be a table like [{section}]", path)
-            if name not in known_sections():
-                raise InputError(f"unknown table [{name}] (valid: {', '.join(known_sections())})", path)
-        table.update(data.get(section, {}))
-    for item in overrides:
-        sec, key, value = parse_override(item)
-        if sec not in known_sections():
-            raise InputError(f"--set {item!r}: unknown section {sec!r} (valid: {', '.join(known_sections())})")
-        if sec == section:
-            table[key] = value
-            where = f"--set {item}" if path is None else where
-    return build(cls, table, where)
+    return _load(section, path, overrides)
+
+
+def config_class(section: str):
+    """Transitional: :func:`glymphmpi.methods.config_class`."""
+    from glymphmpi.methods import config_class as _cc
+
+    return _cc(section)
+
+
+def known_sections() -> list[str]:
+    """Transitional: :func:`glymphmpi.methods.known_sections`."""
+    from glymphmpi.methods import known_sections as _ks
+
+    return _ks()
 
 
 def to_dict(cfg) -> dict:

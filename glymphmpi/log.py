@@ -7,8 +7,24 @@ import sys
 
 _FMT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+#: the process-wide progress switch: set once by the CLI (``--quiet``), read by every
+#: trainer and loop (:func:`quiet`, :func:`progress`).
+_QUIET = False
+
+
+def set_quiet(flag: bool) -> None:
+    """Turn progress output (bars, per-iteration INFO lines) off or on for this process."""
+    global _QUIET
+    _QUIET = bool(flag)
+
+
+def quiet() -> bool:
+    """True when the user asked for no progress output (``glymph --quiet``)."""
+    return _QUIET
+
 
 def setup_logging(rank: int = 0, verbose: bool = False, quiet: bool = False) -> None:
+    set_quiet(quiet)
     root = logging.getLogger("glymphmpi")
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     if rank != 0:
@@ -37,9 +53,10 @@ def add_file_log(path, rank: int = 0) -> logging.Handler | None:
 
 
 def progress(iterable=None, quiet: bool | None = None, **kw):
-    """tqdm progress bar, off when quiet or stderr is not a TTY."""
+    """tqdm progress bar, off under ``--quiet`` (the process switch), when ``quiet`` or when
+    stderr is not a TTY."""
     from tqdm import tqdm
 
     if quiet is None:
         quiet = not sys.stderr.isatty()
-    return tqdm(iterable, disable=quiet, **kw)
+    return tqdm(iterable, disable=bool(quiet) or _QUIET, **kw)

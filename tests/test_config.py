@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from glymphmpi.config import SubjectConfig, build, load_config, parse_override
+from glymphmpi.config import SubjectConfig, build, parse_override
+from glymphmpi.methods import load_config
 from glymphmpi.errors import InputError
 
 

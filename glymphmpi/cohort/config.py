@@ -60,5 +60,3 @@ class CohortConfig:
         if not self.job_prefix.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"cohort.job_prefix {self.job_prefix!r}: letters, digits, '-' and '_' only")
 
-
-CONFIG = CohortConfig

@@ -147,5 +147,3 @@ class FemConfig:
             if not isinstance(k, str) or k.startswith("-"):
                 raise ValueError(f"PETSc option {k!r}: give names without a leading '-'")
 
-
-CONFIG = FemConfig

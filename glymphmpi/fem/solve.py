@@ -1,8 +1,8 @@
 """The FEM method end to end: mesh, data, TAO, outputs (``glymph fem``).
 
 :func:`estimate` is the numerical core (no files); :func:`solve` is the
-``run_method`` callback that adds checkpoints, results.h5, XDMF, NIfTI maps
-and the figure.
+registry's ``solve`` (checkpoints, results.h5, XDMF, NIfTI maps); the figure is
+the registry's hook :func:`glymphmpi.report.fem_figures.figures`.
 """
 
 from __future__ import annotations
@@ -213,7 +213,9 @@ def solve(subject, cfg, rundir, comm) -> dict:
     from glymphmpi.fem.transfer import to_voxels
 
     ckpt = rundir.checkpointer(every=cfg.checkpoint_every)
-    res = estimate(subject, cfg, comm, checkpointer=ckpt, quiet=cfg.quiet)
+    from glymphmpi.log import quiet as quiet_mode
+
+    res = estimate(subject, cfg, comm, checkpointer=ckpt, quiet=cfg.quiet or quiet_mode())
     vm, model = res.vm, res.model
     grid = model.grid
     obs = [int(s) for s in grid.obs_step]
@@ -238,10 +240,6 @@ def solve(subject, cfg, rundir, comm) -> dict:
         }
         attrs = {"history_units": "J: (conc)^2 mm^3 + regularisation; D: mm^2/h"}
         rundir.write_results(tree, cfg, subject.id, attrs)
-        from glymphmpi.report.fem_figures import plot_fem
-
-        plot_fem(rundir.figures / "fem.png", res.history, subject.scans, fit, subject.mask,
-                 subject.times_h, title=f"{subject.id}: D = {res.D:.4f} mm$^2$/h ({cfg.mode})")
     comm.Barrier()
     ckpt.remove()
     model.destroy()

@@ -163,5 +163,3 @@ class PinnConfig:
         """Epoch from which p = 1 under the ``2to1`` schedule."""
         return self.p_switch_epoch or self.epochs // 2
 
-
-CONFIG = PinnConfig

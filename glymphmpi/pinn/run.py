@@ -1,48 +1,55 @@
-"""The ``glymph pinn`` command: distributed set-up, training, outputs.
+"""The ``glymph pinn`` method: its communicator, training, outputs.
 
 Writes (rank 0): ``results.h5`` (per-member loss, D and residual histories,
-r(t), RAR/RAE events), ``maps/pinn_pred_tXX.nii.gz`` (ensemble-mean
-prediction at the scan times), figures (D and losses over epochs, r(t),
-slices of data vs prediction) and summary fields ``D_mm2_per_h`` (ensemble
+r(t), RAR/RAE events, the ensemble-mean prediction at the scan times),
+``maps/pinn_pred_tXX.nii.gz`` and summary fields ``D_mm2_per_h`` (ensemble
 mean), ``D_std_mm2_per_h``, ``residual_norm``, final losses, epochs, runtime,
-device and world size.
+device and world size. The figures (D and losses over epochs, r(t), slices of
+data vs prediction) are the registry's hook
+:func:`glymphmpi.report.pinn_figures.figures`, made from results.h5.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 
 import numpy as np
 
-from glymphmpi.config import load_config
 from glymphmpi.pinn.config import PinnConfig
 
 log = logging.getLogger(__name__)
 
 
-def main(args) -> int:
-    from glymphmpi.pinn.distributed import TorchComm, init_distributed, teardown
-    from glymphmpi.runner import run_method
+@contextlib.contextmanager
+def communicator(cfg: PinnConfig):
+    """The registry's communicator factory for ``pinn``: torch.distributed set up for
+    ``cfg.device`` (the device decides the backend), torn down after the run. Yields the
+    :class:`~glymphmpi.pinn.distributed.DistContext`, which is the communicator (mpi4py-like
+    collectives; the identity in a single process)."""
+    from glymphmpi.pinn.distributed import init_distributed, teardown
 
-    cfg = load_config("pinn", args.config, args.set)  # the device decides the backend
     ctx = init_distributed(cfg.device)
-    comm = TorchComm(ctx) if ctx.active else None
     try:
-        run_method("pinn", args, lambda s, c, r, cm: solve(s, c, r, cm, ctx, quiet=args.quiet), comm=comm)
+        yield ctx
     finally:
         gc.collect()
         teardown(ctx)
-    return 0
 
 
-def solve(subject, cfg: PinnConfig, rundir, comm, ctx, quiet: bool = False) -> dict:
-    """Train the ensemble, write results/maps/figures; returns the summary fields."""
+def solve(subject, cfg: PinnConfig, rundir, comm) -> dict:
+    """Train the ensemble, write results/maps; returns the summary fields.
+
+    ``comm`` is the :class:`~glymphmpi.pinn.distributed.DistContext` of :func:`communicator`.
+    """
+    from glymphmpi.log import quiet
     from glymphmpi.pinn.trainer import fit, problem_from_subject
 
+    ctx = comm
     problem = problem_from_subject(subject)
     ckpt = rundir.checkpointer(every=cfg.checkpoint_every)
-    members = fit(problem, cfg, ctx, ckpt, quiet=quiet)
+    members = fit(problem, cfg, ctx, ckpt, quiet=quiet())
     Ds = np.array([m.D for m in members])
     last = members[0].history
     fields = {
@@ -65,14 +72,14 @@ def solve(subject, cfg: PinnConfig, rundir, comm, ctx, quiet: bool = False) -> d
 
 
 def write_outputs(rundir, subject, problem, cfg, members, fields) -> None:
-    """results.h5, NIfTI maps and figures (rank 0)."""
+    """results.h5 and NIfTI maps (rank 0)."""
     pred = np.mean([m.prediction for m in members], axis=0)  # (p, n_mask)
     vol = np.zeros((len(problem.times_h),) + problem.mask.shape)
     vol[:, problem.mask] = pred
     tree = {"D_mm2_per_h": fields["D_mm2_per_h"], "D_std_mm2_per_h": fields["D_std_mm2_per_h"],
             "D_members_mm2_per_h": np.array(fields["D_members_mm2_per_h"]),
             "residual_norm": fields["residual_norm"], "times_h": np.asarray(problem.times_h),
-            "members": {}}
+            "prediction_at_scans": vol.astype(np.float32), "members": {}}
     for k, m in enumerate(members):
         tree["members"][f"m{k}"] = {
             "seed": m.seed, "D_mm2_per_h": m.D, "residual_norm": m.residual_norm,
@@ -86,10 +93,3 @@ def write_outputs(rundir, subject, problem, cfg, members, fields) -> None:
     if cfg.maps:
         for i, _t in enumerate(problem.times_h):
             rundir.write_map(f"pinn_pred_t{i:02d}", vol[i], problem.affine)
-    if cfg.figures:
-        from glymphmpi.report import pinn_figures as pf
-
-        pf.plot_histories([m.history for m in members], rundir.figures / "pinn_history.png")
-        pf.plot_residual([(m.t_grid, m.residual_t) for m in members], problem.times_h,
-                         rundir.figures / "pinn_residual_t.png")
-        pf.plot_slices(subject.scans, vol, problem.mask, problem.times_h, rundir.figures / "pinn_slices.png")

@@ -22,6 +22,10 @@ class PinnSelectConfig:
         threads_per_run: torch/OpenMP threads of each local run.
         max_retries: re-runs of a failed run before it is recorded as failed.
         poll_s: seconds between SLURM status polls.
+        scheduler: ``local`` (processes on this machine) or ``slurm`` (a job array);
+            ``--scheduler`` on the command line.
+        fem_run: an FEM run directory whose D to show beside the selection (``--fem``);
+            empty: a sibling ``fem`` run when there is one.
         partition, account, qos, time: SLURM job-array settings.
         cpus_per_task, mem: SLURM resources of one array task.
     """
@@ -34,6 +38,8 @@ class PinnSelectConfig:
     threads_per_run: int = 1
     max_retries: int = 1
     poll_s: float = 2.0
+    scheduler: str = "local"
+    fem_run: str = ""
     partition: str = ""
     account: str = ""
     qos: str = ""
@@ -42,6 +48,8 @@ class PinnSelectConfig:
     mem: str = "2G"
 
     def validate(self) -> None:
+        if self.scheduler not in ("local", "slurm"):
+            raise ValueError(f"scheduler {self.scheduler!r} not one of local, slurm")
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
         if not 0 <= self.early_stop_fraction < 1:
@@ -51,5 +59,3 @@ class PinnSelectConfig:
         if self.parallel < 0 or self.threads_per_run < 1 or self.max_retries < 0:
             raise ValueError("need parallel >= 0, threads_per_run >= 1, max_retries >= 0")
 
-
-CONFIGS = {"pinn_select": PinnSelectConfig}

@@ -89,17 +89,18 @@ def plot(rows, records, chosen, fem, path: Path) -> None:
     tmp.replace(path)
 
 
-def solve(subject, cfg, rundir, comm, args) -> dict:
+def solve(subject, cfg, rundir, comm) -> dict:  # noqa: ARG001 - the registry's signature
+    """The registry's ``solve`` of ``pinn-select``: train the grid (``cfg.scheduler``), select, write."""
     out = rundir.root
-    grid = args.grid or cfg.grid
+    grid = cfg.grid
     setups = (load_grid(grid, cfg.early_stop_fraction) if grid
               else make_setups(early_stop_fraction=cfg.early_stop_fraction))
     runs = expand_runs(setups, cfg.seeds)
-    subject_path = Path(args.subject).resolve()
+    subject_path = Path(subject.path).resolve()
     atomic_write_json(out / "grid.json", [{"setup": s.name, "axes": s.axes, "pinn": s.keys} for s in setups])
-    log.info("%d set-ups x %d seeds = %d runs (%s)", len(setups), cfg.seeds, len(runs), args.scheduler)
+    log.info("%d set-ups x %d seeds = %d runs (%s)", len(setups), cfg.seeds, len(runs), cfg.scheduler)
     job = None
-    if args.scheduler == "local":
+    if cfg.scheduler == "local":
         execute.run_local(subject_path, out, runs, cfg.parallel, cfg.threads_per_run, cfg.max_retries)
     else:
         job = execute.run_slurm(subject_path, out, runs, cfg, job_name=f"pinnsel-{subject.id}")
@@ -112,7 +113,7 @@ def solve(subject, cfg, rundir, comm, args) -> dict:
                                                            "preempted")}
     if chosen is None:
         raise InputError(f"no run completed ({n['failed']} failed, {n['pending']} pending); see {out}/runs.csv")
-    fem = find_fem(out, args.fem)
+    fem = find_fem(out, cfg.fem_run or None)
     plot(rows, records, chosen, fem, rundir.figures / "pinn_select_D_vs_residual.png")
     selection = {
         "chosen_setup": chosen.setup, "chosen_axes": chosen.axes,
@@ -135,14 +136,8 @@ def solve(subject, cfg, rundir, comm, args) -> dict:
         "D_mm2_per_h": chosen.D_mean, "D_std_mm2_per_h": chosen.D_std, "chosen_setup": chosen.setup,
         "residual_norm": chosen.residual_mean, "data_misfit": chosen.misfit_mean,
         "runs": len(records), "runs_complete": n["complete"], "runs_failed": n["failed"],
-        "runs_early_stopped": n["early_stopped"], "setups": len(setups), "scheduler": args.scheduler,
+        "runs_early_stopped": n["early_stopped"], "setups": len(setups), "scheduler": cfg.scheduler,
         "slurm_job": job, "fem_D_mm2_per_h": fem["D_mm2_per_h"] if fem else None,
         "train_s_total": float(np.nansum([r.runtime_s for r in records])) if records else math.nan,
     }
 
-
-def main(args) -> int:
-    from glymphmpi.runner import run_method
-
-    run_method("pinn-select", args, lambda s, c, r, cm: solve(s, c, r, cm, args), config_section="pinn_select")
-    return 0

@@ -59,3 +59,14 @@ def plot_fem(path, history: dict, scans: np.ndarray, fit: np.ndarray, mask: np.n
         fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
     return path
+
+
+def figures(rundir, subject, cfg, fields) -> Path:
+    """The registry's figure hook of ``fem`` (rank 0, after the solve): ``figures/fem.png`` from
+    results.h5 (the iteration history and the fit at the scan times)."""
+    from glymphmpi.io import read_h5_tree
+
+    tree, _ = read_h5_tree(rundir.results)
+    fit = np.asarray(tree["fit_at_scans"], dtype=np.float64)
+    return plot_fem(Path(rundir.figures) / "fem.png", tree["history"], subject.scans, fit, subject.mask,
+                    subject.times_h, title=f"{subject.id}: D = {fields['D_mm2_per_h']:.4f} mm$^2$/h ({cfg.mode})")

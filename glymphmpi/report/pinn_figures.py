@@ -86,3 +86,24 @@ def plot_slices(data: np.ndarray, pred: np.ndarray, mask: np.ndarray, times_h, p
             ax[row, i].axis("off")
     fig.colorbar(h, ax=ax, shrink=0.7, label="concentration")
     return _save(fig, path)
+
+
+def figures(rundir, subject, cfg, fields) -> list[Path]:  # noqa: ARG001 - the registry's hook signature
+    """The registry's figure hook of ``pinn`` (rank 0, after the solve): from results.h5.
+
+    D and losses over epochs, r(t), slices of data vs the ensemble-mean prediction; nothing
+    when ``pinn.figures`` is false.
+    """
+    if not cfg.figures:
+        return []
+    from glymphmpi.io import read_h5_tree
+
+    tree, _ = read_h5_tree(rundir.results)
+    members = [tree["members"][k] for k in sorted(tree["members"], key=lambda k: int(k[1:]))]
+    times_h = np.asarray(tree["times_h"])
+    fig_dir = Path(rundir.figures)
+    return [plot_histories([m["history"] for m in members], fig_dir / "pinn_history.png"),
+            plot_residual([(m["t_grid_h"], m["residual_t"]) for m in members], times_h,
+                          fig_dir / "pinn_residual_t.png"),
+            plot_slices(subject.scans, np.asarray(tree["prediction_at_scans"], dtype=np.float64), subject.mask,
+                        times_h, fig_dir / "pinn_slices.png")]

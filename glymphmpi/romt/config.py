@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from glymphmpi.romt.post_config import RomtPostConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class RomtConfig:
@@ -62,6 +64,11 @@ class RomtConfig:
             the solver's large temporaries reuse heap memory instead of
             page-faulting fresh memory every step (3-4x faster kernels).
         checkpoint_every: save the solver state every this many GN iterations.
+        postprocess: run the Lagrangian post-processing after the solve
+            (``glymph romt --no-post`` sets it false).
+        post: the post-processing settings, table ``[romt.post]``
+            (:class:`~glymphmpi.romt.post_config.RomtPostConfig`; the old
+            table name ``[romt_post]`` is still accepted).
     """
 
     nt: int = 10
@@ -85,6 +92,8 @@ class RomtConfig:
     fft_workers: int = 0
     tune_malloc: bool = True
     checkpoint_every: int = 1
+    postprocess: bool = True
+    post: RomtPostConfig = dataclasses.field(default_factory=RomtPostConfig)
 
     def validate(self) -> None:
         if self.nt < 1:
@@ -111,5 +120,3 @@ class RomtConfig:
         if self.fft_workers < 0:
             raise ValueError(f"romt.fft_workers must be >= 0, got {self.fft_workers}")
 
-
-CONFIG = RomtConfig

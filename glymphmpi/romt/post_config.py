@@ -1,8 +1,9 @@
-"""Settings of the rOMT Lagrangian post-processing (table ``[romt_post]``).
+"""Settings of the rOMT Lagrangian post-processing (table ``[romt.post]``, nested in ``[romt]``).
 
-Light module (no heavy imports): the config registry imports it to list the
-tables. ``glymph romt`` and ``glymph romt-post`` resolve it with
-``load_config("romt_post", path, overrides)``.
+Light module (no heavy imports). ``glymph romt`` and ``glymph romt-post`` read it as
+``cfg.post`` of :class:`~glymphmpi.romt.config.RomtConfig`; on its own it resolves with
+``glymphmpi.methods.load_config("romt.post", path, overrides)`` (the old name ``romt_post``
+is an alias).
 """
 
 from __future__ import annotations
@@ -103,5 +104,3 @@ class RomtPostConfig:
         if self.log_density_floor >= 1 or self.stop_density_fraction >= 1:
             raise ValueError("log_density_floor and stop_density_fraction must be < 1")
 
-
-CONFIGS = {"romt_post": RomtPostConfig}
