@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     setup_logging(0, quiet=not args.verbose)
 
     from glymphmpi.config import load_config
-    from glymphmpi.romt.solve import solve_series
+    from glymphmpi.romt.schedule import solve_series
     from glymphmpi.synth.gaussian_spheres import gaussian_spheres
 
     cfg = load_config("romt", None, [*args.set, f"romt.mode={args.mode}"])

@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     from mpi4py import MPI
 
     from glymphmpi.config import load_config
-    from glymphmpi.romt.solve import active_set, solve_series
+    from glymphmpi.romt.loop import active_set
+    from glymphmpi.romt.schedule import solve_series
 
     comm = MPI.COMM_WORLD
     from glymphmpi.log import setup_logging
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
               flush=True)
     comm.Barrier()
     t1 = time.perf_counter()
-    loops, info = solve_series(images, cfg, act, comm=comm if comm.size > 1 else None, keep_arrays=False)
+    loops, info = solve_series(images, cfg, act, comm=comm, keep_arrays=False)
     total = time.perf_counter() - t1
     peak = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, root=0)
     if comm.rank == 0:

@@ -17,7 +17,7 @@ import pytest
 from glymphmpi.romt.config import RomtConfig
 from glymphmpi.romt.gn import LoopProblem
 from glymphmpi.romt.grid import ActiveLaplacian, DiffusionSolver, active_laplacian, neumann_laplacian
-from glymphmpi.romt.solve import solve_loop
+from glymphmpi.romt.loop import solve_loop
 from glymphmpi.romt.transport import Transport
 
 
@@ -180,7 +180,7 @@ def test_solve_conserves_mass_in_open_mode_away_from_edges():
     for r in (r0, r1):
         r[r < 1e-3 * r.max()] = 0.0  # support well inside the box
     mask = r0 + r1 > 0
-    from glymphmpi.romt.solve import active_set
+    from glymphmpi.romt.loop import active_set
 
     act = active_set(mask, 2)
     assert not act[0].any() and not act[-1].any()
@@ -201,7 +201,8 @@ def test_cropped_solve_equals_whole_grid():
     mask[6:17, 6:16, 7:18] = True
     r0 *= mask
     r1 *= mask
-    from glymphmpi.romt.solve import active_set, crop_box
+    from glymphmpi.romt.crop import crop_box
+    from glymphmpi.romt.loop import active_set
 
     act = active_set(mask, 1)
     box = crop_box(act, (r0, r1), 6)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from mpi4py import MPI
 
 from glymphmpi.romt.config import RomtConfig
-from glymphmpi.romt.solve import solve_series
+from glymphmpi.romt.schedule import solve_series
 
 
 def _series(n=12, p=4):
@@ -31,7 +32,7 @@ def test_loops_over_ranks_match_serial(comm, mode):
     act = np.ones(imgs.shape[1:], bool)
     loops, info = solve_series(imgs, cfg, act, comm=comm)
     if comm.rank == 0:
-        ref, _ = solve_series(imgs, cfg, act, comm=None)
+        ref, _ = solve_series(imgs, cfg, act, comm=MPI.COMM_SELF)
         assert len(loops) == len(ref) == 3
         assert info["n_groups"] == (1 if mode == "sequential" else min(comm.size, 3))
         for a, b in zip(loops, ref):

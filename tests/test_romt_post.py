@@ -263,6 +263,9 @@ def test_postprocess_translation_end_to_end(tmp_path):
     subject = load_subject(toml)
     cfg = RomtPostConfig(seed_max_fraction=0.5, figure_max_lines=300)
     fields = post.postprocess(rd, subject, cfg)
+    from glymphmpi.report.romt_figures import figures
+
+    figures(rd, subject, cfg, fields)  # the registry's hook, from the files just written
     vox = np.array([0.5, 0.8, 1.25])
     hpm = 3.0 / truth["T"]
     speed = np.linalg.norm(truth["vel"] * vox) / hpm  # mm/h

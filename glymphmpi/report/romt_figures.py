@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from nibabel.affines import apply_affine
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +222,69 @@ def mask_outline_world(mask: np.ndarray, affine: np.ndarray, max_points: int = 4
     idx = np.argwhere(edge)
     if idx.shape[0] > max_points:
         idx = idx[np.linspace(0, idx.shape[0] - 1, max_points).astype(int)]
-    a = np.asarray(affine, dtype=np.float64)
-    return idx @ a[:3, :3].T + a[:3, 3]
+    return apply_affine(np.asarray(affine, dtype=np.float64), idx)
 
 
-def all_figures(rundir, subject, lines, maps: dict, flux: dict, mask: np.ndarray, cfg) -> list[str]:
-    """Write every figure of the post-processing; returns paths relative to the run directory."""
-    from glymphmpi.romt.lagrangian import to_world
+def figures(rundir, subject, cfg, fields) -> None:
+    """The registry's figure hook of ``romt`` and ``romt-post``: every figure from the run's outputs.
 
+    Reads ``maps/speed.nii.gz``, ``maps/peclet.nii.gz``, ``maps/pathline_points.nii.gz``,
+    ``vtk/pathlines.vtp`` and ``vtk/flux_vectors.vtp`` (what the post-processing wrote);
+    draws nothing when the post-processing was skipped or wrote none of them.
+
+    Args:
+        cfg: the :class:`glymphmpi.romt.config.RomtConfig` (figure settings in ``cfg.post``).
+    """
+    post = getattr(cfg, "post", cfg)
+    if not getattr(post, "write_figures", True) or not getattr(cfg, "postprocess", True):
+        return
+    root = Path(rundir.root)
+    need = [root / "maps" / f"{n}.nii.gz" for n in ("speed", "peclet", "pathline_points")]
+    need += [root / "vtk" / "pathlines.vtp", root / "vtk" / "flux_vectors.vtp"]
+    missing = [str(p.relative_to(root)) for p in need if not p.exists()]
+    if missing:
+        log.info("rOMT figures skipped: %s not written (romt.post.write_maps / write_vtk)", ", ".join(missing))
+        return
+    import nibabel as nib
+
+    from glymphmpi.io.vtk import read_vtp
+
+    speed, peclet, count = (np.asarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in need[:3])
+    lines, flux = read_vtp(need[3]), read_vtp(need[4])
+    mask = np.asarray(subject.mask, dtype=bool)
+    maps = {"speed": speed, "peclet": peclet, "has_speed": count > 0, "has_pe": (count > 0) & (peclet > 0)}
+    outputs = all_figures(rundir, subject, lines, maps, flux, mask, post)
+    if isinstance(fields.get("romt_post"), dict):
+        fields["romt_post"].setdefault("outputs", []).extend(outputs)
+
+
+def _line_segments(vtp: dict, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Segments (m, 2, 3) of the picked polylines of a pathlines.vtp and their mean speed and Pe."""
+    conn, offs = vtp["lines"]
+    ends = np.asarray(offs, dtype=np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    first, last = [], []
+    for s, e in zip(starts[pick], ends[pick]):
+        idx = conn[s:e]
+        first.append(idx[:-1])
+        last.append(idx[1:])
+    a = np.concatenate(first) if first else np.zeros(0, np.int64)
+    b = np.concatenate(last) if last else np.zeros(0, np.int64)
+    pts = np.asarray(vtp["points"], dtype=np.float64)
+    spd = np.asarray(vtp["point_data"]["speed_mm_per_h"], dtype=np.float64)
+    pe = np.asarray(vtp["point_data"]["peclet"], dtype=np.float64)
+    return np.stack([pts[a], pts[b]], axis=1), 0.5 * (spd[a] + spd[b]), 0.5 * (pe[a] + pe[b])
+
+
+def all_figures(rundir, subject, lines: dict, maps: dict, flux: dict, mask: np.ndarray, cfg) -> list[str]:
+    """Write every figure of the post-processing; returns paths relative to the run directory.
+
+    Args:
+        lines: ``vtk/pathlines.vtp`` as read by :func:`glymphmpi.io.vtk.read_vtp` (world mm).
+        maps: ``speed``, ``peclet`` (mm/h, -), ``has_speed``, ``has_pe`` (bool) on the grid.
+        flux: ``vtk/flux_vectors.vtp`` as read (start points, ``displacement_mm``, means).
+        cfg: :class:`glymphmpi.romt.post_config.RomtPostConfig` (figure_dpi, figure_max_*).
+    """
     fig_dir = Path(rundir.figures)
     fig_dir.mkdir(parents=True, exist_ok=True)
     affine = np.asarray(subject.affine)
@@ -245,37 +301,31 @@ def all_figures(rundir, subject, lines, maps: dict, flux: dict, mask: np.ndarray
                    PE_LABEL, "peclet", dpi=dpi),
     ]
     context = mask_outline_world(mask, affine)
-    n = lines.n
+    n = 0 if lines["lines"] is None else len(lines["lines"][1])
     pick = np.arange(n)
     if n > cfg.figure_max_lines:
         pick = np.linspace(0, n - 1, cfg.figure_max_lines).round().astype(int)
-    sub = lines.subset(pick)
-    # segments between consecutive valid nodes
-    valid = sub.valid()
-    seg_ok = valid[1:] & valid[:-1]
-    j, p = np.nonzero(seg_ok)
-    a = to_world(sub.positions[j, p].astype(np.float64), affine)
-    b = to_world(sub.positions[j + 1, p].astype(np.float64), affine)
-    segs = np.stack([a, b], axis=1)
-    seg_speed = 0.5 * (sub.speed_mm_per_h[j, p] + sub.speed_mm_per_h[j + 1, p]).astype(np.float64)
-    pe = sub.peclet
-    seg_pe = 0.5 * (pe[j, p] + pe[j + 1, p]).astype(np.float64)
-    shown = f"{sub.n} of {n} pathlines" if sub.n < n else f"{n} pathlines"
+    segs, seg_speed, seg_pe = _line_segments(lines, pick) if n else (np.zeros((0, 2, 3)), np.zeros(0),
+                                                                      np.zeros(0))
+    shown = f"{pick.size} of {n} pathlines" if pick.size < n else f"{n} pathlines"
     out.append(pathlines_3d(fig_dir / "pathlines_speed.png", segs, seg_speed,
                             f"{sid}: speed-lines ({shown})", SPEED_LABEL, "speed", context, dpi))
     out.append(pathlines_3d(fig_dir / "pathlines_peclet.png", segs, seg_pe,
                             f"{sid}: Péclet-lines ({shown})", PE_LABEL, "peclet", context, dpi))
-    vpick = np.arange(n)
-    if n > cfg.figure_max_vectors:
-        vpick = np.linspace(0, n - 1, cfg.figure_max_vectors).round().astype(int)
-    vshown = f"{vpick.size} of {n}" if vpick.size < n else f"{n}"
-    start = to_world(flux["start"][vpick], affine)
-    disp = flux["displacement"][vpick] @ affine[:3, :3].T
+    nv = np.asarray(flux["points"]).shape[0]
+    vpick = np.arange(nv)
+    if nv > cfg.figure_max_vectors:
+        vpick = np.linspace(0, nv - 1, cfg.figure_max_vectors).round().astype(int)
+    vshown = f"{vpick.size} of {nv}" if vpick.size < nv else f"{nv}"
+    fd = flux["point_data"]
+    start = np.asarray(flux["points"], dtype=np.float64)[vpick]
+    disp = np.asarray(fd["displacement_mm"], dtype=np.float64).reshape(-1, 3)[vpick]
     out.append(flux_vectors_3d(fig_dir / "flux_vectors_speed.png", start, disp,
-                               flux["mean_speed_mm_per_h"][vpick],
+                               np.asarray(fd["mean_speed_mm_per_h"], dtype=np.float64)[vpick],
                                f"{sid}: flux vectors, pathline start to end ({vshown})",
                                "mean " + SPEED_LABEL, "speed", context, dpi))
-    out.append(flux_vectors_3d(fig_dir / "flux_vectors_peclet.png", start, disp, flux["mean_peclet"][vpick],
+    out.append(flux_vectors_3d(fig_dir / "flux_vectors_peclet.png", start, disp,
+                               np.asarray(fd["mean_peclet"], dtype=np.float64)[vpick],
                                f"{sid}: flux vectors, pathline start to end ({vshown})", "mean " + PE_LABEL,
                                "peclet", context, dpi))
     return [str(Path(o).relative_to(rundir.root)) for o in out]

@@ -57,12 +57,6 @@ def grad_log_density(rho: np.ndarray, floor: float) -> np.ndarray:
     return out
 
 
-def augmented_velocity(v: np.ndarray, rho: np.ndarray, sigma: float, floor: float) -> np.ndarray:
-    """``v - sigma grad log rho`` (guarded), (3, ni, nj, nk) float32, voxels per model time."""
-    return (np.asarray(v, dtype=np.float32) - np.float32(sigma) * grad_log_density(rho, floor)).astype(
-        np.float32)
-
-
 @dataclass
 class Step:
     """One model step of the field sequence.
@@ -530,8 +524,3 @@ def flux_vectors(lines: Pathlines) -> dict:
     return {"start": start, "end": end, "displacement": end - start, "mean_speed_mm_per_h": mean_spd,
             "mean_peclet": mean_pe}
 
-
-def to_world(ijk: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """(n, 3) voxel indices -> (n, 3) world mm."""
-    a = np.asarray(affine, dtype=np.float64)
-    return np.asarray(ijk, dtype=np.float64) @ a[:3, :3].T + a[:3, 3]

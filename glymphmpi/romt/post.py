@@ -12,9 +12,9 @@ the pathlines that barely move, and writes
   (points per voxel), all with the subject's affine;
 * ``vtk/pathlines.vtp`` (polylines, world mm, speed and Pe as point data) and
   ``vtk/flux_vectors.vtp`` (start points with displacement vectors, mm);
-* ``figures/*.png`` (see :mod:`glymphmpi.report.romt_figures`);
 
-and returns the summary statistics to merge into summary.json. Seeds are
+and returns the summary statistics to merge into summary.json (the figures are drawn
+from these files by the registry's hook, :func:`glymphmpi.report.romt_figures.figures`). Seeds are
 split over the ranks of ``rundir.comm``; rank 0 gathers and writes.
 """
 
@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+from mpi4py import MPI
+from nibabel.affines import apply_affine
 
 from glymphmpi.errors import InputError
 from glymphmpi.romt import lagrangian as lg
@@ -122,16 +124,6 @@ class RomtResults:
     def n_steps(self) -> int:
         return self.nt * len(self.loops)
 
-    def read_loop(self, name: str) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """(velocity (nt, 3, ...) float32, density (nt+1, ...) float32, t0_h, t1_h) of one loop."""
-        import h5py
-
-        with h5py.File(self.path, "r") as fh:
-            g = fh["loops"][name]
-            return (np.asarray(g["velocity"][()], dtype=np.float32),
-                    np.asarray(g["density"][()], dtype=np.float32),
-                    float(_value(g["t0_h"])), float(_value(g["t1_h"])))
-
     def density_stats(self) -> tuple[np.ndarray, np.ndarray, float]:
         """Max and sum over all distinct time nodes of the density, and the global max.
 
@@ -207,7 +199,7 @@ def check_subject(res: RomtResults, subject) -> None:
                          subject.path)
 
 
-def trace_results(res: RomtResults, cfg, comm=None) -> tuple[lg.Pathlines | None, dict]:
+def trace_results(res: RomtResults, cfg, comm=MPI.COMM_SELF) -> tuple[lg.Pathlines | None, dict]:
     """Seeds, pathlines (split over ranks, gathered on rank 0) and tracing statistics.
 
     Returns:
@@ -215,8 +207,7 @@ def trace_results(res: RomtResults, cfg, comm=None) -> tuple[lg.Pathlines | None
     """
     from glymphmpi.parallel import split_evenly
 
-    rank = 0 if comm is None else comm.rank
-    size = 1 if comm is None else comm.size
+    rank, size = comm.rank, comm.size
     t0 = time.perf_counter()
     mx, sm, rho_max = res.density_stats()
     if not rho_max > 0:
@@ -236,7 +227,7 @@ def trace_results(res: RomtResults, cfg, comm=None) -> tuple[lg.Pathlines | None
     return lines, stats
 
 
-def postprocess(rundir, subject, cfg, comm=None) -> dict:
+def postprocess(rundir, subject, cfg, comm=MPI.COMM_SELF) -> dict:
     """Post-process a finished rOMT run directory (see module docstring).
 
     Args:
@@ -244,14 +235,16 @@ def postprocess(rundir, subject, cfg, comm=None) -> dict:
         subject: the :class:`glymphmpi.subject.Subject` the run was made on.
         cfg: :class:`glymphmpi.romt.post_config.RomtPostConfig`.
         comm: communicator whose ranks all call this and split the seeds;
-            None (the default) runs serially on the calling rank (e.g. rank 0
+            COMM_SELF (the default) runs serially on the calling rank (e.g. rank 0
             only), whatever ``rundir.comm`` is.
     Returns:
         summary fields (the same on every rank): ``n_pathlines``,
         ``median_speed_mm_per_h``, ``median_peclet``, ``fraction_pe_gt_1``
         and the details under ``romt_post``.
     """
-    rank = 0 if comm is None else comm.rank
+    if comm is None:  # transitional: romt/cli_post.py passes None in serial until H1 rewires it
+        comm = MPI.COMM_SELF
+    rank = comm.rank
     t_start = time.perf_counter()
     res = RomtResults(rundir.results)
     check_subject(res, subject)
@@ -264,7 +257,7 @@ def postprocess(rundir, subject, cfg, comm=None) -> dict:
             fields["romt_post"]["runtime_s"] = round(time.perf_counter() - t_start, 3)
         except Exception as exc:  # raise on every rank, not only on rank 0
             err = exc
-    if comm is not None and comm.size > 1:
+    if comm.size > 1:
         err_msg = comm.bcast(None if err is None else f"{type(err).__name__}: {err}", root=0)
         fields = comm.bcast(fields, root=0)
         if err_msg and rank != 0:
@@ -305,10 +298,6 @@ def _finish(rundir, subject, res: RomtResults, cfg, lines: lg.Pathlines, stats: 
             outputs.append(str(Path(p).relative_to(rundir.root)))
     if cfg.write_vtk:
         outputs += _write_vtk(rundir, kept, flux, disp_mm, flux_len_mm, arc_mm, affine)
-    if cfg.write_figures:
-        from glymphmpi.report import romt_figures
-
-        outputs += romt_figures.all_figures(rundir, subject, kept, maps, flux, mask, cfg)
     detail = {
         "n_seeds": stats["n_seeds"],
         "n_traced": n_traced,
@@ -370,7 +359,7 @@ def _write_vtk(rundir, kept, flux, disp_mm, flux_len_mm, arc_mm, affine) -> list
     from glymphmpi.io import vtk
 
     nj, li = line_points(kept)
-    pts = lg.to_world(kept.positions[nj, li].astype(np.float64), affine)
+    pts = apply_affine(affine, kept.positions[nj, li].astype(np.float64))
     pe = kept.peclet[nj, li]
     conn, offs = vtk.lines_from_lengths(kept.n_points)
     p1 = vtk.write_vtp(rundir.vtk / "pathlines.vtp", pts, lines=(conn, offs), point_data={
@@ -384,7 +373,8 @@ def _write_vtk(rundir, kept, flux, disp_mm, flux_len_mm, arc_mm, affine) -> list
         "flux_length_mm": flux_len_mm.astype(np.float32),
         "stop_reason": kept.stop_reason.astype(np.int8),
     })
-    p2 = vtk.write_vtp(rundir.vtk / "flux_vectors.vtp", lg.to_world(flux["start"], affine), verts=True,
+    starts_mm = apply_affine(affine, np.asarray(flux["start"], dtype=np.float64))
+    p2 = vtk.write_vtp(rundir.vtk / "flux_vectors.vtp", starts_mm, verts=True,
                        point_data={
                            "displacement_mm": disp_mm.astype(np.float32),
                            "length_mm": flux_len_mm.astype(np.float32),

@@ -19,7 +19,7 @@ indices and the per-axis factors stored by :meth:`Transport.linearize`.
 
 Particles (active cells) may be split over MPI ranks: each rank scatters its
 own particles and the N-vectors are summed with Allreduce; per-particle
-quantities are gathered with Allgatherv. With ``comm=None`` (or one rank)
+quantities are gathered with Allgatherv. On one rank (``MPI.COMM_SELF``)
 everything is local.
 """
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from mpi4py import MPI
 
 from glymphmpi.romt.grid import DiffusionSolver
 
@@ -36,53 +37,48 @@ class ParticleComm:
     """Reductions over the ranks that share one loop's particles.
 
     Args:
-        comm: mpi4py communicator or None (serial).
+        comm: mpi4py communicator (COMM_SELF: serial; one rank needs no messages).
         m_total: number of particles M.
     """
 
     def __init__(self, comm, m_total: int):
-        self.comm = comm if (comm is not None and comm.size > 1) else None
-        size = 1 if self.comm is None else self.comm.size
-        rank = 0 if self.comm is None else self.comm.rank
-        base, extra = divmod(m_total, size)
-        self.counts = np.array([base + (1 if r < extra else 0) for r in range(size)], dtype=np.int64)
+        self.comm = comm
+        self.size, self.rank = comm.size, comm.rank
+        base, extra = divmod(m_total, self.size)
+        self.counts = np.array([base + (1 if r < extra else 0) for r in range(self.size)], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
-        self.lo = int(self.offsets[rank])
-        self.hi = int(self.lo + self.counts[rank])
+        self.lo = int(self.offsets[self.rank])
+        self.hi = int(self.lo + self.counts[self.rank])
         self.m_total = int(m_total)
 
     @property
     def serial(self) -> bool:
-        return self.comm is None
+        return self.size == 1
 
     def allreduce_(self, arr: np.ndarray) -> np.ndarray:
         """Sum a float64 array over ranks in place; returns it."""
-        if self.comm is not None:
-            from mpi4py import MPI
-
+        if self.size > 1:
             self.comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM)
         return arr
 
     def sum(self, x: float) -> float:
         """Sum of a scalar over ranks, identical on every rank (reduced then broadcast)."""
-        if self.comm is None:
+        if self.size == 1:
             return float(x)
         tot = self.comm.reduce(float(x), root=0)
         return float(self.comm.bcast(tot, root=0))
 
     def bcast(self, obj):
-        return obj if self.comm is None else self.comm.bcast(obj, root=0)
+        return obj if self.size == 1 else self.comm.bcast(obj, root=0)
 
     def allgather(self, local: np.ndarray) -> np.ndarray:
         """(..., M_local) -> (..., M): concatenate the ranks' particle blocks."""
-        if self.comm is None:
+        if self.size == 1:
             return local
         lead = local.shape[:-1]
         r = int(np.prod(lead)) if lead else 1
         send = np.ascontiguousarray(local.reshape(r, -1).T)  # (Ml, r)
         recv = np.empty((self.m_total, r), dtype=local.dtype)
-        from mpi4py import MPI
-
         mpitype = MPI.DOUBLE if local.dtype == np.float64 else MPI.FLOAT
         self.comm.Allgatherv(send, [recv, self.counts * r, self.offsets * r, mpitype])
         return recv.T.reshape(*lead, self.m_total)
@@ -152,12 +148,12 @@ class Transport:
         dt: model time per step.
         sigma: diffusion, voxel^2 per model time.
         boundary: ``open`` or ``closed``.
-        comm: communicator whose ranks split the particles (None: serial).
+        comm: communicator whose ranks split the particles (COMM_SELF: serial).
         workers: scipy.fft threads.
     """
 
     def __init__(self, shape, active_flat: np.ndarray, dt: float, sigma: float,
-                 boundary: str = "open", comm=None, workers: int = 1):
+                 boundary: str = "open", comm=MPI.COMM_SELF, workers: int = 1):
         if boundary not in ("open", "closed"):
             raise ValueError(f"boundary must be 'open' or 'closed', got {boundary!r}")
         self.shape = tuple(int(s) for s in shape)

@@ -1,0 +1,158 @@
+"""One rOMT loop (rho0 -> target): set-up, Gauss-Newton, the loop's result dict."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from glymphmpi.errors import InputError
+from glymphmpi.romt.config import RomtConfig
+from glymphmpi.romt.crop import crop_box, mass_at_risk, uncrop
+from glymphmpi.romt.gn import GNState, LoopProblem, gauss_newton
+from glymphmpi.romt.grid import ActiveLaplacian, default_workers
+from glymphmpi.romt.runtime import single_threaded_blas, tune_malloc
+from glymphmpi.romt.transport import Transport
+
+log = logging.getLogger(__name__)
+
+
+def active_set(mask: np.ndarray, dilation: int) -> np.ndarray:
+    """Boolean (ni, nj, nk) cells whose velocity is unknown: the mask dilated (negative: all)."""
+    if dilation < 0:
+        return np.ones(mask.shape, bool)
+    from scipy import ndimage
+
+    act = mask.astype(bool)
+    if dilation > 0:
+        act = ndimage.binary_dilation(act, structure=ndimage.generate_binary_structure(3, 1),
+                                      iterations=dilation)
+    return act
+
+
+def check_images(images: np.ndarray, names=None) -> None:
+    """Raise InputError for fewer than 2 images, non-finite or all-zero ones."""
+    if images.ndim != 4:
+        raise InputError(f"rOMT needs a series of 3D images, got an array of shape {images.shape}")
+    if images.shape[0] < 2:
+        raise InputError(f"rOMT needs at least 2 scans, got {images.shape[0]}")
+    for i, img in enumerate(images):
+        where = names[i] if names is not None else None
+        if not np.all(np.isfinite(img)):
+            raise InputError(f"scan {i} has non-finite values", where)
+        if np.any(img < 0):
+            raise InputError(f"scan {i} has negative values (rOMT transports a density)", where)
+        if not np.any(img > 0):
+            raise InputError(f"scan {i} is all zero (inside the mask)", where)
+
+
+def drift_velocity(rho0: np.ndarray, target: np.ndarray, T: float) -> np.ndarray:
+    """(3,) uniform velocity moving the centre of mass of rho0 to that of target in model time T."""
+    coms = []
+    for r in (rho0, target):
+        m = float(r.sum())
+        coms.append(np.array([float((r.sum(axis=tuple(e for e in range(3) if e != d))
+                                     * np.arange(r.shape[d])).sum()) / m for d in range(3)]))
+    return (coms[1] - coms[0]) / T
+
+
+def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np.ndarray,
+               comm=MPI.COMM_SELF, state: dict | None = None, on_iteration=None, label: str = "",
+               workers: int | None = None) -> dict:
+    """Solve one loop (rho0 -> target).
+
+    Args:
+        rho0, target: (ni, nj, nk) densities.
+        cfg: settings.
+        active: (ni, nj, nk) bool, where velocities are unknowns.
+        comm: communicator whose ranks share this loop's particles (COMM_SELF: serial).
+        state: resumable state from a checkpoint (``u`` full (nt, 3, M), ...), or None.
+        on_iteration: ``f(state_fn, iteration)`` after each GN iteration (state_fn() gives
+            the state with the full velocity).
+        workers: scipy.fft threads (default: cores / ranks).
+    Returns:
+        dict with velocity (nt, 3, ni, nj, nk) float32, density (nt+1, ni, nj, nk)
+        float32, rho_end (N,) float64, objective_history, gn_iterations,
+        pcg_iterations, kinetic, fit, smooth, objective, mass_error, misfit_rel,
+        stop_reason, runtime_s. Identical on the ranks of ``comm``.
+    """
+    if cfg.tune_malloc:
+        tune_malloc()
+    box = crop_box(active, (rho0, target), cfg.crop_margin)
+    full_shape = rho0.shape
+    with single_threaded_blas():
+        res = _solve_box(np.ascontiguousarray(rho0[box]), np.ascontiguousarray(target[box]), cfg,
+                         np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers)
+    if tuple(res["density"].shape[1:]) != tuple(full_shape):
+        risk = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin)
+        if risk > 1e-10:
+            log.warning("particles carrying %.2e of the mass moved more than %d voxels in one step: "
+                        "raise romt.crop_margin or set it to -1", risk, cfg.crop_margin - 1)
+        res = uncrop(res, box, full_shape, cfg.nt, cfg.crop_margin)
+    return res
+
+
+def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, workers) -> dict:
+    t0 = time.perf_counter()
+    c0 = time.process_time()
+    shape = rho0.shape
+    workers = workers or (cfg.fft_workers or default_workers(comm.size))
+    act_flat = np.flatnonzero(active.ravel())
+    tr = Transport(shape, act_flat, cfg.dt, cfg.sigma, cfg.boundary, comm=comm, workers=workers)
+    lap = ActiveLaplacian(shape, act_flat, tr.pc.lo, tr.pc.hi)
+    prob = LoopProblem(tr, rho0, target, cfg.nt, cfg.beta, cfg.gamma, lap)
+    lo, hi = tr.pc.lo, tr.pc.hi
+    if state is not None:
+        u_full = np.asarray(state["u"], dtype=np.float64)
+        if u_full.shape != (cfg.nt, 3, act_flat.size):
+            raise InputError(f"checkpoint velocity has shape {u_full.shape}, expected "
+                             f"{(cfg.nt, 3, act_flat.size)}; run with --fresh")
+        gs = GNState(u=u_full[:, :, lo:hi].copy(), history=list(state["history"]),
+                     iterations=int(state["iterations"]), pcg_iterations=int(state["pcg_iterations"]),
+                     g0_norm=float(state["g0_norm"]), done=bool(state["done"]), reason=str(state["reason"]))
+    else:
+        gs = GNState(u=prob.zeros())
+        if cfg.init == "drift":
+            gs.u[:] = drift_velocity(rho0, target, cfg.nt * cfg.dt)[None, :, None]
+
+    def full_u(u):
+        return tr.pc.allgather(u.reshape(-1, u.shape[-1])).reshape(cfg.nt, 3, act_flat.size)
+
+    def callback(st: GNState):
+        if on_iteration is not None:
+            on_iteration(lambda: {"u": full_u(st.u), "history": np.asarray(st.history),
+                                  "iterations": st.iterations, "pcg_iterations": st.pcg_iterations,
+                                  "g0_norm": st.g0_norm, "done": st.done, "reason": st.reason},
+                         st.iterations)
+
+    gs = gauss_newton(prob, gs, cfg.gn_max_iter, cfg.gn_gtol, cfg.gn_ftol, cfg.pcg_max_iter, cfg.pcg_rtol,
+                      cfg.ls_max_halvings, cfg.armijo_c, on_iteration=callback, label=label)
+    lin = prob.forward(gs.u)
+    u = full_u(gs.u)
+    n = int(np.prod(shape))
+    vel = np.zeros((cfg.nt, 3, n), dtype=np.float32)
+    vel[:, :, act_flat] = u
+    dens = np.stack([r.reshape(shape) for r in lin.rhos]).astype(np.float32)
+    m0 = float(lin.rhos[0].sum())
+    rho_end = lin.rhos[-1]
+    tn = float(np.linalg.norm(prob.target))
+    return {
+        "velocity": vel.reshape(cfg.nt, 3, *shape),
+        "density": dens,
+        "rho_end": rho_end.copy(),
+        "objective_history": np.asarray(gs.history, dtype=np.float64),
+        "gn_iterations": int(gs.iterations),
+        "pcg_iterations": int(gs.pcg_iterations),
+        "kinetic": lin.terms.kinetic,
+        "fit": lin.terms.fit,
+        "smooth": lin.terms.smooth,
+        "objective": lin.terms.total,
+        "mass_error": float((rho_end.sum() - m0) / m0),
+        "misfit_rel": float(np.linalg.norm(rho_end - prob.target) / tn) if tn > 0 else 0.0,
+        "stop_reason": gs.reason,
+        "runtime_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "active_voxels": int(act_flat.size),
+    }

@@ -1,0 +1,83 @@
+"""The results.h5 tree and the summary fields of an rOMT run."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from glymphmpi.romt.config import RomtConfig
+
+
+def speeds_mm_per_h(velocity: np.ndarray, density: np.ndarray, voxel_size_mm, hours_per_model_time: float,
+                    threshold: float = 0.01) -> tuple[float, float]:
+    """(max, density-weighted mean) speed in mm/h over voxels with density > threshold * max.
+
+    velocity (nt, 3, ...) model units; density (nt+1, ...) (the step-start densities are used).
+    """
+    vs = np.asarray(voxel_size_mm, dtype=np.float64).reshape(1, 3, *([1] * (velocity.ndim - 2)))
+    sp = np.sqrt(((velocity.astype(np.float64) * vs) ** 2).sum(axis=1)) / hours_per_model_time
+    rho = density[:-1].astype(np.float64)
+    sel = rho > threshold * rho.max()
+    if not np.any(sel):
+        return 0.0, 0.0
+    return float(sp[sel].max()), float((sp[sel] * rho[sel]).sum() / rho[sel].sum())
+
+
+def build_results_tree(loops: list, subject, cfg: RomtConfig) -> tuple[dict, dict]:
+    """results.h5 tree (contract in the module glymphmpi.romt) and the summary fields."""
+    times = np.asarray(subject.times_h, dtype=np.float64)
+    vox = np.asarray(subject.voxel_size_mm, dtype=np.float64)
+    tree_loops = {}
+    smax, smean, misfit, gn, pcg, secs = [], [], [], [], [], []
+    for k, res in enumerate(loops):
+        t0, t1 = float(times[k]), float(times[k + 1])
+        hpm = (t1 - t0) / (cfg.nt * cfg.dt)
+        mx, mean = speeds_mm_per_h(res["velocity"], res["density"], vox, hpm)
+        smax.append(mx)
+        smean.append(mean)
+        misfit.append(float(res["misfit_rel"]))
+        gn.append(int(res["gn_iterations"]))
+        pcg.append(int(res["pcg_iterations"]))
+        secs.append(float(res["runtime_s"]))
+        tree_loops[f"{k:03d}"] = {
+            "velocity": np.asarray(res["velocity"], dtype=np.float32),
+            "density": np.asarray(res["density"], dtype=np.float32),
+            "t0_h": t0, "t1_h": t1, "hours_per_model_time": hpm,
+            "velocity_mm_per_h_factor": vox / hpm,
+            "objective_history": np.asarray(res["objective_history"], dtype=np.float64),
+            "gn_iterations": int(res["gn_iterations"]), "pcg_iterations": int(res["pcg_iterations"]),
+            "kinetic": float(res["kinetic"]), "fit": float(res["fit"]), "smooth": float(res["smooth"]),
+            "objective": float(res["objective"]),
+            "mass_error": float(res["mass_error"]), "misfit_rel": float(res["misfit_rel"]),
+            "stop_reason": str(res["stop_reason"]), "runtime_s": float(res["runtime_s"]),
+            "speed_max_mm_per_h": mx, "speed_mean_mm_per_h": mean,
+        }
+    tree = {
+        "params": {
+            "nt": cfg.nt, "dt": cfg.dt, "sigma": cfg.sigma, "beta": cfg.beta, "gamma": cfg.gamma,
+            "mode": cfg.mode, "boundary": cfg.boundary, "voxel_size_mm": vox,
+            "affine": np.asarray(subject.affine, dtype=np.float64),
+            "shape": np.asarray(subject.shape, dtype=np.int64), "times_h": times, "n_loops": len(loops),
+        },
+        "mask": subject.mask.astype(np.uint8),
+        "loops": tree_loops,
+    }
+    fields = {
+        "n_loops": len(loops), "mode": cfg.mode, "boundary": cfg.boundary,
+        "final_misfit_rel": misfit, "gn_iterations": gn, "pcg_iterations": pcg,
+        "seconds_per_loop": [round(s, 3) for s in secs],
+        "mass_error": [float(r["mass_error"]) for r in loops],
+        "speed_max_mm_per_h": float(max(smax)) if smax else 0.0,
+        "speed_mean_mm_per_h": float(np.mean(smean)) if smean else 0.0,
+        "speed_max_mm_per_h_per_loop": smax, "speed_mean_mm_per_h_per_loop": smean,
+    }
+    return tree, fields
+
+
+RESULTS_ATTRS = {
+    "velocity_units": "model units: voxels per model time along the index axes i, j, k",
+    "velocity_to_mm_per_h": "v_mm_per_h[d] = v[d] * voxel_size_mm[d] / hours_per_model_time, "
+                            "hours_per_model_time = (t1_h - t0_h) / (nt * dt); per loop the (3,) "
+                            "factor voxel_size_mm / hours_per_model_time is velocity_mm_per_h_factor",
+    "density_units": "the scans' units (interpolated densities rho_0..rho_nt of each loop)",
+    "speed_fields": "speed_*_mm_per_h over voxels with density > 1% of the loop's max; mean weighted by density",
+}

@@ -1,0 +1,153 @@
+"""Loops of a series over MPI ranks: which rank group solves which loop, in which order.
+
+* ``parallel`` mode: loops are independent (each starts from its measured
+  image). The ranks are split into ``G = min(K, n_loops)`` groups of
+  contiguous ranks; loops are dealt to groups in balanced contiguous blocks
+  (:func:`glymphmpi.parallel.split_evenly`), so one group may hold several
+  loops. With more ranks than loops a group has several ranks, which then
+  share that loop's particles as in sequential mode.
+* ``sequential`` mode: loop k starts from loop k-1's final interpolated
+  density, so loops run in order; all K ranks work on every loop by
+  splitting its particles (active voxels) into K blocks: each rank pushes
+  and differentiates its own particles, the scattered densities are summed
+  with Allreduce and per-particle values exchanged with Allgatherv; the grid
+  operations (DCT diffusion solve) are replicated. Results agree with the
+  one-rank run to round-off (only the order of the sums differs).
+
+With a :class:`~glymphmpi.romt.loopstore.LoopStore`, finished loops and
+per-group checkpoints go to the run directory; world rank 0 reads the loops
+back from these files at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from mpi4py import MPI
+
+from glymphmpi.errors import Preempted
+from glymphmpi.parallel import any_rank, split_evenly
+from glymphmpi.romt.config import RomtConfig
+from glymphmpi.romt.grid import default_workers
+from glymphmpi.romt.loop import check_images, solve_loop
+from glymphmpi.romt.loopstore import LoopStore
+
+log = logging.getLogger(__name__)
+
+
+def groups_for(n_loops: int, size: int, mode: str) -> int:
+    """Number of rank groups: all ranks together in sequential mode, min(K, loops) in parallel."""
+    return 1 if mode == "sequential" else max(1, min(size, n_loops))
+
+
+def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=MPI.COMM_SELF,
+                 store: LoopStore | None = None, keep_arrays: bool = True) -> tuple[list, dict]:
+    """Solve every loop of a series.
+
+    Args:
+        images: (p, ni, nj, nk) densities (p >= 2).
+        cfg: settings (mode decides how loops start and are scheduled).
+        active: (ni, nj, nk) bool.
+        comm: world communicator (COMM_SELF in serial).
+        store: persistence (checkpoints, finished-loop files) or None. With a
+            store, finished loops are not kept in memory: rank 0 reads them
+            back from their files at the end.
+        keep_arrays: False drops velocity/density from the returned loops
+            (scalars and histories only; for benchmarks at scale).
+    Returns:
+        (loops, info): loops is the list of per-loop dicts (see
+        :func:`glymphmpi.romt.loop.solve_loop`) on world rank 0, [] elsewhere;
+        info has n_groups and the solve time.
+    """
+    check_images(images)
+    n_loops = images.shape[0] - 1
+    size, rank = comm.size, comm.rank
+    n_groups = groups_for(n_loops, size, cfg.mode)
+    group = rank * n_groups // size
+    gcomm = comm.Split(color=group, key=rank)
+    t_start = time.perf_counter()
+    try:
+        results = _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays)
+        out = _gather(results, n_loops, comm, gcomm, store, keep_arrays)
+    finally:
+        gcomm.Free()
+    return out, {"n_groups": n_groups, "solve_s": time.perf_counter() - t_start}
+
+
+def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays) -> dict:
+    """This group's loops, in order; raises Preempted on every rank when any rank was stopped."""
+    n_loops = images.shape[0] - 1
+    my_loops = split_evenly(n_loops, n_groups, group)
+    states = store.states() if store is not None else {}
+    ck = None
+    if store is not None:
+        name = "checkpoint.h5" if n_groups == 1 else f"checkpoint.group{group}of{n_groups}.h5"
+        ck = store.checkpointer(name, gcomm)
+    results: dict = {}
+    preempted = None
+    workers = cfg.fft_workers or default_workers(comm.size)
+    try:
+        prev_end = None
+        for k in my_loops:
+            done = store.load_loop(k) if store is not None else None
+            if done is not None:
+                log.info("loop %d: finished before, loaded", k)
+                res = done
+            else:
+                if cfg.mode == "sequential" and k > 0:
+                    if prev_end is None:  # (cannot happen: loops run in order)
+                        raise RuntimeError("sequential loop without its predecessor")
+                    rho0 = prev_end.reshape(images.shape[1:])
+                else:
+                    rho0 = images[k]
+                st = states.get(k)
+                if st is not None:
+                    log.info("loop %d: resuming after GN iteration %d", k, int(st["iterations"]))
+
+                def on_it(state_fn, it, k=k):
+                    if ck is not None:
+                        def full_state():
+                            s = state_fn()
+                            s.update(loop=k, config_key=store.key)
+                            return s
+                        ck.step(it, full_state)
+
+                res = solve_loop(rho0, images[k + 1], cfg, active, comm=gcomm, state=st, on_iteration=on_it,
+                                 label=f"loop {k}: ", workers=workers)
+                if store is not None:
+                    store.save_loop(k, res, writer=gcomm.rank == 0)
+                    gcomm.Barrier()
+                log.info("loop %d: %d GN / %d PCG iterations, misfit %.3g, mass error %.2e, %.1f s (%s)",
+                         k, res["gn_iterations"], res["pcg_iterations"], res["misfit_rel"],
+                         res["mass_error"], res["runtime_s"], res["stop_reason"])
+            prev_end = np.asarray(res["rho_end"], dtype=np.float64)
+            if store is None or not keep_arrays:
+                results[k] = res if keep_arrays else scalars(res)
+            del res
+    except Preempted as exc:
+        preempted = exc
+    if any_rank(comm, preempted is not None):
+        raise preempted or Preempted("stopped by a signal on another rank; checkpoints written")
+    return results
+
+
+def _gather(results: dict, n_loops: int, comm, gcomm, store, keep_arrays) -> list:
+    """The loops on world rank 0 ([] elsewhere): read back from the store or gathered."""
+    if store is not None and keep_arrays:  # finished loops are on disk: rank 0 reads them
+        return [store.load_loop(k) for k in range(n_loops)] if comm.rank == 0 else []
+    if comm.size == 1:
+        return [results[k] for k in range(n_loops)]
+    items = comm.gather(results if gcomm.rank == 0 else {}, root=0)
+    if comm.rank != 0:
+        return []
+    merged = {}
+    for d in items:
+        merged.update(d)
+    return [merged[k] for k in range(n_loops)]
+
+
+def scalars(res: dict) -> dict:
+    """A loop result without its grid arrays (velocity, density, end density)."""
+    return {k: v for k, v in res.items() if k not in ("velocity", "density", "rho_end")}
