@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         add_run_args(mp, m)
         mp.set_defaults(func=_cmd_method, method=m.name)
     register_cohort(sub)
+    from glymphmpi.bids.cli import register as register_bids  # glymph bids, concentration, synth bids (H7)
+
+    register_bids(sub)
     return p
 
 
