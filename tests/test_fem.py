@@ -326,3 +326,21 @@ def test_projection_checkpoint_resume(comm, mpi_tmp_path):
     assert res.history["D"][2] == pytest.approx(first.D, rel=1e-12)
     assert res.D == pytest.approx(0.45, rel=5e-3)
     res.model.destroy()
+
+
+def test_petsc_options_scoped(comm):
+    """KSP and TAO options reach their own objects and leave nothing in PETSc's global database."""
+    from petsc4py import PETSc
+
+    from glymphmpi.fem.solve import estimate
+
+    before = set(PETSc.Options().getAll())
+    subj = _synthetic_subject(comm, D=0.45)
+    cfg = FemConfig(mode="data-boundary", dt_h=0.5, max_iterations=3,
+                    petsc_options={"ksp_type": "cg", "pc_type": "none", "ksp_rtol": 1e-11})
+    res = estimate(subj, cfg, comm)
+    ksp = next(iter(res.model._ops.values()))[1]
+    assert ksp.getType() == "cg" and ksp.getPC().getType() == "none"
+    assert ksp.getTolerances()[0] == pytest.approx(1e-11)
+    assert set(PETSc.Options().getAll()) == before
+    res.model.destroy()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,15 +90,33 @@ class TimeGrid:
         return cls(t=t, tau=tau, obs_step=np.asarray(obs))
 
 
-def set_petsc_options(prefix: str, options: dict) -> None:
-    """Put ``{name: value}`` into the PETSc options database under ``prefix``."""
+def object_prefix(base: str, obj) -> str:
+    """A PETSc options prefix of its own for ``obj``: ``base`` + a per-object tag (as DOLFINx does)."""
+    return f"{base}{id(obj):x}_"
+
+
+@contextmanager
+def petsc_options(prefix: str, options: dict):
+    """Put ``{name: value}`` into the PETSc options database under ``prefix`` for the ``with`` block.
+
+    Call the object's ``setFromOptions()`` inside the block; the entries are
+    removed on exit, so nothing is left in the global database and two
+    objects never see each other's settings.
+    """
     from petsc4py import PETSc
 
     opts = PETSc.Options()
-    for k, v in options.items():
-        if isinstance(v, bool):
-            v = "true" if v else "false"
-        opts[f"{prefix}{k}"] = "" if v is None else str(v)
+    names = []
+    try:
+        for k, v in options.items():
+            if isinstance(v, bool):
+                v = "true" if v else "false"
+            opts[f"{prefix}{k}"] = "" if v is None else str(v)
+            names.append(f"{prefix}{k}")
+        yield prefix
+    finally:
+        for name in names:
+            opts.delValue(name)
 
 
 class DiffusionModel:
@@ -108,7 +127,9 @@ class DiffusionModel:
         grid: the time grid.
         theta: 1 implicit Euler, 0.5 Crank-Nicolson.
         lumped_mass: use the row-sum lumped mass matrix.
-        petsc_prefix, petsc_options: KSP/PC options (prefixed).
+        petsc_prefix, petsc_options: KSP/PC options; each KSP gets the prefix
+            ``petsc_prefix`` + a tag of this model, and the options are removed
+            from PETSc's database once the KSP has read them.
     """
 
     def __init__(self, vm, grid: TimeGrid, theta: float = 1.0, lumped_mass: bool = False,
@@ -160,8 +181,8 @@ class DiffusionModel:
         arr = np.ones(nown)
         arr[self.bidx] = 0.0
         self.pin.array[:] = arr
-        self.prefix = petsc_prefix
-        set_petsc_options(petsc_prefix, petsc_options or {})
+        self.prefix = object_prefix(petsc_prefix, self)
+        self._options = dict(petsc_options or {})
         self._ops: dict = {}
         self._D: float | None = None
         self.ksp_iterations = 0
@@ -194,16 +215,21 @@ class DiffusionModel:
                 S, ksp = self._ops[key]
             else:
                 S = self.M.duplicate(copy=False)
-                ksp = PETSc.KSP().create(self.comm)
-                ksp.setOptionsPrefix(self.prefix)
-                self._ops[key] = (S, ksp)
+                ksp = None
             S.zeroEntries()
             S.axpy(1.0, self.M, structure=PETSc.Mat.Structure.SUBSET_NONZERO_PATTERN)
             S.axpy(self.theta * key * D, self.K, structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
             S.zeroRowsColumns(self.bglobal, diag=1.0)
-            ksp.setOperators(S)
-            ksp.setFromOptions()
-            ksp.setInitialGuessNonzero(True)
+            if ksp is None:
+                ksp = PETSc.KSP().create(self.comm)
+                ksp.setOptionsPrefix(self.prefix)
+                ksp.setOperators(S)
+                with petsc_options(self.prefix, self._options):
+                    ksp.setFromOptions()
+                ksp.setInitialGuessNonzero(True)
+                self._ops[key] = (S, ksp)
+            else:
+                ksp.setOperators(S)  # new values: the preconditioner is rebuilt at the next solve
         self._D = float(D)
 
     def _solve(self, tau: float, rhs, x) -> None:

@@ -53,7 +53,7 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
     """
     from petsc4py import PETSc
 
-    from glymphmpi.fem.forward import set_petsc_options
+    from glymphmpi.fem.forward import object_prefix, petsc_options
 
     comm = problem.comm
     nd = problem.nd
@@ -66,16 +66,16 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
     ctx = _Hessian(problem, x, grad)
     H.setPythonContext(ctx)
     H.setUp()
-    prefix = cfg.petsc_prefix + "inner_"
+    ksp = PETSc.KSP().create(comm)
+    prefix = object_prefix(cfg.petsc_prefix + "inner_", ksp)
     # the first solve reduces its initial residual by inner_rtol; later (warm-started) solves stop at
     # the same absolute residual, so that every j(D) and dj/dD is computed to the same accuracy
-    set_petsc_options(prefix, {"ksp_type": "cg", "pc_type": "none", "ksp_rtol": cfg.inner_rtol,
-                               "ksp_max_it": cfg.inner_max_it, "ksp_converged_use_initial_residual_norm": True,
-                               **cfg.inner_options})
-    ksp = PETSc.KSP().create(comm)
+    inner = {"ksp_type": "cg", "pc_type": "none", "ksp_rtol": cfg.inner_rtol, "ksp_max_it": cfg.inner_max_it,
+             "ksp_converged_use_initial_residual_norm": True, **cfg.inner_options}
     ksp.setOptionsPrefix(prefix)
     ksp.setOperators(H)
-    ksp.setFromOptions()
+    with petsc_options(prefix, inner):
+        ksp.setFromOptions()
     ksp.setInitialGuessNonzero(True)
     inner_its = 0
     first_solve = True

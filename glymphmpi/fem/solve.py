@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,7 +40,6 @@ class FemResult:
     vm: object = None
     model: object = None
     problem: object = None
-    extra: dict = field(default_factory=dict)
 
 
 def _new_history() -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from glymphmpi.fem.forward import set_petsc_options
+from glymphmpi.fem.forward import object_prefix, petsc_options
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,10 @@ def run_tao(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dic
     from petsc4py import PETSc
 
     comm = problem.comm
-    prefix = cfg.petsc_prefix
     opts = {f"tao_{cfg.tao_type}_mat_lmvm_hist_size": cfg.lmvm_memory}
     opts.update(cfg.tao_options)
-    set_petsc_options(prefix, opts)
     tao = PETSc.TAO().create(comm)
+    prefix = object_prefix(cfg.petsc_prefix, tao)
     tao.setOptionsPrefix(prefix)
     tao.setType(cfg.tao_type)
     failure: list = []
@@ -76,7 +75,8 @@ def run_tao(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dic
         arr = lb.array  # on every rank: PETSc's cached norms must change collectively
         arr[: problem.nd] = 1e-6 * problem.ds  # D = delta > 0
         tao.setVariableBounds(lb, ub)
-    tao.setFromOptions()
+    with petsc_options(prefix, opts):
+        tao.setFromOptions()
     tao.setSolution(x)
     t0 = time.time()
     tao.solve()

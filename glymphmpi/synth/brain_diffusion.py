@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 from scipy import ndimage
 
 from glymphmpi.errors import InputError
@@ -186,13 +187,13 @@ def solve_diffusion(mask, h_mm, D: float, g_fn, times_h, dt_h: float = 0.05, c0=
         if key not in cache:
             lhs = (eye - 0.5 * tau * D * A_ii).tocsr()
             rhs = (eye + 0.5 * tau * D * A_ii).tocsr()
-            cache[key] = (lhs, rhs, 1.0 / lhs.diagonal())
-        lhs, rhs, inv_diag = cache[key]
+            cache[key] = (lhs, rhs, sp.diags(1.0 / lhs.diagonal()))
+        lhs, rhs, jacobi = cache[key]
         g_old = g_fn(t)
         for _ in range(nsteps):
             g_new = g_fn(t + tau)
             b = rhs @ u + 0.5 * tau * D * (A_ib @ (g_old + g_new))
-            u = _pcg(lhs, b, u, inv_diag)
+            u = _cg(lhs, b, u, jacobi)
             t = t + tau
             g_old = g_new
         t = times[k]
@@ -200,26 +201,17 @@ def solve_diffusion(mask, h_mm, D: float, g_fn, times_h, dt_h: float = 0.05, c0=
     return out
 
 
-def _pcg(A, b, x0, inv_diag, rtol: float = 1e-13, maxiter: int = 500):
-    """Jacobi-preconditioned CG for the SPD, strongly diagonally dominant CN matrix."""
-    x = x0.copy()
-    r = b - A @ x
-    bnorm = max(float(np.linalg.norm(b)), 1e-300)
-    z = inv_diag * r
-    p = z.copy()
-    rz = float(r @ z)
-    for _ in range(maxiter):
-        if float(np.linalg.norm(r)) <= rtol * bnorm:
-            return x
-        Ap = A @ p
-        alpha = rz / float(p @ Ap)
-        x += alpha * p
-        r -= alpha * Ap
-        z = inv_diag * r
-        rz_new = float(r @ z)
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    raise RuntimeError("phantom time step: CG did not converge")
+def _cg(A, b, x0, jacobi, rtol: float = 1e-13, maxiter: int = 500):
+    """SciPy's Jacobi-preconditioned CG for the SPD, strongly diagonally dominant CN matrix.
+
+    Not a factorisation: for a 24^3 block (9,680 unknowns) SuperLU's factors hold
+    2.0-4.6 million entries and one solve with them takes 0.07-0.10 s, against
+    0.012 s for this CG warm-started from the previous step (measured; issue 13 notes).
+    """
+    x, info = spla.cg(A, b, x0=x0, rtol=rtol, atol=0.0, maxiter=maxiter, M=jacobi)
+    if info != 0:
+        raise RuntimeError("phantom time step: CG did not converge")
+    return x
 
 
 def boundary_function(mask, affine, bb_idx):
