@@ -193,7 +193,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                         value=False)),
         comm="mpi", requires=("scipy", None),
         summary=("median_speed_mm_per_h", "median_peclet", "fraction_pe_gt_1", "n_pathlines"),
-        figures=None,  # H4: the post-processing still draws its figures; hook report.romt_figures:figures next
+        figures="glymphmpi.report.romt_figures:figures",
         kind="mpi", default_ranks=2, template="romt", cohort_default=True),
     Method(
         "fem", "FEM optimal control (DOLFINx + PETSc TAO over MPI): D and boundary concentration",
@@ -244,7 +244,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                     "summary.json. Under mpirun the ranks split the seeds.",
         comm="mpi", requires=("scipy", None),
         summary=("median_speed_mm_per_h", "median_peclet", "fraction_pe_gt_1", "n_pathlines"),
-        figures=None,  # H4: the post-processing still draws its figures; hook report.romt_figures:figures next
+        figures="glymphmpi.report.romt_figures:figures",
         kind="mpi", default_ranks=1, template="romt", cohort_default=False, updates="romt"),
 )}
 
