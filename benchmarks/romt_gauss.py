@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
     setup_logging(0, quiet=not args.verbose)
 
-    from glymphmpi.config import load_config
+    from glymphmpi.methods import load_config
     from glymphmpi.romt.schedule import solve_series
     from glymphmpi.synth.gaussian_spheres import gaussian_spheres
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
 
     from mpi4py import MPI
 
-    from glymphmpi.config import load_config
+    from glymphmpi.methods import load_config
     from glymphmpi.romt.loop import active_set
     from glymphmpi.romt.schedule import solve_series
 

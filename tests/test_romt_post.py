@@ -348,7 +348,7 @@ def test_bad_results_are_input_errors(tmp_path):
 
 
 def test_config_validation():
-    from glymphmpi.config import load_config
+    from glymphmpi.methods import load_config
     from glymphmpi.errors import InputError
 
     cfg = load_config("romt_post", None, ["romt_post.integrator=rk4", "romt_post.seed_every=2"])

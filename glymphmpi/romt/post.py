@@ -242,8 +242,6 @@ def postprocess(rundir, subject, cfg, comm=MPI.COMM_SELF) -> dict:
         ``median_speed_mm_per_h``, ``median_peclet``, ``fraction_pe_gt_1``
         and the details under ``romt_post``.
     """
-    if comm is None:  # transitional: romt/cli_post.py passes None in serial until H1 rewires it
-        comm = MPI.COMM_SELF
     rank = comm.rank
     t_start = time.perf_counter()
     res = RomtResults(rundir.results)

@@ -32,10 +32,6 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
         rundir: prepared :class:`glymphmpi.store.RunDir`.
         comm: world communicator (COMM_SELF in serial).
     """
-    if comm is None:  # transitional: romt/cli.py passes None in serial until the runner passes COMM_SELF (H1)
-        from mpi4py import MPI
-
-        comm = MPI.COMM_SELF
     images = np.asarray(subject.scans, dtype=np.float64)
     if images.shape[0] < 2:
         raise InputError(f"rOMT needs at least 2 scans, got {images.shape[0]}", subject.path)
