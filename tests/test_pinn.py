@@ -205,6 +205,94 @@ def test_delta_frozen_for_the_first_epochs_then_free():
         PinnConfig(delta_freeze_epochs=-1).validate()
 
 
+# ---------------------------------------------------------------- units, failures, schedule
+def test_D_does_not_depend_on_the_units_of_the_scans():
+    """Scans x1e-3, x1, x1e6 and x1e300 give the same D (the data are divided by a robust intensity);
+    residual norm and prediction come back in the data's units."""
+    from glymphmpi.pinn.trainer import build_problem, fit
+
+    scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0, noise=0.01)
+    cfg = PinnConfig(**dict(TINY, batches=2), epochs=8, lr_start=1e-2, lr_end=1e-3, delta_freeze_epochs=0)
+    out = {}
+    for k in (1e-3, 1.0, 1e6, 1e300):
+        pb = build_problem(scans * k, mask, affine, times)
+        (res,) = fit(pb, cfg, quiet=True)
+        out[k] = res
+    ref = out[1.0]
+    assert abs(ref.D - 0.7) > 1e-3  # D moved
+    for k, res in out.items():
+        assert res.D == pytest.approx(ref.D, rel=1e-7), k
+        assert res.residual_norm == pytest.approx(k * ref.residual_norm, rel=1e-6), k
+        assert np.allclose(res.prediction, k * ref.prediction, rtol=1e-6, atol=1e-6 * k * np.abs(ref.prediction).max())
+
+
+def test_nonfinite_or_zero_scans_are_input_errors():
+    from glymphmpi.pinn.trainer import build_problem
+
+    scans, mask, affine, times = heat_kernel_box(n=5)
+    bad = scans.copy()
+    bad[1, 2, 2, 2] = np.nan
+    with pytest.raises(InputError, match="NaN/Inf"):
+        build_problem(bad, mask, affine, times)
+    with pytest.raises(InputError, match="zero everywhere"):
+        build_problem(0 * scans, mask, affine, times)
+
+
+def test_diverging_training_fails_instead_of_completing():
+    """A learning rate that blows the network up: TrainingFailed (exit 1, run 'failed'), never a NaN D."""
+    from glymphmpi.errors import GlymphError
+    from glymphmpi.pinn.trainer import TrainingFailed, build_problem, fit
+
+    scans, mask, affine, times = heat_kernel_box(n=5, D=0.5, tau=8.0)
+    pb = build_problem(scans, mask, affine, times)
+    cfg = PinnConfig(**dict(TINY, batches=2, dtype="float32"), epochs=30, lr_start=1e30, lr_end=1e30,
+                     delta_freeze_epochs=0)
+    with pytest.raises(TrainingFailed, match="not finite"):
+        fit(pb, cfg, quiet=True)
+    assert issubclass(TrainingFailed, GlymphError) and TrainingFailed.exit_code == 1
+
+
+def test_automatic_schedule_scales_with_the_data():
+    """epochs = 0 / batches = 0 / delta_freeze_epochs = -1 / rar_add = rar_pool = 0 are resolved from the data size."""
+    from glymphmpi.pinn import trainer as T
+
+    scans, mask, affine, times = heat_kernel_box(n=10, times_h=(0.0, 1.0, 2.0, 4.0))
+    pb = T.build_problem(scans, mask, affine, times)
+    nd, n_int = 4 * 1000, 8**3
+    auto = T.resolve_schedule(PinnConfig(epochs=0, batches=0, delta_freeze_epochs=-1, rar_add=0, rar_pool=0), pb)
+    assert auto.batches == -(-nd // T.AUTO_BATCH) == 16
+    assert auto.epochs == round(T.AUTO_STEPS / 16) == 750
+    assert auto.rar_epochs == (250, 500) and auto.delta_freeze_epochs == 187
+    assert auto.rar_add == n_int // 2 and auto.rar_pool == 8 * n_int
+    given = T.resolve_schedule(PinnConfig(epochs=40, batches=3, delta_freeze_epochs=-1), pb)
+    assert (given.epochs, given.batches, given.rar_epochs, given.delta_freeze_epochs) == (40, 3, (), 10)
+    tiny = T.build_problem(scans[:, :3, :3, :3], np.ones((3, 3, 3), bool), affine, times)
+    assert T.resolve_schedule(PinnConfig(epochs=0, batches=0), tiny).epochs == T.AUTO_MAX_EPOCHS
+
+
+def test_short_run_is_a_smoke_test_and_moving_D_is_not_converged():
+    """3 epochs: 'smoke test, not an estimate'; a run whose D still moves at the end carries a warning;
+    the residual baseline is taken when delta is released."""
+    from glymphmpi.pinn.distributed import SERIAL
+    from glymphmpi.pinn.trainer import build_problem, fit, summary_fields
+
+    scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0)
+    pb = build_problem(scans, mask, affine, times)
+    cfg = PinnConfig(**dict(TINY, batches=2), epochs=3, delta_freeze_epochs=1)
+    members = fit(pb, cfg, quiet=True)
+    s = summary_fields(members, pb, cfg, SERIAL)
+    assert s["estimate"] is False and "smoke test, not an estimate" in s["estimate_reason"]
+    assert s["converged"] is False and members[0].history["residual_check_epoch"][0] == 2
+    # D far from the truth, a large constant learning rate: D still moves over the last epochs
+    cfg = PinnConfig(**dict(TINY, batches=50), epochs=24, lr_start=2e-2, lr_end=2e-2, delta_freeze_epochs=2)
+    members = fit(pb, cfg, quiet=True)
+    s = summary_fields(members, pb, cfg, SERIAL)
+    D = members[0].history["D"]
+    assert abs(D[-1] - D[-4]) / D[-1] > 0.02, D
+    assert s["estimate"] is True and s["converged"] is False
+    assert any("D still moving" in w for w in s["warnings"]), s["warnings"]
+
+
 # ---------------------------------------------------------------- RAR / RAE
 def _time_peaked_residual(pts):
     """|residual| concentrated in time around t = 3 h, uniform in space."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from glymphmpi.errors import InputError
+from glymphmpi.errors import GlymphError, InputError
 from glymphmpi.pinn.config import PinnConfig
 from glymphmpi.pinn.diagnostics import abs_residual, predict, residual_over_time
 from glymphmpi.pinn.distributed import SERIAL, DistContext
@@ -42,6 +43,20 @@ from glymphmpi.pinn.samplers import InteriorSampler, rae_exchange, rar_add
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+# The automatic schedule (``epochs = 0``): about AUTO_STEPS optimizer steps of minibatches of about
+# AUTO_BATCH data points (and as many PDE points), whatever the data size, so the cost of a member is
+# nearly fixed; epochs = steps / batches within [AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS].
+AUTO_STEPS = 12_000
+AUTO_BATCH = 256
+AUTO_MIN_EPOCHS = 12
+AUTO_MAX_EPOCHS = 3000
+SMOKE_STEPS = 1000  # fewer optimizer steps with D free than this: a smoke test, not an estimate
+CONVERGED_D_CHANGE = 0.02  # D moving by more than this (relative) over the last 10% of the epochs: not converged
+
+
+class TrainingFailed(GlymphError):
+    """The training produced a non-finite loss or D (diverged): the run is failed, never complete."""
 
 
 # ------------------------------------------------------------------ problem
@@ -56,7 +71,10 @@ class Problem:
         affine: (4, 4) voxel -> mm.
         times_h: (p,) scan times.
         lo, hi: (4,) input box (x, y, z, t).
-        out_scale: data magnitude (max |d|).
+        out_scale: magnitude of the normalised data (max |data_c|), the network's output scale.
+        intensity_scale: the data are divided by it (``data_c = scans / intensity_scale``,
+            a robust intensity: the 99th percentile of |scans| in the mask), so that training does
+            not depend on the units of the images; predictions and residuals are multiplied back.
     """
 
     data_xt: np.ndarray
@@ -68,6 +86,7 @@ class Problem:
     lo: np.ndarray
     hi: np.ndarray
     out_scale: float
+    intensity_scale: float = 1.0
 
     @property
     def mask_xyz(self) -> np.ndarray:
@@ -92,12 +111,63 @@ def build_problem(scans: np.ndarray, mask: np.ndarray, affine: np.ndarray, times
     xyz = ijk @ affine[:3, :3].T + affine[:3, 3]
     p, n = times.size, xyz.shape[0]
     data_xt = np.concatenate((np.tile(xyz, (p, 1)), np.repeat(times, n)[:, None]), axis=1)
-    data_c = scans[:, mask].reshape(-1)
+    raw = scans[:, mask].reshape(-1)
+    if not np.all(np.isfinite(raw)):
+        raise InputError(f"the scans hold {int(np.sum(~np.isfinite(raw)))} NaN/Inf values inside the mask")
+    intensity = robust_scale(raw)
+    data_c = raw / intensity
     half = 0.5 * np.abs(affine[:3, :3]).sum(axis=1)
     lo = np.concatenate((xyz.min(0) - half, [times[0]]))
     hi = np.concatenate((xyz.max(0) + half, [times[-1]]))
-    scale = float(np.max(np.abs(data_c))) or 1.0
-    return Problem(data_xt, data_c, mask, interior, np.asarray(affine, dtype=np.float64), times, lo, hi, scale)
+    scale = float(np.max(np.abs(data_c)))
+    return Problem(data_xt, data_c, mask, interior, np.asarray(affine, dtype=np.float64), times, lo, hi, scale,
+                   intensity)
+
+
+def robust_scale(values: np.ndarray) -> float:
+    """A robust intensity of the data: the 99th percentile of |values| (their maximum if that is 0).
+
+    Computed without arithmetic on the values (an order statistic), so that huge or tiny units
+    neither overflow nor underflow. All zero: :class:`InputError`.
+    """
+    a = np.abs(np.asarray(values, dtype=np.float64))
+    s = float(np.quantile(a, 0.99, method="higher")) if a.size else 0.0
+    if s <= 0:
+        s = float(a.max()) if a.size else 0.0
+    if not s > 0:
+        raise InputError("the scans are zero everywhere inside the mask: there is nothing to fit")
+    return s
+
+
+def resolve_schedule(cfg: PinnConfig, problem: Problem) -> PinnConfig:
+    """``cfg`` with its automatic values made concrete for this data.
+
+    * ``batches = 0``: about :data:`AUTO_BATCH` data points per minibatch.
+    * ``epochs = 0``: about :data:`AUTO_STEPS` optimizer steps (``AUTO_STEPS / batches`` epochs within
+      [AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS]); and, unless ``rar_epochs`` is given, RAR at 1/3 and 2/3
+      of the epochs.
+    * ``delta_freeze_epochs = -1``: a quarter of the epochs.
+    * ``rar_add = 0`` / ``rar_pool = 0``: half / eight times the interior voxels.
+    """
+    import dataclasses
+
+    nd, n_int = int(problem.data_c.size), int(problem.interior.sum())
+    ch: dict = {}
+    batches = cfg.batches or max(1, min(nd, math.ceil(nd / AUTO_BATCH)))
+    ch["batches"] = batches
+    epochs = cfg.epochs
+    if epochs == 0:
+        epochs = int(min(AUTO_MAX_EPOCHS, max(AUTO_MIN_EPOCHS, round(AUTO_STEPS / batches))))
+        ch["epochs"] = epochs
+        if not cfg.rar_epochs:
+            ch["rar_epochs"] = (epochs // 3, 2 * epochs // 3)
+    if cfg.delta_freeze_epochs < 0:
+        ch["delta_freeze_epochs"] = epochs // 4
+    if cfg.rar_add == 0:
+        ch["rar_add"] = max(1, n_int // 2)
+    if cfg.rar_pool == 0:
+        ch["rar_pool"] = max(1, 8 * n_int)
+    return dataclasses.replace(cfg, **ch)
 
 
 def problem_from_subject(subject) -> Problem:
@@ -168,6 +238,8 @@ class MemberResult:
     train_s: float = 0.0
     rank_spread: float = 0.0  # max |theta_rank - theta_rank0| over ranks and parameters (delta included)
     early_stop_reason: str = ""  # non-empty: stopped as hopeless (see PinnConfig.early_stop_epochs)
+    warnings: list = field(default_factory=list)  # non-convergence (D still moving, residual not fallen)
+    free_steps: int = 0  # optimizer steps with D free (after delta_freeze_epochs)
 
 
 class Trainer:
@@ -181,6 +253,7 @@ class Trainer:
     """
 
     def __init__(self, problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, seed: int = 0):
+        cfg = resolve_schedule(cfg, problem)
         self.pb, self.cfg = problem, cfg
         self.ctx = ctx
         self.seed = int(seed)
@@ -346,6 +419,12 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, checkpoint
     """
     from glymphmpi.log import progress
 
+    cfg = resolve_schedule(cfg, problem)
+    if ctx.rank == 0:
+        log.info("schedule: %d epochs x %d minibatches, delta held for %d epochs, RAR at epochs %s, "
+                 "lr %.3g -> %.3g, p %s, w_r %g, %d member%s", cfg.epochs, cfg.batches, cfg.delta_freeze_epochs,
+                 list(cfg.rar_epochs) or "none", cfg.lr_start, cfg.lr_end, cfg.p_schedule, cfg.w_r, cfg.ensemble,
+                 "" if cfg.ensemble == 1 else "s")
     done: list[dict] = []
     resume = checkpointer.load() if checkpointer is not None else None
     start_member, trainer_state = 0, None
@@ -376,8 +455,14 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, checkpoint
         stop_reason = ""
         for _ in bar:
             rec = tr.run_epoch()
+            _require_finite(rec, m)
             if callback is not None:
                 callback(tr, rec)
+            if tr.epoch == _baseline_epoch(cfg) and "baseline" not in tr.residual_checks:
+                _, norm = _residual_check(tr, problem, cfg, quick=True)  # when D starts to move
+                tr.residual_checks["baseline"] = [norm]
+                tr.residual_checks["epoch"].append(tr.epoch)
+                tr.residual_checks["residual_norm"].append(norm)
             if cfg.early_stop_epochs:
                 stop_reason = _hopeless(tr, problem, cfg)
                 if stop_reason:
@@ -396,46 +481,63 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, checkpoint
                 checkpointer.step(m * cfg.epochs + tr.epoch, state_fn)
         if cfg.lbfgs_steps and not stop_reason:
             tr.lbfgs(cfg.lbfgs_steps)
+            _require_finite({"loss": 0.0, "D": tr.D(), "epoch": tr.epoch}, m)
             if ctx.rank == 0:
                 log.info("after %d L-BFGS iterations: D = %.5f mm^2/h", cfg.lbfgs_steps, tr.D())
         spread = rank_spread(tr.model, ctx)
+        warnings = [] if stop_reason else _convergence(tr, problem, cfg)
+        s = problem.intensity_scale  # back to the units of the data
         t_grid, r = _residual_check(tr, problem, cfg, quick=False)
+        r = r * s
         pred = None
         if ctx.rank == 0:
             xyz = torch.as_tensor(problem.mask_xyz, dtype=tr.dtype)
-            pred = np.stack([predict(tr.model.net, torch.cat(
+            pred = s * np.stack([predict(tr.model.net, torch.cat(
                 (xyz, torch.full((xyz.shape[0], 1), float(t), dtype=tr.dtype)), 1)).double().cpu().numpy()
                 for t in problem.times_h])
         res = MemberResult(seed=seed, D=tr.D(), history=tr.history, events=tr.events,
                            residual_t=r, t_grid=t_grid, residual_norm=float(np.mean(r)),
                            prediction=pred, train_s=tr.train_s, rank_spread=spread,
-                           early_stop_reason=stop_reason)
+                           early_stop_reason=stop_reason, warnings=warnings,
+                           free_steps=max(0, tr.epoch - cfg.delta_freeze_epochs) * cfg.batches)
+        if not (math.isfinite(res.D) and math.isfinite(res.residual_norm)):
+            raise TrainingFailed(f"member {m + 1}: D = {res.D} mm^2/h, residual norm {res.residual_norm} is not "
+                                 "finite: the training diverged")
         res.history = dict(tr.history, residual_check_epoch=tr.residual_checks["epoch"],
-                           residual_check_norm=tr.residual_checks["residual_norm"])
+                           residual_check_norm=[v * s for v in tr.residual_checks["residual_norm"]])
         results.append(res)
         if ctx.rank == 0:
             log.info("member %d: D = %.5f mm^2/h, residual norm %.4e, %.1f s training", m + 1, res.D,
                      res.residual_norm, res.train_s)
+            for w in warnings:
+                log.warning("member %d: %s", m + 1, w)
         del tr
         if stop_reason:  # a hopeless set-up: the other members would not fare better
             break
     return results
 
 
+def _baseline_epoch(cfg: PinnConfig) -> int:
+    """The epoch after which the reference residual norm is taken: the first one with delta free."""
+    return cfg.delta_freeze_epochs + 1
+
+
+def _require_finite(rec: dict, member: int) -> None:
+    """A non-finite loss or D ends the run as failed (identical on every rank: losses are all-reduced)."""
+    if not (math.isfinite(rec["loss"]) and math.isfinite(rec["D"])):
+        raise TrainingFailed(f"member {member + 1}, epoch {rec['epoch']}: loss = {rec['loss']}, D = {rec['D']} "
+                             "is not finite: the training diverged (lower pinn.lr_start or check the scans)")
+
+
 def _hopeless(tr: Trainer, problem: Problem, cfg: PinnConfig) -> str:
     """Why this run is hopeless at this epoch ("" if it is not, or not a check epoch).
 
-    The baseline residual norm is measured after epoch 1 (kept in the
-    checkpointed ``residual_checks``, so a resumed run decides the same).
+    The reference residual norm is the one when delta is released (after epoch
+    ``delta_freeze_epochs + 1``; kept in the checkpointed ``residual_checks``, so a resumed run
+    decides the same). Check epochs up to that one judge nothing: D could not have moved yet.
     """
     checks = tr.residual_checks
-    if tr.epoch == 1 and "baseline" not in checks:
-        _, norm = _residual_check(tr, problem, cfg, quick=True)
-        checks["baseline"] = [norm]
-        checks["epoch"].append(1)
-        checks["residual_norm"].append(norm)
-        return ""
-    if tr.epoch not in cfg.early_stop_epochs:
+    if tr.epoch not in cfg.early_stop_epochs or tr.epoch <= _baseline_epoch(cfg):
         return ""
     reasons = []
     if cfg.d_param == "sigmoid" and tr.D() <= cfg.d_min + cfg.early_stop_d_margin * cfg.d_max:
@@ -445,9 +547,69 @@ def _hopeless(tr: Trainer, problem: Problem, cfg: PinnConfig) -> str:
     checks["epoch"].append(tr.epoch)
     checks["residual_norm"].append(norm)
     if base is not None and norm > (1.0 - cfg.early_stop_min_drop) * base:
-        reasons.append(f"residual norm {norm:.3g} not below {1 - cfg.early_stop_min_drop:.2f} x its epoch-1 "
-                       f"value {base:.3g}")
+        reasons.append(f"residual norm {norm:.3g} not below {1 - cfg.early_stop_min_drop:.2f} x its value "
+                       f"{base:.3g} when delta was released (epoch {_baseline_epoch(cfg)})")
     return "; ".join(reasons)
+
+
+def _convergence(tr: Trainer, problem: Problem, cfg: PinnConfig) -> list[str]:
+    """Non-convergence warnings of a finished member: D still moving over the last 10% of the epochs
+    (by more than CONVERGED_D_CHANGE relative), or the residual norm not fallen by
+    ``early_stop_min_drop`` since delta was released."""
+    out = []
+    D = tr.history["D"]
+    free = len(D) - cfg.delta_freeze_epochs
+    k = max(1, math.ceil(0.1 * len(D)))
+    if free > k and D[-1] != 0:
+        change = abs(D[-1] - D[-1 - k]) / abs(D[-1])
+        if change > CONVERGED_D_CHANGE:
+            out.append(f"not converged: D still moving over the last {k} epochs ({D[-1 - k]:.4g} -> {D[-1]:.4g} "
+                       f"mm^2/h, {change:.1%} > {CONVERGED_D_CHANGE:.0%})")
+    checks = tr.residual_checks
+    if "baseline" in checks and tr.epoch > _baseline_epoch(cfg):
+        _, norm = _residual_check(tr, problem, cfg, quick=True)
+        checks["epoch"].append(tr.epoch)
+        checks["residual_norm"].append(norm)
+        base = checks["baseline"][0]
+        if norm > (1.0 - cfg.early_stop_min_drop) * base:
+            out.append(f"not converged: the PDE residual norm did not fall since D was released "
+                       f"({norm / base:.2f} x its value at epoch {_baseline_epoch(cfg)})")
+    return out
+
+
+def summary_fields(members: list[MemberResult], problem: Problem, cfg: PinnConfig, ctx: DistContext) -> dict:
+    """The summary of an ensemble: D (mean, spread, members), residual norm in the data's units,
+    the resolved schedule, convergence warnings and whether the number is an estimate at all."""
+    cfg = resolve_schedule(cfg, problem)
+    Ds = np.array([m.D for m in members])
+    warnings = [f"member {k + 1}: {w}" for k, m in enumerate(members) for w in m.warnings]
+    early = [m.early_stop_reason for m in members if m.early_stop_reason]
+    steps = min(m.free_steps for m in members)
+    reason = ""
+    if early:
+        reason = "stopped early as hopeless: " + "; ".join(early)
+    elif steps < SMOKE_STEPS:
+        reason = (f"smoke test, not an estimate: {steps} optimizer steps with D free (an estimate needs at "
+                  f"least {SMOKE_STEPS}; the automatic schedule, pinn.epochs = 0, gives about {AUTO_STEPS})")
+    last = members[0].history
+    return {
+        "D_mm2_per_h": float(Ds.mean()),
+        "D_std_mm2_per_h": float(Ds.std(ddof=1)) if Ds.size > 1 else 0.0,
+        "D_members_mm2_per_h": Ds.tolist(),
+        "estimate": not reason, "estimate_reason": reason,
+        "converged": not reason and not warnings, "warnings": warnings,
+        "residual_norm": float(np.mean([m.residual_norm for m in members])),
+        "intensity_scale": problem.intensity_scale,
+        "final_loss_data": float(np.mean([m.history["loss_data"][-1] for m in members])),
+        "final_loss_pde": float(np.mean([m.history["loss_pde"][-1] for m in members])),
+        "epochs": cfg.epochs, "batches": cfg.batches, "delta_freeze_epochs": cfg.delta_freeze_epochs,
+        "rar_epochs": list(cfg.rar_epochs), "ensemble": cfg.ensemble, "members_trained": len(members),
+        "pde_points_final": int(last["n_pde"][-1]),
+        "device": str(ctx.device), "world_size": ctx.size, "backend": ctx.backend, "dtype": cfg.dtype,
+        "train_s": float(sum(m.train_s for m in members)),
+        "early_stopped": bool(early), "early_stop_reason": "; ".join(early),
+        "max_rank_difference": float(max(m.rank_spread for m in members)),
+    }
 
 
 def rank_spread(model, ctx: DistContext) -> float:
