@@ -196,7 +196,8 @@ def auto_mask(baseline: np.ndarray, suffix: str) -> tuple[np.ndarray, str]:
 
     if suffix == "T1map":
         m = (baseline > 0.1) & (baseline < 3.0)
-        how = "automatic: baseline T1 between 0.1 and 3 s (tissue, not CSF or background), largest component, holes filled"
+        how = ("automatic: baseline T1 between 0.1 and 3 s (tissue, not CSF or background), largest component, "
+               "holes filled")
     else:
         thr = otsu(baseline[baseline > 0]) if (baseline > 0).any() else 0.0
         m = baseline > thr
