@@ -8,6 +8,7 @@ the old or the new file, never a partial one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -76,3 +77,13 @@ def json_default(o):
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n").encode())
+
+
+def os_error_line(exc: OSError, path, doing: str) -> str:
+    """One line for an OSError met while ``doing`` something with ``path`` (full disk, permissions...)."""
+    reason = exc.strerror or str(exc).splitlines()[0] or type(exc).__name__
+    if exc.errno is None:  # h5py and friends put the errno in the text
+        for code in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            if f"errno = {code}," in str(exc):
+                reason = os.strerror(code)
+    return f"{path}: cannot {doing} ({reason})"

@@ -5,9 +5,11 @@ Also the collective (``mpio``) row-block writer of one dataset.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,51 @@ def read_node(node):
     return node[()]
 
 
+# Files up to this size (uncompressed arrays) are built in memory and written with one plain write:
+# a full disk is then an ordinary OSError. HDF5 failing to write or close a file on disk
+# (ENOSPC) leaves library objects behind that crash the process later (exit 139).
+IN_MEMORY_LIMIT = 1 << 30
+
+
+def tree_nbytes(tree) -> int:
+    """Upper bound of the bytes a tree's values take uncompressed."""
+    if isinstance(tree, dict):
+        return sum(tree_nbytes(v) for v in tree.values()) + 64 * len(tree)
+    if isinstance(tree, np.ndarray):
+        return int(tree.nbytes)
+    if isinstance(tree, (list, tuple)):
+        return sum(tree_nbytes(v) for v in tree) + 8
+    return len(tree) if isinstance(tree, (str, bytes)) else 8
+
+
+def create_h5(tmp, fill, nbytes: int) -> None:
+    """Create the HDF5 file ``tmp`` with ``fill(h5py.File)``, safely on a full disk.
+
+    Up to :data:`IN_MEMORY_LIMIT` bytes the file is built in memory (HDF5 core driver)
+    and written with a plain write; larger files are written directly after checking
+    that the file system has ``nbytes`` free.
+
+    Raises:
+        OSError: (ENOSPC) the disk is full or would be.
+    """
+    h5py = _h5()
+    tmp = Path(tmp)
+    if nbytes <= IN_MEMORY_LIMIT:
+        with h5py.File(tmp, "w", driver="core", backing_store=False) as fh:
+            fill(fh)
+            fh.flush()
+            image = fh.id.get_file_image()
+        with open(tmp, "wb") as out:
+            out.write(image)
+        return
+    free = shutil.disk_usage(tmp.parent).free
+    if free < nbytes:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: needs up to {nbytes / 2**20:.0f} MiB, "
+                                    f"{free / 2**20:.0f} MiB free")
+    with h5py.File(tmp, "w") as fh:
+        fill(fh)
+
+
 def write_h5_tree(path, tree: dict, attrs: dict | None = None) -> Path:
     """Write a nested dict to HDF5 atomically in the typed layout (:data:`KINDS`).
 
@@ -154,16 +201,19 @@ def write_h5_tree(path, tree: dict, attrs: dict | None = None) -> Path:
 
     Raises:
         TypeError: a value outside the layout (nothing is written then).
+        OSError: the file cannot be written (e.g. a full disk; the old file, if any, stays).
     """
-    h5py = _h5()
     path = Path(path)
+
+    def fill(fh):
+        for k, v in (attrs or {}).items():
+            fh.attrs[k] = v if not isinstance(v, (dict, list)) else json.dumps(v, default=json_default)
+        for k, v in tree.items():
+            write_node(fh, str(k), v)
+        fh.attrs["complete"] = True
+
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as fh:
-            for k, v in (attrs or {}).items():
-                fh.attrs[k] = v if not isinstance(v, (dict, list)) else json.dumps(v, default=json_default)
-            for k, v in tree.items():
-                write_node(fh, str(k), v)
-            fh.attrs["complete"] = True
+        create_h5(tmp, fill, tree_nbytes(tree))
     return path
 
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 from pathlib import Path
 
 from glymphmpi import __version__
-from glymphmpi.errors import Preempted
-from glymphmpi.io.atomic import fsync_dir, tmp_name
-from glymphmpi.io.h5 import UnsafeFileError, _h5, read_h5_tree, write_node
+from glymphmpi.errors import InputError, Preempted
+from glymphmpi.io.atomic import fsync_dir, os_error_line, tmp_name
+from glymphmpi.io.h5 import create_h5, read_h5_tree, tree_nbytes, write_node
+from glymphmpi.store.identity import differences
 from glymphmpi.store.signals import StopFlag
 
 log = logging.getLogger(__name__)
@@ -28,9 +30,12 @@ class Checkpointer:
         every: save when ``iteration % every == 0`` (0 disables periodic saves).
         comm: communicator; only rank 0 writes unless ``per_rank``.
         per_rank: each rank keeps its own file ``checkpoint.rank{r}.h5``.
+        identity: the run identity (:mod:`glymphmpi.store.identity`): saved with
+            every checkpoint; :meth:`load` refuses a checkpoint of another
+            identity, or of none, in one line naming what differs.
     """
 
-    def __init__(self, path, every: int = 1, comm=None, per_rank: bool = False):
+    def __init__(self, path, every: int = 1, comm=None, per_rank: bool = False, identity: dict | None = None):
         path = Path(path)
         self.comm = comm
         self.rank = 0 if comm is None else comm.rank
@@ -41,50 +46,81 @@ class Checkpointer:
         self.prev = path.with_name(f"{path.stem}.prev{path.suffix}")
         self.every = int(every)
         self.writes = self.per_rank or self.rank == 0
+        self.identity = identity
 
     def save(self, state: dict, iteration: int) -> None:
+        """Write the state atomically (collective over ``comm``).
+
+        Raises:
+            InputError: on every rank, when the file cannot be written (a full
+                disk, permissions): one line naming the file.
+        """
+        err = None
         if self.writes:
             tree = {"state": state, "iteration": int(iteration)}
             tmp = tmp_name(self.path)
-            h5py = _h5()
+
+            def fill(fh):
+                fh.attrs["version"] = __version__
+                fh.attrs["iteration"] = int(iteration)
+                fh.attrs["saved"] = time.time()
+                if self.identity is not None:
+                    fh.attrs["identity"] = json.dumps(self.identity, sort_keys=True)
+                for k, v in tree.items():
+                    write_node(fh, k, v)
+                fh.attrs["complete"] = True
+
             try:
-                with h5py.File(tmp, "w") as fh:
-                    fh.attrs["version"] = __version__
-                    fh.attrs["iteration"] = int(iteration)
-                    fh.attrs["saved"] = time.time()
-                    for k, v in tree.items():
-                        write_node(fh, k, v)
-                    fh.attrs["complete"] = True
+                create_h5(tmp, fill, tree_nbytes(tree))
                 with open(tmp, "rb+") as fh:
                     os.fsync(fh.fileno())
                 if self.path.exists():
                     os.replace(self.path, self.prev)
                 os.replace(tmp, self.path)
                 fsync_dir(self.path.parent)
+            except OSError as exc:
+                err = os_error_line(exc, self.path, "write the checkpoint")
             finally:
                 if tmp.exists():
                     tmp.unlink()
         if self.comm is not None and self.comm.size > 1:
-            self.comm.Barrier()
+            errs = self.comm.allgather(err)
+            err = next((e for e in errs if e), None)
+        if err:
+            raise InputError(err)
 
     def load(self) -> tuple[dict, int] | None:
         """Newest valid (state, iteration), or None when there is none.
 
         Raises:
-            UnsafeFileError: a checkpoint holds data outside the typed layout
-                (e.g. a planted pickle): refused, never executed, never skipped.
+            InputError: a checkpoint holds data outside the typed layout (e.g.
+                a planted pickle: UnsafeFileError), or belongs to another run:
+                refused, never executed, never skipped.
         """
         for p in (self.path, self.prev):
             if not p.exists():
                 continue
             try:
-                tree, _ = read_h5_tree(p)
+                tree, attrs = read_h5_tree(p)
+                self._check_identity(p, attrs)
                 return tree["state"], int(tree["iteration"])
-            except UnsafeFileError:
+            except InputError:  # unsafe content or another run: refused, never skipped
                 raise
             except Exception as exc:  # a damaged file: try the older one
                 log.warning("%s: unreadable checkpoint (%s); trying an older one", p, exc)
         return None
+
+    def _check_identity(self, path, attrs) -> None:
+        if self.identity is None:
+            return
+        try:
+            recorded = json.loads(attrs["identity"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError("checkpoint without a run identity (an older version or a foreign file); "
+                             "use --fresh to start over", path) from None
+        diffs = differences(recorded, self.identity)
+        if diffs:
+            raise InputError(f"checkpoint of another run: {'; '.join(diffs)}; use --fresh to start over", path)
 
     def step(self, iteration: int, state_fn) -> None:
         """Call once per iteration: saves when due or when a stop signal arrived.
