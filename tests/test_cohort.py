@@ -68,9 +68,9 @@ def test_minimal_cohort_file_loads(tmp_path, small_phantom):
     # the issue's minimal form with built-in methods
     (tmp_path / "min.toml").write_text('subjects = ["subjects/sub-01/subject.toml", "subjects/sub-02/subject.toml"]\n'
                                        'methods = ["romt", "fem", "pinn"]\n')
-    from glymphmpi.cohort.methods import installed_builtins
+    from glymphmpi.cohort.methods import default_methods
 
-    if installed_builtins() == ["romt", "fem", "pinn"]:
+    if default_methods() == ["romt", "fem", "pinn"]:
         co = load_cohort(tmp_path / "min.toml")
         assert co.method_names == ["romt", "fem", "pinn"]
         assert co.resources["fem"].processes(co.methods[1]) == 2  # fem's default ranks
@@ -118,9 +118,9 @@ def test_subject_ids_unique_and_safe(tmp_path, small_phantom):
 # ------------------------------------------------------------------ templates
 def test_rendered_templates(tmp_path, small_phantom):
     """Directives, quoting and environment of rendered job scripts, checked as text (no scheduler)."""
-    from glymphmpi.cohort.launch import SlurmLauncher
+    from glymphmpi.cohort.cli import make_launcher
+    from glymphmpi.cohort.jobscript import read_task_file
     from glymphmpi.cohort.manifest import load_cohort
-    from glymphmpi.cohort.methods import get_method
 
     body = ('[resources.fem]\nranks = 4\ncpus_per_task = 2\nmem = "8G"\ntime = "1-02:00:00"\n'
             'partition = "compute"\naccount = "proj-x"\nqos = "normal"\n'
@@ -128,10 +128,10 @@ def test_rendered_templates(tmp_path, small_phantom):
             '[settings.pinn]\nepochs = 50\n')
     c = write_cohort(tmp_path, small_phantom, body=body, methods='["fem", "pinn"]')
     co = load_cohort(c, ["cohort.max_requeues=5"])
-    la = SlurmLauncher(co, tmp_path / "my out")
-    la.prepare()
-    fem, pinn = get_method("fem"), get_method("pinn")
-    script, array = la.render_job(fem, co.subjects, "t1")
+    la = make_launcher(co, tmp_path / "my out", "slurm")
+    fem = [t for t in la.tasks if t.col == "fem"]
+    pinn = [t for t in la.tasks if t.col == "pinn"]
+    script, array = la.render_job(fem, "t1")
     text = script.read_text()
     assert array == "0-2"
     for d in ("--job-name=glymph-fem", "--ntasks=4", "--cpus-per-task=2", "--time=1-02:00:00", "--mem=8G",
@@ -145,14 +145,13 @@ def test_rendered_templates(tmp_path, small_phantom):
     assert shlex.split(shlex.split(env["GLYMPH_ARGS"])[0]) == ["--config", str(tmp_path / "my out" / "cohort"
                                                                             / "config.toml")]
     tasks = Path(shlex.split(env["GLYMPH_TASKS"])[0])
-    lines = tasks.read_text().splitlines()
-    assert [ln.split("\t") for ln in lines] == [[str(s.toml), str(tmp_path / "my out" / s.id / "fem")]
-                                               for s in co.subjects]
+    lines = [read_task_file(tasks / str(i)) for i in range(len(co.subjects))]
+    assert lines == [[str(s.toml), str(tmp_path / "my out" / s.id / "fem")] for s in co.subjects]
     assert "srun --mpi=" in text and 'mpirun -n "$ntasks"' in text
     r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     # one subject, GPUs and an image: --gpus-per-node, one task per GPU per node, apptainer --nv
-    script, array = la.render_job(pinn, co.subjects[:1], "t2")
+    script, array = la.render_job(pinn[:1], "t2")
     text = script.read_text()
     assert array is None
     for d in ("--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=2", "--partition=gpu",
@@ -192,8 +191,9 @@ def test_template_array_and_requeue_logic_with_fake_slurm(tmp_path):
     (fake / "fakeglymph").write_text('#!/bin/bash\necho "glymph $*" >> "$LOG"\nexit "$RC"\n')
     for f in fake.iterdir():
         f.chmod(0o755)
-    tasks = tmp_path / "tasks.tsv"
-    tasks.write_text("/d/a b/subject.toml\t/o/a\n/d/c/subject.toml\t/o/c\n")
+    from glymphmpi.cohort.jobscript import write_task_files
+
+    tasks = write_task_files(tmp_path / "tasks", [["/d/a b/subject.toml", "/o/a"], ["/d/c/subject.toml", "/o/c"]])
     log = tmp_path / "log"
     base = {"PATH": f"{fake}:{os.environ['PATH']}", "LOG": str(log), "GLYMPH": str(fake / "fakeglymph"),
             "GLYMPH_TASKS": str(tasks), "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "77", "SLURM_NTASKS": "2"}
@@ -402,20 +402,20 @@ def test_subject_tables_limit_methods(tmp_path, small_phantom):
 def test_local_commands_per_kind(tmp_path, small_phantom):
     """The local launcher's process per run: plain for one process, mpirun for MPI ranks,
     torch.distributed.run (torchrun) for DDP processes."""
-    from glymphmpi.cohort.launch import LocalLauncher
+    from glymphmpi.cohort.cli import make_launcher
     from glymphmpi.cohort.manifest import load_cohort
 
     body = "[resources.fem]\nranks = 3\n[resources.pinn]\nranks = 2\n[resources.romt]\nranks = 1\n"
     c = write_cohort(tmp_path, small_phantom, body=body, methods='["romt", "fem", "pinn"]')
     co = load_cohort(c)
-    la = LocalLauncher(co, tmp_path / "o")
+    la = make_launcher(co, tmp_path / "o")
     s = co.subjects[0]
-    romt, fem, pinn = co.methods
-    cmd = la.command(s.toml, romt, tmp_path / "o" / "r")
-    assert cmd[1:] == ["--quiet", "romt", str(s.toml), "--out", str(tmp_path / "o" / "r")]
-    cmd = la.command(s.toml, fem, tmp_path / "f")
+    romt, fem, pinn = la.tasks[:3]
+    cmd = la.command(romt)
+    assert cmd[1:] == ["--quiet", "romt", str(s.toml), "--out", str(tmp_path / "o" / s.id / "romt")]
+    cmd = la.command(fem)
     assert cmd[:4] == ["mpirun", "-n", "3", "--oversubscribe"] and cmd[5:7] == ["--quiet", "fem"]
-    cmd = la.command(s.toml, pinn, tmp_path / "p")
+    cmd = la.command(pinn)
     assert cmd[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
     assert cmd[6:9] == ["glymphmpi", "--quiet", "pinn"]
 
@@ -423,7 +423,7 @@ def test_local_commands_per_kind(tmp_path, small_phantom):
 @pytest.mark.slow
 def test_glymph_demo_end_to_end(tmp_path):
     """`glymph demo`: the demo cohort through every installed method, locally, with a report."""
-    from glymphmpi.cohort.methods import installed_builtins
+    from glymphmpi.cohort.methods import default_methods
 
     r = glymph_cli("demo", "--out", tmp_path / "demo", timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -432,7 +432,7 @@ def test_glymph_demo_end_to_end(tmp_path):
     import csv
 
     rows = list(csv.DictReader((tmp_path / "demo" / "run" / "report" / "cohort.csv").open()))
-    ms = installed_builtins()
+    ms = default_methods()
     for row in rows:
         for m in ms:
             if row.get(f"{m}.status"):

@@ -157,9 +157,9 @@ def test_slurm_job_array(tmp_path, glymph, tiny_subject):
     assert r.returncode == 0, r.stderr[-3000:]
     summ = json.loads((out / "summary.json").read_text())
     assert summ["slurm_job"] and summ["runs_complete"] == 4
-    script = (out / "slurm" / "array.sbatch").read_text()
-    assert "#SBATCH --array=0-3" in script
-    logs = list((out / "slurm" / "logs").glob(f"{summ['slurm_job']}_*.out"))
+    scripts = list((out / "grid" / "jobs").glob("pinn-*.sbatch"))
+    assert len(scripts) == 1 and "#SBATCH --array=0-3" in scripts[0].read_text()
+    logs = list((out / "grid" / "logs").glob(f"pinn.{summ['slurm_job']}_*.log"))
     assert len(logs) == 4
 
 

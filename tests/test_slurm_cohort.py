@@ -70,10 +70,10 @@ def task_rec(out, key):
 def test_one_subject_through_fem_on_two_ranks(tmp_path):
     """A real method (FEM, 2 MPI ranks via srun --mpi=pmix) on one small subject through SLURM
     gives the same D as the same run done locally on one rank (parallel round-off only)."""
-    from glymphmpi.cohort.methods import installed_builtins
+    from glymphmpi.cohort.methods import default_methods
     from glymphmpi.synth import brain_diffusion as bd
 
-    if "fem" not in installed_builtins():
+    if "fem" not in default_methods():
         pytest.skip("fem is not in this checkout")
     subj = bd.write(tmp_path / "ph", bd.PhantomSpec(block=(10, 10, 10), dt_h=0.2), sid="ph10")
     c = tmp_path / "cohort.toml"

@@ -1,6 +1,13 @@
-"""``glymph cohort run|status|report COHORT.toml --out DIR [--scheduler local|slurm]``."""
+"""``glymph cohort run|status|report COHORT.toml --out DIR [--scheduler local|slurm]``.
+
+The CLI layer of the cohort: it loads the cohort file, takes the output folder's lock, builds
+the launcher with the cohort's reports as its hooks, and prints status tables. It is the one
+cohort module that calls the report (the launchers know only :class:`~.tasks.Hooks`).
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -39,29 +46,116 @@ def _load(args, validate_subjects=True):
     return load_cohort(args.cohort, args.set, validate_subjects=validate_subjects)
 
 
-def _run(args) -> int:
+def check_out(out) -> Path:
+    """``--out`` of a cohort: a writable directory (made if missing), no control characters."""
+    import os
+
     from glymphmpi.errors import InputError
 
+    from .resources import has_control
+
+    if has_control(str(out)):
+        raise InputError(f"--out {str(out)!r} contains a control character (newline, tab, ...)")
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise InputError("--out is a file, not a directory", p)
+    try:
+        (p / "cohort").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out cannot be created: {exc.strerror}", p) from None
+    if not os.access(p / "cohort", os.W_OK | os.X_OK):
+        raise InputError("--out is not writable", p)
+    return p.resolve()
+
+
+def statuses(cohort, out, query_slurm: bool = False) -> dict:
+    """How the launcher sees every run: ``{subject: {method: status}}`` (see state.status_table)."""
+    return status_of(cohort, out, query_slurm)["runs"]
+
+
+def status_of(cohort, out, query_slurm: bool = True) -> dict:
+    from .state import status_table, uses_slurm
+
+    out = Path(out)
+    jobs = None
+    if query_slurm and uses_slurm(out / "cohort"):
+        from .sbatch import JobTable, available
+
+        if available():
+            jobs = JobTable.query()
+    return status_table(cohort.run_tasks(out), out / "cohort", jobs, title=str(cohort.path), out=out)
+
+
+class CohortReports:
+    """The cohort's hooks: a subject's report when its runs have ended, the cohort report at the end.
+
+    Picklable (dask-jobqueue workers run :meth:`group_done`).
+    """
+
+    def __init__(self, cohort, out: Path):
+        self.cohort = cohort
+        self.out = Path(out)
+
+    def wants_group(self, row: str, has_runs: bool) -> bool:
+        return has_runs or not (self.out / row / "report" / "summary.json").exists()
+
+    def group_done(self, row: str, *after) -> None:
+        from glymphmpi.report.cohort import subject_report
+
+        del after
+        subject_report(self.cohort, self.out, row, status=statuses(self.cohort, self.out).get(row))
+
+    def finished(self, refresh: bool = True) -> list[str]:
+        from glymphmpi.report.cohort import cohort_report, report_paths
+
+        paths = report_paths(self.out)
+        if refresh or not paths["html"].exists():
+            cohort_report(self.cohort, self.out, statuses(self.cohort, self.out))
+        return [f"report: {paths['html']}"]
+
+
+def make_launcher(cohort, out, scheduler: str = "local", quiet: bool = False, site: bool = False,
+                  cluster_factory=None):
+    """The launcher of a cohort (its tasks, settings file and reports)."""
+    from .launcher import write_settings
+    from .tasks import LaunchSpec
+
+    out = Path(out).resolve()
+    workdir = out / "cohort"
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = write_settings(cohort.settings_toml() if cohort.settings else "", f"cohort {cohort.path}", workdir)
+    spec = LaunchSpec(workdir=workdir, options=cohort.options, title=f"cohort {cohort.path.name}",
+                      config_path=config, rerun=f"glymph cohort run {cohort.path} --out {out}",
+                      hooks=CohortReports(cohort, out))
+    tasks = cohort.run_tasks(out)
+    if scheduler == "slurm":
+        from .slurm import SlurmLauncher
+
+        return SlurmLauncher(tasks, spec, quiet=quiet, site=site, cluster_factory=cluster_factory)
+    from .local import LocalLauncher
+
+    return LocalLauncher(tasks, spec, quiet=quiet)
+
+
+def _run(args) -> int:
+    from glymphmpi.errors import InputError
+    from glymphmpi.store.lock import DirLock
+
     cohort = _load(args)
+    out = check_out(args.out)
     if args.site:
         _load_site(args.site)
-    from .launch import LocalLauncher, SlurmLauncher
-
-    if args.scheduler == "slurm":
-        launcher = SlurmLauncher(cohort, args.out, quiet=args.quiet, site=bool(args.site))
-    else:
-        launcher = LocalLauncher(cohort, args.out, quiet=args.quiet)
-    if args.retry_failed:
-        for rec in launcher.state.data["tasks"].values():
-            if rec.get("state") != "complete":
-                rec["failures"] = 0
     if args.scheduler == "slurm":
         from .sbatch import available
 
         if not available():
             raise InputError("--scheduler slurm: no SLURM controller answers (sinfo); "
                              "for a local one: hpc/install.sh --slurm && hpc/slurm/up.sh")
-    return launcher.run()
+    with DirLock(out / "cohort", what="glymph cohort run"):
+        launcher = make_launcher(cohort, out, args.scheduler, quiet=args.quiet, site=bool(args.site))
+        if args.retry_failed:
+            launcher.ledger.forget_failures()
+        return launcher.run()
 
 
 def _load_site(path) -> None:
@@ -86,9 +180,9 @@ def _load_site(path) -> None:
 def _status(args) -> int:
     import json
 
-    from .state import cohort_status, format_status
+    from .state import format_status
 
-    st = cohort_status(_load(args, validate_subjects=False), args.out)
+    st = status_of(_load(args, validate_subjects=False), args.out)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return 0
 
@@ -97,9 +191,10 @@ def _report(args) -> int:
     from glymphmpi.report.cohort import cohort_report, subject_report
 
     cohort = _load(args, validate_subjects=False)
+    st = statuses(cohort, args.out)
     for s in cohort.subjects:
-        subject_report(cohort, args.out, s.id)
-    paths = cohort_report(cohort, args.out)
+        subject_report(cohort, args.out, s.id, status=st.get(s.id))
+    paths = cohort_report(cohort, args.out, st)
     print(f"report: {paths['html'].resolve()}")
     print(f"csv:    {paths['csv'].resolve()}")
     return 0

@@ -36,73 +36,17 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import re
 from pathlib import Path
 
 from glymphmpi.config import build, config_class, known_sections, load_toml, parse_override
 from glymphmpi.errors import InputError
 
 from .config import CohortConfig
-from .methods import MethodSpec, get_method, installed_builtins, method_from_table
+from .methods import MethodSpec, default_methods, get_method, method_from_table
+from .resources import SAFE_ID, Resources, check_extra
+from .state import run_dir
 
-SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-TIME_RE = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
-MEM_RE = re.compile(r"^\d+[KMGT]?$")
 TOP_KEYS = {"subjects", "methods", "resources", "settings", "cohort", "method", "name", "description"}
-
-
-@dataclasses.dataclass(frozen=True)
-class Resources:
-    """Scheduler resources of one method's run on one subject.
-
-    Attributes:
-        ranks: MPI ranks (mpi), DDP processes (torch), 1 (serial).
-        gpus: GPUs per node (torch: one process per GPU; ``--gpus-per-node``).
-        cpus_per_task: CPU cores per rank (``--cpus-per-task``; OMP_NUM_THREADS).
-        nodes: nodes (``--nodes``), 0 = let SLURM choose.
-        mem: memory per node, SLURM syntax (``"4G"``), "" = site default.
-        time: wall time, SLURM syntax (``"01:00:00"``, ``"1-00:00:00"``).
-        partition, account, qos, constraint: passed on when not empty.
-        image: Apptainer image (.sif): runs ``apptainer exec`` (``--nv`` with GPUs).
-        bind: Apptainer ``--bind`` list (e.g. ``"/data,/scratch"``).
-        extra: further raw sbatch options (e.g. ``["--exclusive"]``).
-    """
-
-    ranks: int = 0
-    gpus: int = 0
-    cpus_per_task: int = 1
-    nodes: int = 0
-    mem: str = ""
-    time: str = "01:00:00"
-    partition: str = ""
-    account: str = ""
-    qos: str = ""
-    constraint: str = ""
-    image: str = ""
-    bind: str = ""
-    extra: tuple[str, ...] = ()
-
-    def validate(self) -> None:
-        if self.ranks < 0 or self.gpus < 0 or self.cpus_per_task < 1 or self.nodes < 0:
-            raise ValueError("ranks, gpus and nodes must be >= 0 and cpus_per_task >= 1")
-        if not TIME_RE.match(self.time):
-            raise ValueError(f"time {self.time!r} is not a SLURM time (MM, HH:MM:SS, D-HH:MM:SS)")
-        if self.mem and not MEM_RE.match(self.mem):
-            raise ValueError(f"mem {self.mem!r} is not a SLURM size like 4G or 4000M")
-        for key in ("partition", "account", "qos", "constraint"):
-            v = getattr(self, key)
-            if v and not re.match(r"^[A-Za-z0-9._,&|:-]+$", v):
-                raise ValueError(f"{key} {v!r} has characters SLURM does not accept")
-
-    def processes(self, spec: MethodSpec) -> int:
-        """Processes of one run: ranks, else GPUs (torch), else the method's default."""
-        if spec.kind == "serial":
-            return 1
-        if self.ranks:
-            return self.ranks
-        if spec.kind == "torch" and self.gpus:
-            return self.gpus * max(self.nodes, 1)
-        return spec.default_ranks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +93,13 @@ class Cohort:
     def subject(self, sid: str) -> SubjectEntry:
         return next(s for s in self.subjects if s.id == sid)
 
+    def run_tasks(self, out: Path) -> list:
+        """The launcher's tasks: one per (subject, method), run in ``OUT/<subject>/<method>``."""
+        from .tasks import Task
+
+        return [Task(s.id, m.name, s.toml, m, run_dir(Path(out).resolve(), s.id, m.name), self.resources[m.name])
+                for s, m in self.tasks()]
+
     def settings_toml(self) -> str:
         """The settings as one TOML config file (one table per section)."""
         import tomli_w
@@ -163,6 +114,11 @@ def _resources(table: dict, where, base: Resources | None = None) -> Resources:
             ex = [ex]
         if not isinstance(ex, list) or not all(isinstance(e, str) and e.startswith("-") for e in ex):
             raise InputError("resources 'extra' must be a list of sbatch options like \"--exclusive\"", where)
+        for e in ex:
+            try:
+                check_extra(e)
+            except ValueError as exc:
+                raise InputError(str(exc), where) from None
         table = {**table, "extra": tuple(ex)}
     merged = {**(dataclasses.asdict(base) if base else {}), **table}
     return build(Resources, merged, where)
@@ -192,7 +148,7 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
     if not isinstance(mt, dict) or not all(isinstance(v, dict) for v in mt.values()):
         raise InputError("[method.NAME] entries must be tables", path)
     for name, table in mt.items():
-        if not SAFE_ID.match(name):
+        if not SAFE_ID.fullmatch(name):
             raise InputError(f"method name {name!r}: letters, digits, '.', '_' and '-' only", path)
         extra[name] = method_from_table(name, table, path)
     if "methods" in data:
@@ -202,7 +158,7 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
         if len(set(names)) != len(names):
             raise InputError("'methods' lists a method twice", path)
     else:
-        names = installed_builtins() + [n for n in extra if n not in installed_builtins()]
+        names = default_methods() + [n for n in extra if n not in default_methods()]
         if not names:
             raise InputError("no 'methods' given and no method is installed in this checkout", path)
     methods = []
@@ -212,7 +168,7 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
         except InputError as exc:
             raise InputError(str(exc), path) from None
         if not spec.installed():
-            raise InputError(f"method {n!r} is not installed in this checkout ({spec.module} is missing)", path)
+            raise InputError(f"method {n!r} is not installed in this checkout", path)
         methods.append(spec)
 
     # subjects
@@ -256,7 +212,7 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
     for f in files:
         sdata = load_toml(f)
         sid = sdata.get("id")
-        if not isinstance(sid, str) or not SAFE_ID.match(sid):
+        if not isinstance(sid, str) or not SAFE_ID.fullmatch(sid):
             raise InputError(f"subject id {sid!r} is not safe for job names and paths "
                              "(letters, digits, '.', '_', '-'; not starting with '.' or '-')", f)
         if sid in seen:

@@ -1,27 +1,27 @@
-"""Methods the cohort layer can run, by name (a registry of named choices).
+"""Methods a cohort can run: the registry's methods plus the cohort file's own commands.
 
 A method is a command line ``CMD [--quiet] NAME SUBJECT --out DIR [--config C] [ARGS]`` that
-follows the run-directory contract (DESIGN.md section 2: summary.json with status complete /
-failed / preempted, exit 75 after a checkpoint). The built-in ones are ``glymph romt``,
-``glymph fem`` (MPI ranks) and ``glymph pinn`` (torch DDP); a cohort file may add its own
-under ``[method.NAME]`` (``command``, ``kind``, ``args``), and code may call
-:func:`register_method`.
+follows the run-directory contract (docs/architecture.md: summary.json with status complete /
+failed / preempted, exit 75 after a checkpoint). The built-in ones are those of the method
+registry (:mod:`glymphmpi.methods`: job kind, default ranks, job template and headline summary
+fields are declared there); a cohort file may add its own under ``[method.NAME]`` (``command``,
+``kind``, ``args``, ``template``, ``ranks``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import shlex
 import shutil
 import sys
 from pathlib import Path
 
+from glymphmpi import methods as registry
 from glymphmpi.errors import InputError
 
-KINDS = ("mpi", "torch", "serial")
-#: job template (jobs/NAME.sbatch) per kind, for methods without their own template
-KIND_TEMPLATE = {"mpi": "fem", "serial": "fem", "torch": "pinn"}
+KINDS = registry.KINDS
+#: job template of a method that names none (jobs/run.sbatch: METHOD and KIND are set when rendered)
+DEFAULT_TEMPLATE = "run"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +34,11 @@ class MethodSpec:
             or ``serial`` (one process).
         command: argv prefix of the CLI (``None`` = this Python's ``glymph``).
         args: extra arguments after ``SUBJECT --out DIR``.
-        template: job template name in ``jobs/`` (default by kind).
+        template: job template name in ``jobs/`` (None: ``jobs/run.sbatch``).
         default_ranks: processes when the cohort does not say.
-        module: module that must be importable for the method to count as installed
-            (``None``: always available, e.g. an external command).
+        builtin: a method of the registry (else an external command of the cohort file).
+        headline: the summary.json fields reports show first (the registry's ``summary``);
+            empty for an external command (reports then show its top-level numbers).
     """
 
     name: str
@@ -46,7 +47,8 @@ class MethodSpec:
     args: tuple[str, ...] = ()
     template: str | None = None
     default_ranks: int = 1
-    module: str | None = None
+    builtin: bool = False
+    headline: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -54,15 +56,10 @@ class MethodSpec:
 
     @property
     def template_name(self) -> str:
-        return self.template or KIND_TEMPLATE[self.kind]
+        return self.template or DEFAULT_TEMPLATE
 
     def installed(self) -> bool:
-        if self.module is None:
-            return True
-        try:
-            return importlib.util.find_spec(self.module) is not None
-        except ModuleNotFoundError:
-            return False
+        return not self.builtin or registry.get(self.name).installed()
 
     def cli(self) -> list[str]:
         """The argv prefix that stands for ``glymph`` (e.g. ``[.../python, -m, glymphmpi]``)."""
@@ -82,37 +79,26 @@ class MethodSpec:
         return a + list(self.args)
 
 
-_BUILTIN = {
-    "romt": MethodSpec("romt", "mpi", default_ranks=2, module="glymphmpi.romt.cli"),
-    "fem": MethodSpec("fem", "mpi", default_ranks=2, module="glymphmpi.fem.cli"),
-    "pinn": MethodSpec("pinn", "torch", default_ranks=1, module="glymphmpi.pinn.cli"),
-}
-_REGISTRY: dict[str, MethodSpec] = dict(_BUILTIN)
-# Opt-in (not part of the default method list): residual-guided PINN set-up selection. It trains its grid
-# with local processes inside its own job (give it CPUs with [resources.pinn-select] cpus_per_task).
-_REGISTRY["pinn-select"] = MethodSpec("pinn-select", "serial", default_ranks=1, module="glymphmpi.pinnselect.cli")
+def from_registry(m) -> MethodSpec:
+    """The cohort's view of a registered :class:`glymphmpi.methods.Method`."""
+    return MethodSpec(m.name, m.kind, template=m.template, default_ranks=m.default_ranks, builtin=True,
+                      headline=tuple(m.summary))
 
 
-def register_method(spec: MethodSpec) -> None:
-    """Add or replace a method in the process-wide registry."""
-    _REGISTRY[spec.name] = spec
-
-
-def builtin_names() -> list[str]:
-    return list(_BUILTIN)
-
-
-def installed_builtins() -> list[str]:
-    """Built-in methods present in this checkout, in the canonical order romt, fem, pinn."""
-    return [n for n, s in _BUILTIN.items() if s.installed()]
+def default_methods() -> list[str]:
+    """The methods a cohort runs when its file names none (the registry's defaults, installed)."""
+    return registry.cohort_defaults()
 
 
 def get_method(name: str, extra: dict[str, MethodSpec] | None = None) -> MethodSpec:
-    """The method ``name`` (cohort-defined ones first); fails with the list of valid names."""
-    table = {**_REGISTRY, **(extra or {})}
-    if name not in table:
-        raise InputError(f"unknown method {name!r}; valid methods: {', '.join(sorted(table))}")
-    return table[name]
+    """The method ``name`` (the cohort file's own ones first); fails with the list of valid names."""
+    if extra and name in extra:
+        return extra[name]
+    cohortable = [n for n, m in registry.all_methods().items() if not m.updates]
+    if name not in cohortable:
+        valid = sorted(set(cohortable) | set(extra or {}))
+        raise InputError(f"unknown method {name!r}; valid methods: {', '.join(valid)}")
+    return from_registry(registry.get(name))
 
 
 def method_from_table(name: str, table: dict, where) -> MethodSpec:
@@ -132,14 +118,20 @@ def method_from_table(name: str, table: dict, where) -> MethodSpec:
         args = shlex.split(args)
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise InputError(f"[method.{name}]: 'args' must be a list of strings", where)
+    from .resources import CONTROL
+
+    for w in [*cmd, *args]:
+        if CONTROL.search(w):
+            raise InputError(f"[method.{name}]: {w!r} contains a control character", where)
     kind = table.get("kind", "serial")
     template = table.get("template")
-    if template is not None and not isinstance(template, str):
-        raise InputError(f"[method.{name}]: 'template' must be a string", where)
+    if template is not None and not (isinstance(template, str) and template.replace("-", "").replace(
+            "_", "").isalnum()):
+        raise InputError(f"[method.{name}]: 'template' must be the name of a jobs/NAME.sbatch file", where)
     ranks = table.get("ranks", 1)
     if not isinstance(ranks, int) or isinstance(ranks, bool) or ranks < 1:
         raise InputError(f"[method.{name}]: 'ranks' must be an integer >= 1", where)
     try:
-        return MethodSpec(name, kind, tuple(cmd), tuple(args), template, ranks, None)
+        return MethodSpec(name, kind, tuple(cmd), tuple(args), template, ranks)
     except InputError as exc:
         raise InputError(str(exc), where) from None

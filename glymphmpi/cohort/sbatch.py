@@ -1,108 +1,29 @@
-"""Render the job templates in ``jobs/`` and talk to SLURM (sbatch, scontrol, scancel).
+"""Talk to SLURM: sbatch, scontrol (job table, release), sinfo.
 
-A template is an ordinary sbatch script that users can submit by hand. The launcher
-renders it by replacing two marked blocks: the ``#SBATCH`` resource directives and the
-environment exports (subject, output directory, CLI, image, ...), each value shell-quoted.
-Nothing else of the template changes, so the rendered script runs the same body.
+The job scripts themselves are rendered by :mod:`glymphmpi.cohort.jobscript`; the generic
+run status (:mod:`glymphmpi.cohort.state`) sees a job only through :meth:`JobTable.view`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shlex
 import subprocess
 from pathlib import Path
 
 from glymphmpi.errors import GlymphError, MissingDependency
 
-from .manifest import Resources
-from .methods import MethodSpec
+from .state import JobView
 
 log = logging.getLogger(__name__)
 
-JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
-RES_BEGIN, RES_END = "# >>> glymph:resources", "# <<< glymph:resources"
-ENV_BEGIN, ENV_END = "# >>> glymph:environment", "# <<< glymph:environment"
 #: SLURM job states in which a job is still queued or running
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
           "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED"}
-_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 
 
 class SlurmError(GlymphError):
     """A SLURM command failed (message: the command and its error line)."""
-
-
-def template_path(name: str, jobs_dir: Path | None = None) -> Path:
-    p = Path(jobs_dir or os.environ.get("GLYMPH_JOBS_DIR") or JOBS_DIR) / f"{name}.sbatch"
-    if not p.is_file():
-        raise MissingDependency(f"job template {p} not found (set GLYMPH_JOBS_DIR to the jobs/ folder)")
-    return p
-
-
-def directives(res: Resources, spec: MethodSpec, job_name: str, array: str | None = None,
-               output: str | None = None, dependency: str | None = None) -> list[str]:
-    """``#SBATCH`` lines for one run (or one array) of ``spec`` with resources ``res``."""
-    n = res.processes(spec)
-    d = [f"--job-name={job_name}"]
-    if spec.kind == "torch" and res.gpus:
-        nodes = max(res.nodes, 1)
-        d += [f"--nodes={nodes}", f"--ntasks-per-node={max(n // nodes, 1)}", f"--gpus-per-node={res.gpus}"]
-    else:
-        d += [f"--ntasks={n}"]
-        if res.nodes:
-            d += [f"--nodes={res.nodes}"]
-    d += [f"--cpus-per-task={res.cpus_per_task}", f"--time={res.time}"]
-    if res.mem:
-        d.append(f"--mem={res.mem}")
-    for key in ("partition", "account", "qos", "constraint"):
-        if getattr(res, key):
-            d.append(f"--{key}={getattr(res, key)}")
-    if array:
-        d.append(f"--array={array}")
-    if output:
-        d.append(f"--output={output}")
-    if dependency:
-        d.append(f"--dependency={dependency}")
-    d += list(res.extra)
-    return [f"#SBATCH {x}" for x in d]
-
-
-def render(template: str | Path, sbatch_lines: list[str], env: dict[str, str],
-           overrides: dict[str, str] | None = None) -> str:
-    """The template text with its resource block and environment block filled in.
-
-    Args:
-        template: path of a ``jobs/*.sbatch`` file.
-        sbatch_lines: ``#SBATCH ...`` lines that replace the default resource block.
-        env: exported variables (values shell-quoted).
-        overrides: ``NAME=value`` lines of the body to replace (``METHOD``, ``KIND``), for
-            methods that share a template.
-    """
-    text = Path(template).read_text()
-    for begin, end in ((RES_BEGIN, RES_END), (ENV_BEGIN, ENV_END)):
-        if text.count(begin) != 1 or text.count(end) != 1:
-            raise MissingDependency(f"{template}: missing or repeated marker {begin!r}/{end!r}")
-    for k in env:
-        if not _ENV_NAME.match(k):
-            raise ValueError(f"bad environment variable name {k!r}")
-    exports = [f"export {k}={shlex.quote(str(v))}" for k, v in env.items()]
-    text = _replace_block(text, RES_BEGIN, RES_END, sbatch_lines)
-    text = _replace_block(text, ENV_BEGIN, ENV_END, exports)
-    for name, value in (overrides or {}).items():
-        text, n = re.subn(rf"(?m)^{name}=.*$", f"{name}={shlex.quote(value)}", text, count=1)
-        if n != 1:
-            raise MissingDependency(f"{template}: no line '{name}=...' to set")
-    return text
-
-
-def _replace_block(text: str, begin: str, end: str, lines: list[str]) -> str:
-    i = text.index(begin)
-    j = text.index(end)
-    head_end = text.index("\n", i) + 1
-    return text[:head_end] + "".join(x + "\n" for x in lines) + text[j:]
 
 
 # ------------------------------------------------------------------ SLURM commands
@@ -133,10 +54,6 @@ def submit(script: Path, extra: list[str] | None = None) -> str:
     """``sbatch --parsable [extra] script`` -> job id (array jobs: the array's id)."""
     out = _run(["sbatch", "--parsable", *(extra or []), str(script)])
     return out.strip().split(";")[0]
-
-
-def cancel(job: str) -> None:
-    _run(["scancel", job])
 
 
 def release(job: str) -> None:
@@ -214,6 +131,16 @@ class JobTable:
                 if a == aid and tid.isdigit() and int(tid) in ids:
                     return r
         return None
+
+    def view(self, job: str) -> JobView | None:
+        """The scheduler-neutral view of one job (None: the controller does not know it)."""
+        info = self.get(job)
+        if info is None:
+            return None
+        st = info.get("JobState", "")
+        return JobView(state=st, active=st in ACTIVE,
+                       running=st in ("RUNNING", "COMPLETING", "CONFIGURING"),
+                       cancelled=st == "CANCELLED", reason=info.get("Reason", ""), exit_code=exit_code(info))
 
 
 def exit_code(rec: dict) -> int | None:

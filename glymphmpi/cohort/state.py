@@ -1,12 +1,15 @@
-"""Where every (subject, method) run of a cohort stands, from its files and the scheduler.
+"""Where every run of a launch stands, from its files and (optionally) the scheduler.
 
-The launcher keeps ``OUT/cohort/state.json`` (attempts, job ids, last reason); the truth
-about a run is its run directory (``summary.json`` written by the method, a checkpoint) and,
-while it is queued or running, the scheduler. :func:`task_status` combines the three.
+The launcher keeps ``WORKDIR/state.json`` (attempts, job ids, last reason; ``OUT/cohort`` for
+a cohort); the truth about a run is its run directory (``summary.json`` written by the method,
+a checkpoint) and, while it is queued or running, the scheduler, seen through a
+:class:`JobView` (this module knows no scheduler: SLURM's table provides the views).
+:func:`task_status` combines the three.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -18,20 +21,32 @@ from glymphmpi.store import read_summary
 STATES = ("pending", "queued", "running", "complete", "failed", "resumable")
 
 
+@dataclasses.dataclass(frozen=True)
+class JobView:
+    """A scheduler job as the status needs it."""
+
+    state: str  # the scheduler's word (e.g. PENDING, RUNNING, CANCELLED)
+    active: bool  # queued or running
+    running: bool
+    cancelled: bool
+    reason: str = ""
+    exit_code: int | None = None
+
+
 def run_dir(out: Path, sid: str, method: str) -> Path:
+    """A cohort run's directory: ``OUT/<subject>/<method>``."""
     return Path(out) / sid / method
 
 
-def task_key(sid: str, method: str) -> str:
-    return f"{sid}/{method}"
+def task_key(row: str, col: str) -> str:
+    return f"{row}/{col}"
 
 
 class CohortState:
-    """The launcher's record, ``OUT/cohort/state.json`` (written atomically)."""
+    """The launcher's record, ``WORKDIR/state.json`` (written atomically)."""
 
-    def __init__(self, out: Path):
-        self.out = Path(out)
-        self.path = self.out / "cohort" / "state.json"
+    def __init__(self, workdir: Path):
+        self.path = Path(workdir) / "state.json"
         self.data: dict = {"tasks": {}, "launches": []}
         if self.path.exists():
             try:
@@ -41,8 +56,8 @@ class CohortState:
         self.data.setdefault("tasks", {})
         self.data.setdefault("launches", [])
 
-    def task(self, sid: str, method: str) -> dict:
-        return self.data["tasks"].setdefault(task_key(sid, method), {"attempts": 0, "requeues": 0, "jobs": []})
+    def task(self, key: str) -> dict:
+        return self.data["tasks"].setdefault(key, {"attempts": 0, "requeues": 0, "jobs": []})
 
     def save(self) -> None:
         atomic_write_json(self.path, self.data)
@@ -56,23 +71,20 @@ def _pid_alive(pid) -> bool:
         return False
 
 
-def task_status(out: Path, sid: str, method: str, rec: dict | None, jobs=None) -> dict:
+def task_status(rd: Path, rec: dict | None, jobs=None) -> dict:
     """Status of one run.
 
     Args:
-        out: cohort output directory.
-        sid, method: the run.
+        rd: its run directory.
         rec: its record in state.json (or None).
-        jobs: a :class:`~glymphmpi.cohort.sbatch.JobTable` snapshot (SLURM runs), or None.
+        jobs: an object with ``view(job_id) -> JobView | None`` (a scheduler snapshot), or None.
 
     Returns:
         ``{"state": one of STATES, "job": id or None, "reason": str, "exit_code": int|None,
         "resumable": bool, "attempts": int, "runtime_s": float|None}``
     """
-    from .sbatch import ACTIVE, exit_code
-
     rec = rec or {}
-    rd = run_dir(out, sid, method)
+    rd = Path(rd)
     summ = read_summary(rd) or {}
     ckpt = any(rd.glob("checkpoint*.h5")) if rd.is_dir() else False
     st = {"state": "pending", "job": rec.get("job"), "reason": "", "exit_code": None,
@@ -82,13 +94,13 @@ def task_status(out: Path, sid: str, method: str, rec: dict | None, jobs=None) -
         return st
     job = rec.get("job")
     if rec.get("scheduler") == "slurm" and job and jobs is not None:
-        info = jobs.get(job)
-        if info is not None and info.get("JobState") in ACTIVE:
-            st["state"] = "running" if info["JobState"] in ("RUNNING", "COMPLETING", "CONFIGURING") else "queued"
-            st["reason"] = info.get("Reason", "") if st["state"] == "queued" else ""
+        view = jobs.view(job)
+        if view is not None and view.active:
+            st["state"] = "running" if view.running else "queued"
+            st["reason"] = view.reason if st["state"] == "queued" else ""
             return st
-        if info is not None and info.get("JobState") == "CANCELLED":
-            st.update(state="failed", reason=f"SLURM job {job} cancelled", exit_code=exit_code(info))
+        if view is not None and view.cancelled:
+            st.update(state="failed", reason=f"SLURM job {job} cancelled", exit_code=view.exit_code)
             return st
     if rec.get("scheduler") == "slurm" and job and jobs is None and rec.get("state") in ("submitted", "running"):
         st["state"] = "running" if rec["state"] == "running" else "queued"
@@ -112,31 +124,41 @@ def task_status(out: Path, sid: str, method: str, rec: dict | None, jobs=None) -
     return st
 
 
-def cohort_status(cohort, out: Path, query_slurm: bool = True) -> dict:
-    """Status of every run: ``{"subjects": [...], "methods": [...], "runs": {sid: {m: status}}}``."""
-    state = CohortState(out)
-    jobs = None
-    uses_slurm = any(r.get("scheduler") == "slurm" for r in state.data["tasks"].values())
-    if uses_slurm and query_slurm:
-        from .sbatch import JobTable, available
+def status_table(tasks, workdir: Path, jobs=None, title: str = "", out: Path | None = None,
+                 row_name: str = "subject") -> dict:
+    """Status of every task (objects with ``row``, ``col``, ``key``, ``outdir``).
 
-        if available():
-            jobs = JobTable.query()
-    runs = {}
-    for s in cohort.subjects:
-        runs[s.id] = {m: task_status(out, s.id, m, state.data["tasks"].get(task_key(s.id, m)), jobs)
-                      for m in cohort.method_names if cohort.runs(s, m)}
+    Returns:
+        ``{"subjects": rows, "methods": cols, "counts": {...}, "runs": {row: {col: status}}, ...}``
+        (the names of a cohort: rows are subjects, columns methods).
+    """
+    state = CohortState(workdir)
+    rows: list[str] = []
+    cols: list[str] = []
+    runs: dict = {}
+    for t in tasks:
+        if t.row not in runs:
+            rows.append(t.row)
+            runs[t.row] = {}
+        if t.col not in cols:
+            cols.append(t.col)
+        runs[t.row][t.col] = task_status(t.outdir, state.data["tasks"].get(t.key), jobs)
     counts = {k: 0 for k in STATES}
     for row in runs.values():
         for st in row.values():
             counts[st["state"]] += 1
-    return {"cohort": str(cohort.path), "out": str(Path(out).resolve()), "time": time.time(),
-            "subjects": [s.id for s in cohort.subjects], "methods": cohort.method_names,
-            "counts": counts, "runs": runs, "slurm_queried": jobs is not None}
+    return {"cohort": title, "out": str(Path(out or workdir).resolve()), "time": time.time(),
+            "subjects": rows, "methods": cols, "counts": counts, "runs": runs,
+            "slurm_queried": jobs is not None, "row_name": row_name}
+
+
+def uses_slurm(workdir: Path) -> bool:
+    """True when some run of this launch directory was submitted to SLURM."""
+    return any(r.get("scheduler") == "slurm" for r in CohortState(workdir).data["tasks"].values())
 
 
 def format_status(st: dict) -> str:
-    """A plain-text table, subjects x methods."""
+    """A plain-text table, rows (subjects, set-ups) x columns (methods, seeds)."""
     methods = st["methods"]
 
     def cell(x: dict) -> str:
@@ -153,8 +175,9 @@ def format_status(st: dict) -> str:
             return f"complete ({x['runtime_s']:.0f} s)"
         return s
 
-    rows = [["subject", *methods]] + [[sid, *(cell(st["runs"][sid][m]) if m in st["runs"][sid] else "-"
-                                             for m in methods)] for sid in st["subjects"]]
+    rows = [[st.get("row_name", "subject"), *methods]]
+    rows += [[sid, *(cell(st["runs"][sid][m]) if m in st["runs"][sid] else "-" for m in methods)]
+             for sid in st["subjects"]]
     widths = [min(max(len(r[i]) for r in rows), 60) for i in range(len(rows[0]))]
     lines = ["  ".join(c[:60].ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -1,40 +1,29 @@
-"""Run the grid: local processes or a SLURM job array; collect run records.
+"""Run the grid as tasks of the cohort backend; read each run's record.
 
-Each run is ``glymph pinn SUBJECT --out OUT/runs/<setup>/seed<k> --set ...``.
-A run whose summary.json says complete is never trained again (resume); a
-failed one is retried up to ``max_retries`` times; a preempted one (exit 75,
-checkpoint written) resumes on the next attempt.
+Each run is ``glymph pinn SUBJECT --out OUT/runs/<setup>/seed<k> --set ...``, one task of the
+cohort's launchers (:mod:`glymphmpi.cohort.local`, :mod:`glymphmpi.cohort.slurm`): the same
+resources, job templates (``jobs/pinn.sbatch``), requeue-on-75 protocol and status table as a
+cohort. The launch's own records live in ``OUT/grid`` (state.json, logs/, jobs/). A run whose
+summary.json says complete is never trained again (resume); a failed one is started again up
+to ``max_retries`` times; a preempted one (exit 75, checkpoint written) resumes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shlex
-import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from glymphmpi.errors import MissingDependency, Preempted
-from glymphmpi.io import atomic_write_bytes
+from glymphmpi.cohort.config import CohortConfig
+from glymphmpi.cohort.methods import get_method
+from glymphmpi.cohort.resources import Resources
+from glymphmpi.cohort.tasks import LaunchSpec, Task
+from glymphmpi.errors import EXIT_PREEMPTED, InputError, Preempted
 from glymphmpi.pinnselect.grid import Run, run_overrides
 from glymphmpi.pinnselect.select import RunRecord
-from glymphmpi.store import StopFlag, read_summary
+from glymphmpi.store import read_summary
 
 log = logging.getLogger(__name__)
-
-
-def run_command(subject: Path, out: Path, run: Run, python: str = sys.executable) -> list[str]:
-    cmd = [python, "-m", "glymphmpi", "--quiet", "pinn", str(subject), "--out", str(out / run.rel_dir)]
-    for s in run_overrides(run):
-        cmd += ["--set", s]
-    return cmd
 
 
 def record(out: Path, run: Run) -> RunRecord:
@@ -58,138 +47,62 @@ def record(out: Path, run: Run) -> RunRecord:
     return rec
 
 
-def _env(threads: int) -> dict:
-    env = dict(os.environ)
-    for k in list(env):  # children are independent single-process runs
-        if k.startswith(("OMPI_COMM_WORLD", "PMIX_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_")):
-            env.pop(k)
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
-    return env
-
-
-def run_local(subject: Path, out: Path, runs: list[Run], parallel: int, threads: int,
-              max_retries: int, quiet: bool = True) -> None:
-    """Train the pending runs with up to ``parallel`` local processes.
-
-    SIGTERM/SIGUSR1 to this process is passed on to the children (they
-    checkpoint and exit 75), then :class:`Preempted` is raised.
-    """
-    todo = [r for r in runs if record(out, r).status not in ("complete", "early_stopped")]
-    if not todo:
-        return
-    workers = parallel or os.cpu_count() or 1
-    log.info("training %d run(s), %d at a time", len(todo), workers)
-    procs: dict[int, subprocess.Popen] = {}
-    lock = threading.Lock()
-    stopping = threading.Event()
-
-    def one(idx_run):
-        idx, run = idx_run
-        for attempt in range(max_retries + 1):
-            if stopping.is_set():
-                return
-            cmd = run_command(subject, out, run)
-            logf = out / run.rel_dir / "stderr.txt"
-            logf.parent.mkdir(parents=True, exist_ok=True)
-            with open(logf, "a") as err:
-                p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=_env(threads))
-                with lock:
-                    procs[idx] = p
-                rc = p.wait()
-                with lock:
-                    procs.pop(idx, None)
-            rec = record(out, run)
-            if rc == 0 and rec.status in ("complete", "early_stopped"):
-                log.info("%s seed %d: D = %.4g, residual %.3g", run.setup.name, run.seed, rec.D,
-                         rec.residual_norm)
-                return
-            if stopping.is_set():
-                return
-            log.warning("%s seed %d: exit %d (%s), attempt %d of %d", run.setup.name, run.seed, rc,
-                        rec.reason or "no summary", attempt + 1, max_retries + 1)
-
-    def watch():
-        while not done.is_set():
-            if StopFlag.requested():
-                stopping.set()
-                with lock:
-                    for p in procs.values():
-                        p.send_signal(signal.SIGTERM)
-                return
-            time.sleep(0.2)
-
-    done = threading.Event()
-    w = threading.Thread(target=watch, daemon=True)
-    w.start()
+def resources(cfg, scheduler: str) -> Resources:
+    """One training run's resources: locally ``threads_per_run`` threads; on SLURM the
+    ``[pinn_select]`` job settings, checked like a cohort's ``[resources]``."""
+    if scheduler == "local":
+        res = Resources(ranks=1, cpus_per_task=cfg.threads_per_run)
+    else:
+        res = Resources(ranks=1, cpus_per_task=cfg.cpus_per_task, mem=cfg.mem, time=cfg.time,
+                        partition=cfg.partition, account=cfg.account, qos=cfg.qos)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            list(ex.map(one, enumerate(todo)))
-    finally:
-        done.set()
-    if stopping.is_set():
+        res.validate()
+    except ValueError as exc:
+        raise InputError(f"pinn_select.{exc}") from None
+    return res
+
+
+def grid_tasks(subject: Path, out: Path, runs: list[Run], res: Resources) -> list[Task]:
+    pinn = get_method("pinn")
+    tasks = []
+    for r in runs:
+        args: list[str] = []
+        for s in run_overrides(r):
+            args += ["--set", s]
+        tasks.append(Task(r.setup.name, f"seed{r.seed}", Path(subject), pinn, out / r.rel_dir, res, tuple(args)))
+    return tasks
+
+
+def run_grid(subject: Path, out: Path, runs: list[Run], cfg, scheduler: str, quiet: bool = True) -> str | None:
+    """Train the runs that are not complete; returns the SLURM job ids used (None locally).
+
+    Raises:
+        Preempted: the launch was stopped by a signal (runs checkpointed; run again to resume).
+    """
+    out = Path(out).resolve()
+    res = resources(cfg, scheduler)
+    tasks = grid_tasks(subject, out, runs, res)
+    opts = CohortConfig(max_attempts=cfg.max_retries + 1, poll_s=cfg.poll_s,
+                        local_cores=cfg.parallel or os.cpu_count() or 1, job_prefix="pinnsel")
+    spec = LaunchSpec(workdir=out / "grid", options=opts, title="pinn-select grid", rows_noun="set-ups",
+                      rerun=f"glymph pinn-select {subject} --out {out}", retries=cfg.max_retries,
+                      throttle=cfg.parallel if scheduler == "slurm" else 0)
+    if scheduler == "slurm":
+        from glymphmpi.cohort.sbatch import available
+        from glymphmpi.cohort.slurm import SlurmLauncher
+
+        if not available():
+            raise InputError("pinn_select.scheduler = slurm: no SLURM controller answers (sinfo)")
+        la = SlurmLauncher(tasks, spec, quiet=quiet)
+    else:
+        from glymphmpi.cohort.local import LocalLauncher
+
+        la = LocalLauncher(tasks, spec, quiet=quiet)
+    la.ledger.forget_failures()  # every invocation gives failed runs max_retries new attempts
+    rc = la.run()
+    if rc == EXIT_PREEMPTED:
         raise Preempted("pinn-select stopped by a signal; runs checkpointed, re-run to resume")
-
-
-ARRAY_TEMPLATE = """#!/bin/bash
-#SBATCH --job-name={job_name}
-#SBATCH --array=0-{last}{throttle}
-#SBATCH --ntasks=1
-#SBATCH --cpus-per-task={cpus}
-#SBATCH --mem={mem}
-#SBATCH --time={time}
-#SBATCH --output={logdir}/%A_%a.out
-#SBATCH --signal=B:TERM@60
-#SBATCH --requeue
-{extra}
-# One PINN training per array task; the task's command is line TASK+1 of tasks.txt.
-export OMP_NUM_THREADS={threads}
-cmd=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {tasks})
-eval "$cmd" &
-child=$!
-trap 'kill -TERM $child; wait $child; rc=$?; [ $rc = 75 ] && scontrol requeue $SLURM_JOB_ID; exit $rc' TERM
-wait $child
-"""
-
-
-def render_array(out: Path, cmds: list[list[str]], cfg, job_name: str) -> Path:
-    """Write tasks.txt and the array script; returns the script path."""
-    sel = out / "slurm"
-    (sel / "logs").mkdir(parents=True, exist_ok=True)
-    tasks = sel / "tasks.txt"
-    atomic_write_bytes(tasks, ("\n".join(shlex.join(c) for c in cmds) + "\n").encode())
-    extra = "\n".join(f"#SBATCH --{k}={v}" for k, v in (("partition", cfg.partition), ("account", cfg.account),
-                                                         ("qos", cfg.qos)) if v)
-    text = ARRAY_TEMPLATE.format(job_name=job_name, last=len(cmds) - 1,
-                                 throttle=f"%{cfg.parallel}" if cfg.parallel else "",
-                                 cpus=cfg.cpus_per_task, mem=cfg.mem, time=cfg.time, logdir=sel / "logs",
-                                 extra=extra, threads=cfg.threads_per_run, tasks=shlex.quote(str(tasks)))
-    script = sel / "array.sbatch"
-    atomic_write_bytes(script, text.encode())
-    return script
-
-
-def run_slurm(subject: Path, out: Path, runs: list[Run], cfg, job_name: str) -> str | None:
-    """Submit the pending runs as one job array and wait for it; returns the job id."""
-    if shutil.which("sbatch") is None:
-        raise MissingDependency("--scheduler slurm: sbatch is not on PATH (no SLURM here)")
-    todo = [r for r in runs if record(out, r).status not in ("complete", "early_stopped")]
-    if not todo:
+    if scheduler != "slurm":
         return None
-    cmds = [run_command(subject, out, r) for r in todo]
-    script = render_array(out, cmds, cfg, job_name)
-    atomic_write_bytes(out / "slurm" / "tasks.json", json.dumps([r.rel_dir for r in todo]).encode())
-    res = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-    if res.returncode != 0:
-        why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else f"exit {res.returncode}"
-        raise MissingDependency(f"sbatch failed: {why}")
-    job = res.stdout.strip().split(";")[0]
-    log.info("submitted job array %s (%d tasks)", job, len(cmds))
-    while True:
-        q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%i %T"], capture_output=True, text=True)
-        if q.returncode != 0 or not q.stdout.strip():
-            break
-        if StopFlag.requested():
-            subprocess.run(["scancel", "--signal=TERM", job], capture_output=True)
-            raise Preempted(f"pinn-select stopped by a signal; job array {job} signalled")
-        time.sleep(cfg.poll_s)
-    return job
+    ids = {j.split("_")[0] for t in tasks for j in la.ledger.get(t.key).get("jobs", [])}
+    return ",".join(sorted(ids)) or None

@@ -31,6 +31,9 @@ DEFAULT_AXES: dict[str, list] = {
     "rar": [False, True],
 }
 RAR_FRACTIONS = (0.25, 0.5, 0.75)
+#: epochs of every run when neither the grid's [fixed] nor PinnConfig's default gives a number
+#: (PinnConfig.epochs = 0 means "scaled with the data"; the grid's RAR and early-stop epochs need one)
+GRID_EPOCHS = 2000
 SHORT = {"w_r": "wr", "p_schedule": "p", "lr": "lr", "rar": "rar"}
 
 
@@ -78,9 +81,14 @@ def _expand(axis: str, value, fixed: dict, where: str) -> dict:
             raise InputError(f"axis 'rar' values must be true/false, got {value!r}", where)
         if not value:
             return {"rar_epochs": []}
-        epochs = int(fixed.get("epochs", _pinn_defaults()["epochs"]))
+        epochs = grid_epochs(fixed)
         return {"rar_epochs": sorted({max(1, int(f * epochs)) for f in RAR_FRACTIONS})}
     return {axis: value}
+
+
+def grid_epochs(fixed: dict) -> int:
+    """The epochs of the grid's runs: [fixed] epochs, else PinnConfig's default, else GRID_EPOCHS."""
+    return int(fixed.get("epochs") or _pinn_defaults()["epochs"] or GRID_EPOCHS)
 
 
 def _pinn_defaults() -> dict:
@@ -101,6 +109,8 @@ def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str 
 
     axes = dict(DEFAULT_AXES if axes is None else axes)
     fixed = dict(fixed or {})
+    if not fixed.get("epochs") and not _pinn_defaults()["epochs"]:
+        fixed["epochs"] = GRID_EPOCHS  # automatic epochs: pin them (RAR and early stop are set in epochs)
     valid = set(_pinn_defaults()) | {"lr", "rar"}
     for k, vals in axes.items():
         if k not in valid:
@@ -120,8 +130,10 @@ def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str 
         if early_stop_fraction > 0 and "early_stop_epochs" not in keys:
             # judged at that share of the epochs in which D may move: while delta is held
             # (delta_freeze_epochs) neither D nor the residual can show progress
-            epochs = int(keys.get("epochs", _pinn_defaults()["epochs"]))
-            freeze = int(keys.get("delta_freeze_epochs", 0))
+            epochs = grid_epochs(keys)
+            freeze = int(keys.get("delta_freeze_epochs", _pinn_defaults().get("delta_freeze_epochs", 0)))
+            if freeze < 0:  # automatic: a quarter of the epochs (PinnConfig)
+                freeze = epochs // 4
             at = max(2, freeze + int(early_stop_fraction * (epochs - freeze)))
             if epochs >= 4 and at < epochs:
                 keys["early_stop_epochs"] = [at]

@@ -99,11 +99,7 @@ def solve(subject, cfg, rundir, comm) -> dict:  # noqa: ARG001 - the registry's 
     subject_path = Path(subject.path).resolve()
     atomic_write_json(out / "grid.json", [{"setup": s.name, "axes": s.axes, "pinn": s.keys} for s in setups])
     log.info("%d set-ups x %d seeds = %d runs (%s)", len(setups), cfg.seeds, len(runs), cfg.scheduler)
-    job = None
-    if cfg.scheduler == "local":
-        execute.run_local(subject_path, out, runs, cfg.parallel, cfg.threads_per_run, cfg.max_retries)
-    else:
-        job = execute.run_slurm(subject_path, out, runs, cfg, job_name=f"pinnsel-{subject.id}")
+    job = execute.run_grid(subject_path, out, runs, cfg, cfg.scheduler)  # tasks of the cohort backend
     records = [execute.record(out, r) for r in runs]
     rows = aggregate(records, setups)
     chosen = choose(rows, cfg.misfit_tolerance)

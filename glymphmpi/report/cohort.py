@@ -1,15 +1,20 @@
-"""Cohort summary: per-subject reports, one CSV, one HTML page and a cohort plot.
+"""Cohort summary: per-subject pages, the cohort CSV, a long settings file, an HTML page, a plot.
 
-Reads only the run directories' ``summary.json`` files (DESIGN.md section 2) and, for
-synthetic subjects, the ``truth.json`` next to the subject file. Method summaries differ in
-their keys; every numeric scalar becomes a CSV column ``<method>.<key>``, and the page shows
-the ones that matter side by side: D from FEM and PINN (with PINN's spread and residual
-norms), rOMT speed and Peclet statistics, and runtimes.
+Reads run outputs only: each run's ``summary.json``, the settings recorded in its
+``results.h5`` (attribute ``config``), the figures in its ``figures/``, and, for synthetic
+subjects, the ``truth.json`` next to the subject file. Which numbers are the headline of a
+method comes from the method registry (:mod:`glymphmpi.methods`, each method's ``summary``
+fields); an external command of a cohort file has no declaration, so its top-level numbers are
+its headline. How a launcher saw a run (a cancelled job) is handed in by the caller as
+``status``; this module does not read the launcher's records.
 
 Layout::
 
-    OUT/<subject>/report/summary.json, index.html     per subject (links to its figures)
-    OUT/report/cohort.csv, index.html, cohort_D.png   the cohort
+    OUT/<subject>/report/summary.json, index.html      per subject (headline numbers, warnings, figures)
+    OUT/report/cohort.csv                               one row per subject: status, headline numbers,
+                                                        D and its interval, runtime, convergence, warnings
+    OUT/report/cohort_settings.tsv                      long format: subject, method, key, value
+    OUT/report/index.html, cohort_D.png                 the cohort
 """
 
 from __future__ import annotations
@@ -21,38 +26,105 @@ import io
 import json
 import math
 import os
-import re
 from pathlib import Path
 
+from glymphmpi import methods as registry
 from glymphmpi.io import atomic_write_bytes, atomic_write_json
 from glymphmpi.store import read_summary
 
-D_KEYS = ("D_mm2_per_h", "D")
-SPREAD_RE = re.compile(r"^D.*(std|spread|sd|iqr|ci)", re.I)
-RESID_RE = re.compile(r"resid", re.I)
-ROMT_RE = re.compile(r"(speed|peclet|(^|_)pe(_|$))", re.I)
+D_KEY = "D_mm2_per_h"
+#: fields every method may report about how its run went (shown beside its headline)
+RUN_KEYS = ("runtime_s", "converged", "warnings")
 FIG_EXT = (".png", ".svg", ".jpg")
+#: unit suffixes of summary keys -> unit shown
+UNITS = (("_mm2_per_h", "mm²/h"), ("_mm_per_h", "mm/h"), ("_mm3", "mm³"), ("_mm", "mm"), ("_s", "s"),
+         ("_h", "h"))
 
 
 def report_paths(out) -> dict[str, Path]:
     d = Path(out) / "report"
-    return {"dir": d, "csv": d / "cohort.csv", "html": d / "index.html", "plot": d / "cohort_D.png"}
+    return {"dir": d, "csv": d / "cohort.csv", "settings": d / "cohort_settings.tsv", "html": d / "index.html",
+            "plot": d / "cohort_D.png"}
 
 
-def _scalars(summary: dict, prefix: str = "") -> dict[str, float | str]:
-    """Numeric scalars (and a few strings) of a summary, nested dicts flattened with '.'."""
-    out: dict = {}
-    for k, v in summary.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, bool):
-            continue
-        if isinstance(v, (int, float)) and math.isfinite(float(v)):
-            out[key] = float(v)
-        elif isinstance(v, dict):
-            out.update(_scalars(v, key + "."))
-        elif isinstance(v, str) and k in ("status", "error"):
-            out[key] = v
+# ------------------------------------------------------------------ reading runs
+def headline_keys(method: str, summary: dict) -> list[str]:
+    """The method's headline fields: the registry's ``summary`` (plus an interval of D when the
+    run gives one), else, for an unregistered command, every top-level finite number."""
+    if method in registry.all_methods():
+        keys = list(registry.get(method).summary)
+        for k in (D_KEY.replace("D_", "D_ci95_", 1), "D_ci95_low_mm2_per_h", "D_ci95_high_mm2_per_h"):
+            if k in summary and k not in keys:
+                keys.append(k)
+        return keys
+    return [k for k, v in summary.items() if _number(v) is not None and k not in RUN_KEYS
+            and k not in ("exit_code", "mpi_ranks")]
+
+
+def _number(v):
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)) and math.isfinite(float(v)):
+        return float(v)
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (str, int, float, bool)) or v is None:
+            out[f"{prefix}{k}"] = v
+        elif isinstance(v, (list, tuple)) and len(v) <= 16:
+            out[f"{prefix}{k}"] = json.dumps(v)
     return out
+
+
+def run_settings(rd: Path, summary: dict, headline: list[str]) -> dict:
+    """Everything of a run that is not its headline: the settings it ran with (``config.*``, from
+    results.h5 and the summary's nested tables) and its other summary fields (``summary.*``)."""
+    out: dict = {}
+    res = rd / "results.h5"
+    if res.exists():
+        try:
+            from glymphmpi.io import read_h5_attrs
+
+            cfg = json.loads(read_h5_attrs(res).get("config", "{}") or "{}")
+            for v in cfg.values() if len(cfg) == 1 and isinstance(next(iter(cfg.values())), dict) else [cfg]:
+                out.update({f"config.{k}": x for k, x in _flat(v).items()})
+        except (OSError, ValueError, ImportError):
+            pass
+    skip = set(headline) | set(RUN_KEYS) | {"status", "error"}
+    for k, v in summary.items():
+        if k in skip:
+            continue
+        if isinstance(v, dict):
+            out.update({f"config.{kk}" if k == "config" else f"summary.{k}.{kk}": x
+                        for kk, x in _flat(v).items()})
+        elif isinstance(v, (list, tuple)):
+            if len(v) <= 16:
+                out[f"summary.{k}"] = json.dumps(v)
+        else:
+            out[f"summary.{k}"] = v
+    return out
+
+
+def warnings_of(summary: dict) -> list[str]:
+    """What a reader must know about a run, in plain words."""
+    w = [str(x) for x in summary.get("warnings", []) or []] if isinstance(summary.get("warnings"), list) else []
+    if summary.get("smoke") is True or summary.get("smoke_test") is True:
+        w.append("smoke test: settings too small for an estimate; its numbers only show the run works")
+    if summary.get("converged") is False:
+        it = summary.get("iterations")
+        w.append("did not converge" + (f" (stopped after {it} iterations)" if it is not None else "")
+                 + ": its numbers are not converged estimates")
+    for k, v in summary.items():
+        if k.endswith("reason") and isinstance(v, str) and v.upper().startswith("DIVERGED"):
+            w.append(f"the optimiser stopped without converging ({v})")
+    if summary.get("early_stopped"):
+        w.append(f"stopped early: {summary.get('early_stop_reason') or 'no progress'}")
+    return list(dict.fromkeys(w))
 
 
 def _truth(toml: Path) -> dict:
@@ -63,60 +135,79 @@ def _truth(toml: Path) -> dict:
         t = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
         return {}
-    for k in D_KEYS:
-        if isinstance(t.get(k), (int, float)):
+    for k in (D_KEY, "D"):
+        if _number(t.get(k)) is not None:
             return {"D_true": float(t[k])}
     return {}
 
 
-def _d(fields: dict, method: str) -> float | None:
-    for k in D_KEYS:
-        v = fields.get(f"{method}.{k}")
-        if isinstance(v, float):
-            return v
-    return None
+def label(key: str) -> tuple[str, str]:
+    """``"median_speed_mm_per_h"`` -> ``("median speed", "mm/h")``."""
+    for suffix, unit in UNITS:
+        if key.endswith(suffix):
+            return key[: -len(suffix)].replace("_", " "), unit
+    return key.replace("_", " "), ""
 
 
-def subject_row(cohort, out, sid: str) -> dict:
-    """One subject's numbers: status, key fields and figures of every method."""
+def subject_row(cohort, out, sid: str, status: dict | None = None) -> dict:
+    """One subject's numbers: status, headline fields, warnings, figures and settings of every method.
+
+    Args:
+        cohort: an object with ``subjects`` (``id``, ``toml``), ``method_names`` and ``runs(entry, m)``.
+        out: the cohort output directory.
+        sid: the subject.
+        status: optional ``{method: {"state", "reason"}}``: how the launcher saw each run.
+    """
     out = Path(out)
     entry = next(s for s in cohort.subjects if s.id == sid)
     row: dict = {"subject": sid, "subject_toml": str(entry.toml), **_truth(entry.toml)}
     figures: dict[str, list[str]] = {}
-    from glymphmpi.cohort.state import CohortState, task_key, task_status
-
-    recs = CohortState(out).data["tasks"]
+    settings: dict[str, dict] = {}
+    warn: dict[str, list[str]] = {}
+    heads: dict[str, list[str]] = {}
     for m in cohort.method_names:
         if not cohort.runs(entry, m):
             continue
         rd = out / sid / m
         summ = read_summary(rd) or {}
-        # the launcher's view (e.g. a cancelled job) over the method's own summary
-        st = task_status(out, sid, m, recs.get(task_key(sid, m)))
-        row[f"{m}.status"] = st["state"] if (summ or st["state"] != "pending") else (
-            "missing" if not rd.exists() else "unfinished")
-        err = st.get("reason") or summ.get("error")
-        if st["state"] != "complete" and err:
+        seen = (status or {}).get(m) or {}
+        state = summ.get("status") if summ.get("status") == "complete" else (
+            seen.get("state") or summ.get("status") or ("missing" if not rd.exists() else "unfinished"))
+        if state == "pending" and not summ:
+            state = "missing" if not rd.exists() else "unfinished"
+        row[f"{m}.status"] = state
+        err = seen.get("reason") or summ.get("error")
+        if state != "complete" and err:
             row[f"{m}.error"] = str(err).splitlines()[0]
-        for k, v in _scalars(summ).items():
-            if k not in ("status", "error"):
+        keys = headline_keys(m, summ)
+        heads[m] = keys
+        for k in keys + ["runtime_s", "mpi_ranks"]:
+            v = _number(summ.get(k))
+            if v is not None:
                 row[f"{m}.{k}"] = v
-        figs = sorted(str(p.relative_to(out)) for p in (rd / "figures").glob("*") if p.suffix in FIG_EXT) \
+        if isinstance(summ.get("converged"), bool):
+            row[f"{m}.converged"] = summ["converged"]
+        warn[m] = warnings_of(summ)
+        if warn[m]:
+            row[f"{m}.warnings"] = "; ".join(warn[m])
+        if "D_true" in row and f"{m}.{D_KEY}" in row:
+            row[f"{m}.D_rel_error"] = (row[f"{m}.{D_KEY}"] - row["D_true"]) / row["D_true"]
+        figures[m] = sorted(str(p.relative_to(out)) for p in (rd / "figures").glob("*") if p.suffix in FIG_EXT) \
             if (rd / "figures").is_dir() else []
-        figures[m] = figs
-    for m in cohort.method_names:
-        d = _d(row, m)
-        if d is not None and "D_true" in row:
-            row[f"{m}.D_rel_error"] = (d - row["D_true"]) / row["D_true"]
+        settings[m] = run_settings(rd, summ, keys)
     row["figures"] = figures
+    row["headline"] = heads
+    row["warnings"] = warn
+    row["settings"] = settings
     return row
 
 
-def subject_report(cohort, out, sid: str, *runs) -> dict:
+# ------------------------------------------------------------------ the subject page
+def subject_report(cohort, out, sid: str, *runs, status: dict | None = None) -> dict:
     """Write ``OUT/<sid>/report/{summary.json,index.html}``; ``runs`` only order the call after them."""
     del runs
     out = Path(out)
-    row = subject_row(cohort, out, sid)
+    row = subject_row(cohort, out, sid, status)
     rdir = out / sid / "report"
     row["written"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     row["hostname"] = os.uname().nodename
@@ -128,23 +219,38 @@ def subject_report(cohort, out, sid: str, *runs) -> dict:
     for m in cohort.method_names:
         if f"{m}.status" not in row:
             continue
-        parts.append(f"<h2>{html.escape(m)}: {html.escape(str(row.get(f'{m}.status')))}</h2>")
+        title = registry.get(m).title if m in registry.all_methods() else m
+        parts.append(f"<h2>{html.escape(title)}: {html.escape(str(row.get(f'{m}.status')))}</h2>")
         if row.get(f"{m}.error"):
             parts.append(f"<p class=err>{html.escape(row[f'{m}.error'])}</p>")
-        kv = [(k.split(".", 1)[1], v) for k, v in row.items() if k.startswith(m + ".") and isinstance(v, float)]
-        if kv:
-            parts.append("<table>" + "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.6g}</td></tr>"
-                                             for k, v in kv) + "</table>")
+        for w in row["warnings"].get(m, []):
+            parts.append(f"<p class=warn>&#9888; {html.escape(w)}</p>")
+        trs = []
+        for k in row["headline"].get(m, []) + ["runtime_s"]:
+            v = row.get(f"{m}.{k}")
+            if v is None:
+                continue
+            name, unit = label(k)
+            extra = ""
+            if k == D_KEY and f"{m}.D_rel_error" in row:
+                extra = f" (truth {row['D_true']:.4g}, {100 * row[f'{m}.D_rel_error']:+.1f}%)"
+            trs.append(f"<tr><td>{html.escape(name)}</td><td>{v:.4g}</td><td>{html.escape(unit)}{extra}</td></tr>")
+        if trs:
+            parts.append("<table><tr><th>quantity</th><th>value</th><th>unit</th></tr>" + "".join(trs) + "</table>")
         for f in row["figures"].get(m, []):
             rel = os.path.relpath(out / f, rdir)
             parts.append(f'<a href="{html.escape(rel)}"><img src="{html.escape(rel)}" height=220></a>')
+        n = len(row["settings"].get(m, {}))
+        if n:
+            parts.append(f"<p class=na>{n} settings and further fields: "
+                         f'<a href="../../report/cohort_settings.tsv">cohort_settings.tsv</a></p>')
     atomic_write_bytes(rdir / "index.html", _page(f"glymphmpi: {sid}", "\n".join(parts)).encode())
     return row
 
 
 _CSS = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#eee}"
-        "td:first-child{text-align:left}.err{color:#a00}.fail{background:#fdd}.na{color:#999}")
+        "td:first-child{text-align:left}.err{color:#a00}.warn{color:#850}.fail{background:#fdd}.na{color:#999}")
 
 
 def _page(title: str, body: str) -> str:
@@ -160,39 +266,41 @@ def _fmt(v, digits: int = 4) -> str:
     return html.escape(str(v))
 
 
-def _pick(row: dict, method: str, rx: re.Pattern) -> list[tuple[str, float]]:
-    return [(k.split(".", 1)[1], v) for k, v in row.items()
-            if k.startswith(method + ".") and isinstance(v, float) and rx.search(k.split(".", 1)[1])
-            and ".config." not in k]
+def _spread_key(row: dict, m: str) -> str | None:
+    """The headline field that is D's spread or interval half-width, if the method gives one."""
+    for k in row["headline"].get(m, []):
+        if k.startswith("D_") and k != D_KEY and any(w in k for w in ("std", "ci95", "sd", "spread")) \
+                and isinstance(row.get(f"{m}.{k}"), float):
+            return k
+    return None
 
 
 def cohort_plot(rows: list[dict], methods: list[str], path: Path) -> Path | None:
-    """D per subject: each D-reporting method side by side (PINN with its spread), truth as a line."""
+    """D per subject: each D-reporting method side by side (with its spread), truth as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    dm = [m for m in methods if any(_d(r, m) is not None for r in rows)]
-    rows = [r for r in rows if any(_d(r, m) is not None for m in dm)]  # subjects with a D
+    dm = [m for m in methods if any(f"{m}.{D_KEY}" in r for r in rows)]
+    rows = [r for r in rows if any(f"{m}.{D_KEY}" in r for m in dm)]  # subjects with a D
     if not dm or not rows:
         return None
     x = np.arange(len(rows))
     w = 0.8 / len(dm)
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 3.6))
     for i, m in enumerate(dm):
-        ys = np.array([_d(r, m) if _d(r, m) is not None else np.nan for r in rows])
-        err = None
-        sp = [next((v for k, v in _pick(r, m, SPREAD_RE)), np.nan) for r in rows]
-        if np.isfinite(sp).any():
-            err = np.nan_to_num(np.asarray(sp))
+        ys = np.array([r.get(f"{m}.{D_KEY}", np.nan) for r in rows], dtype=float)
+        sp = np.array([r.get(f"{m}.{_spread_key(r, m)}", np.nan) if _spread_key(r, m) else np.nan for r in rows])
+        err = np.nan_to_num(sp) if np.isfinite(sp).any() else None
         ax.bar(x + (i - (len(dm) - 1) / 2) * w, ys, w, yerr=err, capsize=3, label=m)
     truths = [r.get("D_true") for r in rows]
+    first = next((i for i, t in enumerate(truths) if t is not None), None)
     for xi, t in zip(x, truths):
         if t is not None:
             ax.hlines(t, xi - 0.45, xi + 0.45, colors="k", linestyles="--", lw=1,
-                      label="true D" if xi == next(i for i, tt in enumerate(truths) if tt is not None) else None)
+                      label="true D" if xi == first else None)
     ax.set_xticks(x, [r["subject"] for r in rows], rotation=30 if len(rows) > 6 else 0)
     ax.set_ylabel("D (mm$^2$/h)")
     ax.set_title("Effective diffusion coefficient per subject")
@@ -206,46 +314,75 @@ def cohort_plot(rows: list[dict], methods: list[str], path: Path) -> Path | None
     return path
 
 
-def cohort_report(cohort, out) -> dict[str, Path]:
-    """Write the cohort CSV, HTML page and plot; returns their paths."""
+def _csv_value(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return f"{v:.10g}"
+    return str(v)
+
+
+# ------------------------------------------------------------------ the cohort
+def cohort_report(cohort, out, statuses: dict | None = None) -> dict[str, Path]:
+    """Write the cohort CSV, the settings TSV, the HTML page and the plot; returns their paths.
+
+    Args:
+        cohort: see :func:`subject_row`; also ``path`` (shown on the page).
+        out: the cohort output directory.
+        statuses: optional ``{subject: {method: {"state", "reason"}}}`` from the launcher.
+    """
     out = Path(out)
     paths = report_paths(out)
     rows = []
     for s in cohort.subjects:
         srep = out / s.id / "report" / "summary.json"
-        row = subject_row(cohort, out, s.id)
+        row = subject_row(cohort, out, s.id, (statuses or {}).get(s.id))
         row["subject_report"] = str(srep.parent / "index.html") if srep.exists() else ""
         rows.append(row)
     methods = cohort.method_names
-    # CSV: fixed leading columns, then every other field in sorted order
-    lead = ["subject", "D_true"] + [f"{m}.{k}" for m in methods for k in ("status", "D_mm2_per_h", "runtime_s")]
-    cols = [c for c in lead if any(c in r for r in rows)]
-    rest = sorted({k for r in rows for k in r if k not in cols and k not in ("figures", "subject_report")})
+    # CSV: per method its status, headline numbers (D, its interval, relative error), runtime, convergence
+    cols = ["subject"] + (["D_true"] if any("D_true" in r for r in rows) else [])
+    for m in methods:
+        keys = list(dict.fromkeys(k for r in rows for k in r["headline"].get(m, [])))
+        for c in ["status", "error", *keys, "D_rel_error", *RUN_KEYS]:
+            if any(f"{m}.{c}" in r for r in rows) or (c == "status" and any(m in r["headline"] for r in rows)):
+                cols.append(f"{m}.{c}")
     buf = io.StringIO()
     wr = csv.writer(buf, lineterminator="\n")
-    wr.writerow(cols + rest)
+    wr.writerow(cols)
     for r in rows:
-        wr.writerow([("" if r.get(c) is None else f"{r[c]:.10g}" if isinstance(r.get(c), float) else r.get(c))
-                     for c in cols + rest])
+        wr.writerow([_csv_value(r.get(c)) for c in cols])
     atomic_write_bytes(paths["csv"], buf.getvalue().encode())
+    # settings and every other field, long format
+    buf = io.StringIO()
+    wr = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    wr.writerow(["subject", "method", "key", "value"])
+    for r in rows:
+        for m, kv in r["settings"].items():
+            for k, v in sorted(kv.items()):
+                wr.writerow([r["subject"], m, k, " ".join(_csv_value(v).split())])
+    atomic_write_bytes(paths["settings"], buf.getvalue().encode())
     plot = cohort_plot(rows, methods, paths["plot"])
 
     # HTML
     p = [f"<h1>glymphmpi cohort report</h1><p>cohort <code>{html.escape(str(cohort.path))}</code>, "
          f"{len(rows)} subjects, methods {', '.join(methods)}; written "
          f"{_dt.datetime.now(_dt.UTC).isoformat(timespec='seconds')}. "
-         f'All numbers: <a href="cohort.csv">cohort.csv</a>.</p>']
+         f'Numbers: <a href="cohort.csv">cohort.csv</a>; settings: '
+         f'<a href="cohort_settings.tsv">cohort_settings.tsv</a>.</p>']
     if plot:
         p.append('<img src="cohort_D.png" style="max-width:100%">')
-    dm = [m for m in methods if any(_d(r, m) is not None for r in rows)]
+    dm = [m for m in methods if any(f"{m}.{D_KEY}" in r for r in rows)]
     if dm:
         head = ["subject"] + (["true D"] if any("D_true" in r for r in rows) else [])
+        extra: dict[str, list[str]] = {}
         for m in dm:
-            head += [f"{m} D"]
-            if any(_pick(r, m, SPREAD_RE) for r in rows):
-                head += [f"{m} spread"]
-            if any(_pick(r, m, RESID_RE) for r in rows):
-                head += [f"{m} residual"]
+            head.append(f"{m} D")
+            extra[m] = [k for k in dict.fromkeys(k for r in rows for k in r["headline"].get(m, []))
+                        if k != D_KEY and (k.startswith("D_") or "resid" in k)]
+            head += [f"{m} {label(k)[0]}" for k in extra[m]]
         p.append("<h2>D (mm&sup2;/h)</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head)
                  + "</tr>")
         for r in rows:
@@ -253,20 +390,19 @@ def cohort_report(cohort, out) -> dict[str, Path]:
             if "true D" in head:
                 cells.append(_fmt(r.get("D_true")))
             for m in dm:
-                d = _d(r, m)
                 e = r.get(f"{m}.D_rel_error")
-                cells.append(_fmt(d) + (f" ({100 * e:+.1f}%)" if e is not None else ""))
-                if f"{m} spread" in head:
-                    cells.append(_fmt(next((v for _, v in _pick(r, m, SPREAD_RE)), None)))
-                if f"{m} residual" in head:
-                    cells.append("<br>".join(f"{html.escape(k)} {v:.3g}" for k, v in _pick(r, m, RESID_RE))
-                                 or _fmt(None))
+                warn = " &#9888;" if r["warnings"].get(m) else ""
+                cells.append(_fmt(r.get(f"{m}.{D_KEY}")) + (f" ({100 * e:+.1f}%)" if e is not None else "") + warn)
+                cells += [_fmt(r.get(f"{m}.{k}")) for k in extra[m]]
             p.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         p.append("</table>")
-    rm = [m for m in methods if any(_pick(r, m, ROMT_RE) for r in rows)]
-    for m in rm:
-        keys = sorted({k for r in rows for k, _ in _pick(r, m, ROMT_RE)})
-        p.append(f"<h2>{html.escape(m)}: speed and P&eacute;clet statistics</h2><table><tr><th>subject</th>"
+    for m in methods:  # the other headline numbers (speed and Peclet statistics, ...)
+        keys = [k for k in dict.fromkeys(k for r in rows for k in r["headline"].get(m, []))
+                if k != D_KEY and not k.startswith("D_") and "resid" not in k
+                and any(f"{m}.{k}" in r for r in rows)]
+        if not keys:
+            continue
+        p.append(f"<h2>{html.escape(m)}</h2><table><tr><th>subject</th>"
                  + "".join(f"<th>{html.escape(k)}</th>" for k in keys) + "</tr>")
         for r in rows:
             p.append(f"<tr><td>{html.escape(r['subject'])}</td>"
@@ -287,6 +423,8 @@ def cohort_report(cohort, out) -> dict[str, Path]:
                 f" on {ranks:.0f}" if isinstance(ranks, float) and st == "complete" else "")
             if r.get(f"{m}.error"):
                 txt += f"<br><span class=err>{html.escape(r[f'{m}.error'])}</span>"
+            for w in r["warnings"].get(m, []):
+                txt += f"<br><span class=warn>{html.escape(w)}</span>"
             cells.append(f"<td{' class=fail' if st not in ('complete',) else ''}>{txt}</td>")
         links = []
         if r.get("subject_report"):
