@@ -441,3 +441,52 @@ def test_glymph_demo_end_to_end(tmp_path):
         assert all(row["fem.D_rel_error"] != "" for row in rows if row["subject"].startswith("sub-"))
     r = glymph_cli("demo", "--out", tmp_path / "demo", timeout=600)
     assert r.returncode == 0 and "nothing to do" in r.stdout
+
+
+def test_cohort_csv_keeps_headline_settings_go_long(tmp_path, small_phantom):
+    """cohort.csv: status and the registry's headline fields (D, its interval, relative error, runtime,
+    convergence); settings and other fields in cohort_settings.tsv; the subject page shows units and
+    plain-word warnings instead of raw keys."""
+    import csv
+
+    from glymphmpi import methods as registry
+    from glymphmpi.cohort.manifest import load_cohort
+    from glymphmpi.io import atomic_write_json
+    from glymphmpi.report.cohort import cohort_report, subject_report
+
+    if not registry.get("fem").installed():
+        pytest.skip("fem is not in this checkout")
+    c = write_cohort(tmp_path, small_phantom, ids=("s1",), methods='["fem", "toy"]')
+    (tmp_path / "subjects" / "s1" / "truth.json").write_text(json.dumps({"D_mm2_per_h": 0.8}))
+    out = tmp_path / "out"
+    fem = {"status": "complete", "D_mm2_per_h": 0.84, "D_ci95_mm2_per_h": [0.8, 0.88], "iterations": 15, "J": 2.5,
+           "runtime_s": 3.25, "converged": False, "tao_reason": "DIVERGED_MAXITS", "ksp_iterations_per_solve": 7.5,
+           "mpi_ranks": 2, "config": {"alpha": 1e-6, "figure_dpi": 110, "nested": {"k": "v"}},
+           "warnings": ["D is at its upper bound"]}
+    atomic_write_json(out / "s1" / "fem" / "summary.json", fem)
+    atomic_write_json(out / "s1" / "toy" / "summary.json", {"status": "complete", "value": 4.5, "runtime_s": 1.0})
+    co = load_cohort(c)
+    subject_report(co, out, "s1")
+    paths = cohort_report(co, out)
+    rows = list(csv.DictReader(paths["csv"].open()))
+    cols = list(rows[0])
+    heads = [k for k in registry.get("fem").summary if k in fem]
+    assert cols[:2] == ["subject", "D_true"]
+    for k in heads:
+        assert f"fem.{k}" in cols
+    assert float(rows[0]["fem.D_rel_error"]) == pytest.approx(0.05)
+    assert rows[0]["fem.converged"] == "false" and "DIVERGED_MAXITS" in rows[0]["fem.warnings"]
+    assert "upper bound" in rows[0]["fem.warnings"] and rows[0]["fem.runtime_s"] == "3.25"
+    assert rows[0]["toy.value"] == "4.5"  # an external command: its top-level numbers are its headline
+    assert not any("config" in k or "ksp" in k or "figure_dpi" in k for k in cols)
+    assert len(cols) <= 2 + 2 * 12
+    long = list(csv.DictReader(paths["settings"].open(), delimiter="\t"))
+    kv = {(r["subject"], r["method"], r["key"]): r["value"] for r in long}
+    assert kv[("s1", "fem", "config.alpha")] == "1e-06" and kv[("s1", "fem", "config.nested.k")] == "v"
+    assert kv[("s1", "fem", "summary.ksp_iterations_per_solve")] == "7.5"
+    assert ("s1", "fem", "D_mm2_per_h") not in kv and list(long[0]) == ["subject", "method", "key", "value"]
+    page = (out / "s1" / "report" / "index.html").read_text()
+    assert rows[0]["fem.D_ci95_mm2_per_h"] == "0.8 0.88"
+    assert "mm²/h" in page and "truth 0.8, +5.0%" in page and "0.8 – 0.88" in page
+    assert "did not converge (stopped after 15 iterations)" in page
+    assert "ksp_iterations_per_solve" not in page and "figure_dpi" not in page

@@ -69,6 +69,19 @@ def _number(v):
     return None
 
 
+def _value(v):
+    """A headline value: a finite number, or an interval (two finite numbers, low and high)."""
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) is not None for x in v):
+        return (float(v[0]), float(v[1]))
+    return _number(v)
+
+
+def _show(v, digits: int = 4) -> str:
+    if isinstance(v, tuple):
+        return f"{v[0]:.{digits}g} – {v[1]:.{digits}g}"
+    return f"{v:.{digits}g}"
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -182,7 +195,7 @@ def subject_row(cohort, out, sid: str, status: dict | None = None) -> dict:
         keys = headline_keys(m, summ)
         heads[m] = keys
         for k in keys + ["runtime_s", "mpi_ranks"]:
-            v = _number(summ.get(k))
+            v = _value(summ.get(k))
             if v is not None:
                 row[f"{m}.{k}"] = v
         if isinstance(summ.get("converged"), bool):
@@ -234,7 +247,7 @@ def subject_report(cohort, out, sid: str, *runs, status: dict | None = None) -> 
             extra = ""
             if k == D_KEY and f"{m}.D_rel_error" in row:
                 extra = f" (truth {row['D_true']:.4g}, {100 * row[f'{m}.D_rel_error']:+.1f}%)"
-            trs.append(f"<tr><td>{html.escape(name)}</td><td>{v:.4g}</td><td>{html.escape(unit)}{extra}</td></tr>")
+            trs.append(f"<tr><td>{html.escape(name)}</td><td>{_show(v)}</td><td>{html.escape(unit)}{extra}</td></tr>")
         if trs:
             parts.append("<table><tr><th>quantity</th><th>value</th><th>unit</th></tr>" + "".join(trs) + "</table>")
         for f in row["figures"].get(m, []):
@@ -261,22 +274,27 @@ def _page(title: str, body: str) -> str:
 def _fmt(v, digits: int = 4) -> str:
     if v is None or v == "":
         return "<span class=na>-</span>"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
+    if isinstance(v, (float, tuple)):
+        return html.escape(_show(v, digits))
     return html.escape(str(v))
 
 
-def _spread_key(row: dict, m: str) -> str | None:
-    """The headline field that is D's spread or interval half-width, if the method gives one."""
+def _error_bar(row: dict, m: str) -> tuple[float, float]:
+    """(below, above) D for the plot: its interval if the run gives one, else its spread, else NaN."""
+    d = row.get(f"{m}.{D_KEY}")
     for k in row["headline"].get(m, []):
-        if k.startswith("D_") and k != D_KEY and any(w in k for w in ("std", "ci95", "sd", "spread")) \
-                and isinstance(row.get(f"{m}.{k}"), float):
-            return k
-    return None
+        v = row.get(f"{m}.{k}")
+        if k == D_KEY or not k.startswith("D_") or d is None:
+            continue
+        if isinstance(v, tuple):
+            return d - v[0], v[1] - d
+        if isinstance(v, float) and any(w in k for w in ("std", "sd", "spread")):
+            return v, v
+    return math.nan, math.nan
 
 
 def cohort_plot(rows: list[dict], methods: list[str], path: Path) -> Path | None:
-    """D per subject: each D-reporting method side by side (with its spread), truth as a line."""
+    """D per subject: each D-reporting method side by side (with its interval or spread), truth as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,8 +310,8 @@ def cohort_plot(rows: list[dict], methods: list[str], path: Path) -> Path | None
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows) + 2), 3.6))
     for i, m in enumerate(dm):
         ys = np.array([r.get(f"{m}.{D_KEY}", np.nan) for r in rows], dtype=float)
-        sp = np.array([r.get(f"{m}.{_spread_key(r, m)}", np.nan) if _spread_key(r, m) else np.nan for r in rows])
-        err = np.nan_to_num(sp) if np.isfinite(sp).any() else None
+        eb = np.array([_error_bar(r, m) for r in rows]).T
+        err = np.nan_to_num(eb) if np.isfinite(eb).any() else None
         ax.bar(x + (i - (len(dm) - 1) / 2) * w, ys, w, yerr=err, capsize=3, label=m)
     truths = [r.get("D_true") for r in rows]
     first = next((i for i, t in enumerate(truths) if t is not None), None)
@@ -321,6 +339,8 @@ def _csv_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, float):
         return f"{v:.10g}"
+    if isinstance(v, tuple):
+        return " ".join(f"{x:.10g}" for x in v)
     return str(v)
 
 
