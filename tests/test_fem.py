@@ -344,3 +344,70 @@ def test_petsc_options_scoped(comm):
     assert ksp.getTolerances()[0] == pytest.approx(1e-11)
     assert set(PETSc.Options().getAll()) == before
     res.model.destroy()
+
+
+def _contact_mask():
+    """Blocks of voxels that touch only along an edge and only at a corner (as in real masks),
+    the whole face-connected through a fourth block."""
+    m = np.zeros((14, 13, 12), dtype=bool)
+    m[1:5, 1:5, 1:6] = True
+    m[4:8, 4:8, 1:6] = True  # touches the first block along a line of voxels (a cell edge)
+    m[7:11, 7:11, 5:9] = True  # touches the second block at one voxel (a cell corner)
+    m[1:4, 8:12, 1:10] = True
+    m[3:6, 10:12, 1:4] = True
+    m[5:8, 8:10, 1:10] = True  # face-connected to the second block and, through the ones above, to the first
+    return m
+
+
+def test_pinch_clusters_find_edge_and_corner_contacts():
+    from glymphmpi.fem.mesh import pinch_clusters, voxel_cells
+
+    smooth = _lmask()
+    lab = pinch_clusters(voxel_cells(smooth))
+    assert np.bincount(lab).max() == 1  # no contact: no constraint
+    lab = pinch_clusters(voxel_cells(_contact_mask()))
+    sizes = np.sort(np.bincount(lab))[::-1]
+    # edge contact: 4 cells on each side along the shared line of 5 voxels (4 cell edges) -> one group
+    # of 8; corner contact: the one cell on the far side joins the cells at that vertex (3)
+    assert sizes[0] == 8 and sizes[1] == 3 and sizes[2] == 1, sizes[:6]
+
+
+@pytest.mark.mpi
+def test_mesh_with_edge_and_corner_contacts(comm):
+    """Voxels touching only along an edge or at a corner: one dof per meshed voxel on any number
+    of ranks, exact volume and surface area, and the forward solution of the distributed mesh equals
+    the one computed on each rank alone (the contacts couple the pieces the same way)."""
+    from mpi4py import MPI
+
+    from glymphmpi.fem.forward import DiffusionModel, TimeGrid
+    from glymphmpi.fem.mesh import build_mesh, voxel_cells
+    from glymphmpi.fem.transfer import to_voxels
+
+    mask, affine = _contact_mask(), _affine()
+    cells = voxel_cells(mask)
+    faces = 0  # exposed faces of the cell complex, per axis
+    area = 0.0
+    for ax in range(3):
+        pad = np.pad(cells, [(1, 1) if d == ax else (0, 0) for d in range(3)])
+        exposed = int(np.count_nonzero(np.diff(pad.astype(np.int8), axis=ax)))
+        faces += exposed
+        area += exposed * np.prod([VOX[d] for d in range(3) if d != ax])
+    cfg = FemConfig(dt_h=0.5, lumped_mass=False, petsc_options={"ksp_type": "cg", "pc_type": "jacobi",
+                                                                "ksp_rtol": 1e-12, "ksp_atol": 1e-30})
+    fields = []
+    for c in (comm, MPI.COMM_SELF):
+        vm = build_mesh(mask, affine, c)
+        assert c.allreduce(vm.n_owned, op=MPI.SUM) == vm.n_nodes == int(vm.nodes.sum())
+        model = DiffusionModel(vm, TimeGrid.build((0.0, 1.0, 2.0), cfg.dt_h), cfg.theta, cfg.lumped_mass,
+                               cfg.petsc_prefix, cfg.petsc_options)
+        ones = np.ones(vm.n_owned)
+        assert model.quad(model.M, ones) == pytest.approx(vm.n_cells * np.prod(VOX), rel=1e-12)
+        assert model.quad(model.Mg, ones) == pytest.approx(area, rel=1e-12)
+        x = _coords(vm, affine)
+        g = (1.0 + 0.1 * x[:, 0] - 0.05 * x[:, 2])[model.bidx]
+        st = model.forward(0.6, np.zeros(vm.n_owned), np.repeat(g[None], model.grid.n_steps + 1, axis=0))
+        img = to_voxels(st[-1], vm.owned_voxel, mask, vm.nodes, c)
+        fields.append(c.bcast(img, root=0))
+        model.destroy()
+    assert faces > 0 and np.abs(fields[0]).max() > 0.1
+    np.testing.assert_allclose(fields[0], fields[1], rtol=0, atol=1e-9 * np.abs(fields[1]).max())

@@ -18,6 +18,16 @@ corner-neighbour outside.
 
 The cells are built on rank 0 and partitioned across ``comm`` by DOLFINx's
 graph partitioner (balanced on the masked cells, not on a bounding box).
+
+Real masks have voxels that touch only along an edge or at a corner, so two
+hexahedra may share a vertex (or an edge) without any chain of shared faces
+around it. DOLFINx 0.5 finds the vertices shared between ranks through the
+faces on the partition boundary, so such a vertex, split between two ranks,
+was numbered twice (the rat mask on 2 ranks: "73425 dofs, expected 73424").
+:func:`pinch_clusters` finds these contacts on the voxel grid (a vertex whose
+incident cells are not face-connected around it, or an edge with only two
+diagonally opposite cells) and the partitioner keeps the cells of each
+contact on one rank; the ghost cells are recomputed for the moved cells.
 """
 
 from __future__ import annotations
@@ -59,6 +69,119 @@ def node_classes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         count[a:a + n0, b:b + n1, c:c + n2] += cells
     nodes = count > 0
     return nodes, nodes & (count < 8)
+
+
+def _octant_table() -> np.ndarray:
+    """(256,) bool: the octants in bit set ``code`` (bit a + 2b + 4c for octant (a, b, c)) are
+    connected through shared faces (octants differing in one coordinate); the empty set counts as connected."""
+    ok = np.zeros(256, dtype=bool)
+    for code in range(256):
+        present = [o for o in range(8) if code >> o & 1]
+        if not present:
+            ok[code] = True
+            continue
+        seen, todo = {present[0]}, [present[0]]
+        while todo:
+            o = todo.pop()
+            for bit in (1, 2, 4):
+                q = o ^ bit
+                if code >> q & 1 and q not in seen:
+                    seen.add(q)
+                    todo.append(q)
+        ok[code] = len(seen) == len(present)
+    return ok
+
+
+def pinch_clusters(cells_vox: np.ndarray) -> np.ndarray:
+    """Groups of cells that must share a rank: those around a vertex or edge contact.
+
+    Args:
+        cells_vox: (ni-1, nj-1, nk-1) bool, the cells (:func:`voxel_cells`).
+    Returns:
+        (n_cells,) int label per cell (cells in the order of ``np.argwhere(cells_vox)``);
+        cells with the same label must be owned by the same rank. A label shared by
+        one cell only constrains nothing.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_cells = int(cells_vox.sum())
+    cid = -np.ones(tuple(s + 2 for s in cells_vox.shape), dtype=np.int64)  # padded by one on each side
+    cid[1:-1, 1:-1, 1:-1][cells_vox] = np.arange(n_cells)
+    shape = tuple(s + 1 for s in cells_vox.shape)  # vertices (voxels)
+    # the cell with lower corner v - o sits at padded index v + 1 - o
+    octs = [cid[1 - a:1 - a + shape[0], 1 - b:1 - b + shape[1], 1 - c:1 - c + shape[2]]
+            for (a, b, c) in _HEX_CORNERS]
+    code = np.zeros(shape, dtype=np.int64)
+    for bit, o in enumerate(octs):
+        code |= (o >= 0).astype(np.int64) << bit
+    rows, cols = [], []
+    bad = ~_octant_table()[code]
+    first = np.max(np.stack(octs), axis=0)  # one cell at each vertex (-1: none)
+    for o in octs:  # every cell around a pinched vertex joins that cell
+        sel = bad & (o >= 0)
+        rows.append(o[sel])
+        cols.append(first[sel])
+    for ax in range(3):  # edges along ax: the four cells around them, only two diagonal ones present
+        u, w = [d for d in range(3) if d != ax]
+        quad = {}
+        for a in (0, 1):
+            for b in (0, 1):
+                off = [1, 1, 1]
+                off[u] -= a
+                off[w] -= b
+                # edge from vertex v to v + e_ax: cells with lower corner v - a e_u - b e_w
+                quad[a, b] = cid[off[0]:off[0] + shape[0], off[1]:off[1] + shape[1], off[2]:off[2] + shape[2]]
+        for (p, q), (r, t) in (((0, 0), (1, 1)), ((1, 0), (0, 1))):
+            sel = (quad[p, q] >= 0) & (quad[r, t] >= 0) & (quad[r, q] < 0) & (quad[p, t] < 0)
+            rows.append(quad[p, q][sel])
+            cols.append(quad[r, t][sel])
+    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(r.size), (r, c)), shape=(n_cells, n_cells))
+    return connected_components(graph, directed=False)[1]
+
+
+def _cell_partitioner(clusters: np.ndarray):
+    """DOLFINx cell partitioner: its graph partitioner, then every cluster moved to its first cell's rank.
+
+    Ghost cells (ghost mode ``shared_facet``) are recomputed from the dual graph
+    with the final owners: a cell is ghosted on the owners of its face neighbours.
+    """
+    import dolfinx.cpp as dcpp
+
+    base = dcpp.graph.partitioner()
+
+    def part(comm, nparts, graph, ghosting):
+        dest = base(comm, nparts, graph, False)
+        n = graph.num_nodes
+        if n == 0:
+            return dest
+        owner = np.asarray(dest.array, dtype=np.int32).copy()
+        if owner.size != n:  # pragma: no cover - a changed DOLFINx contract
+            raise RuntimeError("graph partitioner returned more than one rank per cell")
+        lab = clusters  # rank 0 holds every cell, in input order
+        first = np.full(int(lab.max()) + 1, n, dtype=np.int64)
+        np.minimum.at(first, lab, np.arange(n))
+        owner = owner[first[lab]]
+        if not ghosting:
+            return dcpp.graph.AdjacencyList_int32(owner)
+        offs = np.asarray(graph.offsets, dtype=np.int64)
+        nbr = np.asarray(graph.array, dtype=np.int64)
+        src = np.repeat(np.arange(n), np.diff(offs))
+        pairs = np.stack([src, owner[nbr]], axis=1)
+        pairs = pairs[pairs[:, 1] != owner[src]]
+        pairs = np.unique(pairs, axis=0)
+        ghosts = np.bincount(pairs[:, 0], minlength=n)
+        counts = 1 + ghosts
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+        data = np.empty(int(offsets[-1]), dtype=np.int32)
+        data[offsets[:-1]] = owner
+        pos = offsets[pairs[:, 0]] + 1 + (np.arange(pairs.shape[0]) - np.searchsorted(pairs[:, 0], pairs[:, 0]))
+        data[pos] = pairs[:, 1]
+        return dcpp.graph.AdjacencyList_int32(data, offsets)
+
+    return dcpp.mesh.create_cell_partitioner(part)
 
 
 @dataclass
@@ -137,7 +260,11 @@ def build_mesh(mask: np.ndarray, affine: np.ndarray, comm, where=None) -> VoxelM
         cells = np.zeros((0, 8), dtype=np.int64)
         x = np.zeros((0, 3), dtype=np.float64)
     domain = ufl.Mesh(ufl.VectorElement("Lagrange", ufl.hexahedron, 1))
-    msh = dmesh.create_mesh(comm, cells, x, domain)
+    if comm.size > 1:
+        clusters = pinch_clusters(cells_vox) if comm.rank == 0 else np.zeros(0, dtype=np.int64)
+        msh = dmesh.create_mesh(comm, cells, x, domain, partitioner=_cell_partitioner(clusters))
+    else:
+        msh = dmesh.create_mesh(comm, cells, x, domain)
     V = fem.FunctionSpace(msh, ("Q", 1))
     imap = V.dofmap.index_map
     n_owned = imap.size_local
