@@ -184,7 +184,7 @@ def test_solve_conserves_mass_in_open_mode_away_from_edges():
 
     act = active_set(mask, 2)
     assert not act[0].any() and not act[-1].any()
-    res = solve_loop(r0, r1, RomtConfig(gn_max_iter=3), act)
+    res = solve_loop(r0, r1, RomtConfig(max_iterations=3), act)
     assert abs(res["mass_error"]) < 1e-13
     dens = res["density"].astype(float)
     # the final velocity field moves the blob along +i
@@ -207,8 +207,8 @@ def test_cropped_solve_equals_whole_grid():
     act = active_set(mask, 1)
     box = crop_box(act, (r0, r1), 6)
     assert any(b.stop - b.start < n for b, n in zip(box, shape))  # really cropped
-    a = solve_loop(r0, r1, RomtConfig(gn_max_iter=3), act)
-    b = solve_loop(r0, r1, RomtConfig(gn_max_iter=3, crop_margin=-1), act)
+    a = solve_loop(r0, r1, RomtConfig(max_iterations=3), act)
+    b = solve_loop(r0, r1, RomtConfig(max_iterations=3, crop_margin=-1), act)
     assert a["velocity"].shape == b["velocity"].shape == (10, 3, *shape)
     assert np.allclose(a["objective_history"], b["objective_history"], rtol=1e-10)
     assert np.abs(a["velocity"] - b["velocity"]).max() <= 1e-6 * np.abs(b["velocity"]).max()
@@ -224,7 +224,7 @@ def gauss12(tmp_path_factory):
     return gaussian_spheres.write(out, n=12, n_images=3, sid="g12")
 
 
-FAST = ["--set", "romt.gn_max_iter=2", "--set", "romt.pcg_max_iter=10"]
+FAST = ["--set", "romt.max_iterations=2", "--set", "romt.pcg_max_iterations=10"]
 
 
 def test_cli_writes_results_contract(glymph, gauss12, tmp_path):
@@ -282,3 +282,26 @@ def test_cli_bad_inputs(glymph, tmp_path):
     write_nifti(tmp_path / "two" / "conc_01.nii.gz", np.ones((6, 6, 5)), aff)
     r = glymph("romt", two, "--out", tmp_path / "o4", "--no-post")
     assert r.returncode == 2 and "conc_01" in r.stderr and "shape" in r.stderr
+
+
+def test_results_do_not_depend_on_the_units_of_the_images():
+    """Issue 17 §4: the spheres x1e-3, x1 and x1e6 give the same velocities and relative misfits;
+    densities come back in the images' units."""
+    from glymphmpi.romt.scale import intensity_scale
+    from glymphmpi.romt.schedule import solve_series
+    from glymphmpi.synth.gaussian_spheres import gaussian_spheres
+
+    images, _ = gaussian_spheres(12, 3)
+    cfg = RomtConfig(max_iterations=4)
+    act = np.ones(images.shape[1:], bool)
+    assert intensity_scale(images * 1e6) == pytest.approx(1e6 * intensity_scale(images), rel=1e-12)
+    runs = {c: solve_series(images * c, cfg, act)[0] for c in (1e-3, 1.0, 1e6)}
+    ref = runs[1.0]
+    assert ref[0]["misfit_rel"] < 0.05 and ref[0]["gn_iterations"] >= 1
+    for c, loops in runs.items():
+        for a, b in zip(loops, ref):
+            dv = np.linalg.norm(a["velocity"].astype(np.float64) - b["velocity"]) / np.linalg.norm(b["velocity"])
+            assert dv < 1e-6, (c, dv)
+            assert a["misfit_rel"] == pytest.approx(b["misfit_rel"], rel=1e-6)
+            assert a["gn_iterations"] == b["gn_iterations"]
+            np.testing.assert_allclose(a["density"] / c, b["density"], rtol=1e-5, atol=1e-6 * b["density"].max())

@@ -21,14 +21,17 @@ from glymphmpi.romt.config import RomtConfig
 
 log = logging.getLogger(__name__)
 
-NUMERIC_KEYS = ("nt", "dt", "sigma", "beta", "gamma", "boundary", "mode", "gn_max_iter", "gn_gtol",
-                "gn_ftol", "pcg_max_iter", "pcg_rtol", "ls_max_halvings", "armijo_c", "init",
+NUMERIC_KEYS = ("nt", "dt", "sigma", "beta", "gamma", "boundary", "mode", "max_iterations", "gn_gtol",
+                "gn_ftol", "pcg_max_iterations", "pcg_rtol", "ls_max_halvings", "armijo_c", "init",
                 "mask_dilation", "mask_images", "crop_margin")
 
 
 def config_key(cfg: RomtConfig) -> str:
     """Hash of the settings that change the numbers (not threads or checkpoint frequency)."""
+    from glymphmpi.romt.scale import METHOD
+
     d = {k: getattr(cfg, k) for k in NUMERIC_KEYS}
+    d["normalisation"] = METHOD
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -33,6 +33,7 @@ from glymphmpi.romt.config import RomtConfig
 from glymphmpi.romt.grid import default_workers
 from glymphmpi.romt.loop import check_images, solve_loop
 from glymphmpi.romt.loopstore import LoopStore
+from glymphmpi.romt.scale import normalisation_factor
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,8 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=M
         info has n_groups and the solve time.
     """
     check_images(images)
+    scale, factor = normalisation_factor(images)
+    images = images * factor  # solved at the reference intensity; densities converted back below
     n_loops = images.shape[0] - 1
     size, rank = comm.size, comm.rank
     n_groups = groups_for(n_loops, size, cfg.mode)
@@ -73,7 +76,23 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=M
         out = _gather(results, n_loops, comm, gcomm, store, keep_arrays)
     finally:
         gcomm.Free()
-    return out, {"n_groups": n_groups, "solve_s": time.perf_counter() - t_start}
+    for res in out:
+        to_image_units(res, factor, scale)
+    return out, {"n_groups": n_groups, "solve_s": time.perf_counter() - t_start, "intensity_scale": scale,
+                 "intensity_factor": factor}
+
+
+def to_image_units(res: dict, factor: float, scale: float) -> dict:
+    """Densities of a loop solved at the reference intensity back in the images' units (in place).
+
+    Velocities need no conversion; the objective terms stay those of the normalised problem.
+    """
+    for key in ("density", "rho_end"):
+        if key in res:
+            res[key] = (np.asarray(res[key]) / factor).astype(np.asarray(res[key]).dtype)
+    res["intensity_scale"] = scale
+    res["intensity_factor"] = factor
+    return res
 
 
 def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays) -> dict:

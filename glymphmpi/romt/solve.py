@@ -48,9 +48,12 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
     fields = {}
     if comm.rank == 0:
         tree, fields = build_results_tree(loops, subject, cfg)
+        tree["params"]["intensity_scale"] = info["intensity_scale"]
+        tree["params"]["intensity_factor"] = info["intensity_factor"]
         rundir.write_results(tree, config=cfg, subject_id=subject.id, extra_attrs=RESULTS_ATTRS)
         fields["n_groups"] = info["n_groups"]
         fields["solve_s"] = round(info["solve_s"], 3)
+        fields["intensity_scale"] = info["intensity_scale"]
         fields["active_voxels"] = int(active.sum())
     fields = comm.bcast(fields, root=0)
     comm.Barrier()
