@@ -32,7 +32,12 @@ from glymphmpi.pinn.network import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = dict(depth=2, width=16, batches=3, dtype="float64", residual_times=21, figures=False, maps=False,
-            checkpoint_every=0, log_every=1000)
+            checkpoint_every=0, log_every=1000, delta0=0.0, delta_freeze_epochs=0, ensemble=1)  # D0 = 0.7, free
+
+
+def _tiny(base: dict, **kw) -> PinnConfig:
+    """A small test configuration: ``base`` (TINY and its variants) updated by ``kw``."""
+    return PinnConfig(**{**base, **kw})
 
 
 @pytest.fixture(autouse=True)
@@ -142,7 +147,7 @@ def test_d_parametrisation():
 
 
 def test_config_validation(tmp_path):
-    from glymphmpi.config import load_config
+    from glymphmpi.methods import load_config
 
     cfg = load_config("pinn", None, ["pinn.epochs=7", "pinn.rar_epochs=[2, 4]", "pinn.p_schedule='2to1'"])
     assert cfg.epochs == 7 and cfg.rar_epochs == (2, 4) and cfg.switch_epoch == 3
@@ -164,7 +169,7 @@ def test_cuda_requested_without_gpu_is_a_clear_error():
 
 
 def test_import_glymphmpi_does_not_import_torch():
-    code = ("import sys, glymphmpi, glymphmpi.cli, glymphmpi.pinn.config, glymphmpi.pinn.cli;"
+    code = ("import sys, glymphmpi, glymphmpi.cli, glymphmpi.pinn.config, glymphmpi.methods;"
             "glymphmpi.cli.build_parser(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -178,7 +183,7 @@ def test_heat_kernel_recovers_D_within_5_percent():
 
     scans, mask, affine, times = heat_kernel_box(n=8, D=0.5, tau=8.0)
     pb = build_problem(scans, mask, affine, times)
-    cfg = PinnConfig(**dict(TINY, depth=3, width=24, batches=1), epochs=150, lr_start=1e-2, lr_end=1e-3,
+    cfg = _tiny(dict(TINY, depth=3, width=24, batches=1), epochs=150, lr_start=1e-2, lr_end=1e-3,
                      p_schedule="2", lbfgs_steps=300)
     t0 = time.perf_counter()
     (res,) = fit(pb, cfg, quiet=True)
@@ -195,14 +200,16 @@ def test_delta_frozen_for_the_first_epochs_then_free():
 
     scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0)
     pb = build_problem(scans, mask, affine, times)
-    cfg = PinnConfig(**dict(TINY, batches=2), epochs=6, lr_start=1e-2, lr_end=1e-2, delta_freeze_epochs=3)
+    cfg = _tiny(dict(TINY, batches=2), epochs=6, lr_start=1e-2, lr_end=1e-2, delta_freeze_epochs=3)
     (res,) = fit(pb, cfg, quiet=True)
     D0 = DiffusionCoefficient()().item()  # delta0 = 0: 0.7 mm^2/h
     assert res.history["D"][:3] == [D0] * 3
     assert all(abs(d - D0) > 1e-4 for d in res.history["D"][3:]), res.history["D"]
     assert res.history["loss_data"][2] < res.history["loss_data"][0]  # the network did train meanwhile
-    with pytest.raises(ValueError, match="delta_freeze_epochs"):
-        PinnConfig(delta_freeze_epochs=-1).validate()
+    from glymphmpi.methods import load_config
+
+    with pytest.raises(InputError, match="delta_freeze_epochs"):  # -1 is "a quarter of the epochs"
+        load_config("pinn", None, ["pinn.delta_freeze_epochs=-2"])
 
 
 # ---------------------------------------------------------------- units, failures, schedule
@@ -212,7 +219,7 @@ def test_D_does_not_depend_on_the_units_of_the_scans():
     from glymphmpi.pinn.trainer import build_problem, fit
 
     scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0, noise=0.01)
-    cfg = PinnConfig(**dict(TINY, batches=2), epochs=8, lr_start=1e-2, lr_end=1e-3, delta_freeze_epochs=0)
+    cfg = _tiny(dict(TINY, batches=2), epochs=8, lr_start=1e-2, lr_end=1e-3, delta_freeze_epochs=0)
     out = {}
     for k in (1e-3, 1.0, 1e6, 1e300):
         pb = build_problem(scans * k, mask, affine, times)
@@ -245,7 +252,7 @@ def test_diverging_training_fails_instead_of_completing():
 
     scans, mask, affine, times = heat_kernel_box(n=5, D=0.5, tau=8.0)
     pb = build_problem(scans, mask, affine, times)
-    cfg = PinnConfig(**dict(TINY, batches=2, dtype="float32"), epochs=30, lr_start=1e30, lr_end=1e30,
+    cfg = _tiny(dict(TINY, batches=2, dtype="float32"), epochs=30, lr_start=1e30, lr_end=1e30,
                      delta_freeze_epochs=0)
     with pytest.raises(TrainingFailed, match="not finite"):
         fit(pb, cfg, quiet=True)
@@ -278,13 +285,13 @@ def test_short_run_is_a_smoke_test_and_moving_D_is_not_converged():
 
     scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0)
     pb = build_problem(scans, mask, affine, times)
-    cfg = PinnConfig(**dict(TINY, batches=2), epochs=3, delta_freeze_epochs=1)
+    cfg = _tiny(dict(TINY, batches=2), epochs=3, delta_freeze_epochs=1)
     members = fit(pb, cfg, quiet=True)
     s = summary_fields(members, pb, cfg, SERIAL)
     assert s["estimate"] is False and "smoke test, not an estimate" in s["estimate_reason"]
     assert s["converged"] is False and members[0].history["residual_check_epoch"][0] == 2
     # D far from the truth, a large constant learning rate: D still moves over the last epochs
-    cfg = PinnConfig(**dict(TINY, batches=50), epochs=24, lr_start=2e-2, lr_end=2e-2, delta_freeze_epochs=2)
+    cfg = _tiny(dict(TINY, batches=50), epochs=24, lr_start=2e-2, lr_end=2e-2, delta_freeze_epochs=2)
     members = fit(pb, cfg, quiet=True)
     s = summary_fields(members, pb, cfg, SERIAL)
     D = members[0].history["D"]
@@ -357,7 +364,7 @@ def test_rar_and_rae_in_training_concentrate_where_residual_is():
     from glymphmpi.pinn.trainer import fit
 
     pb = _step_problem()
-    cfg = PinnConfig(**dict(TINY, batches=2), epochs=60, lr_start=1e-2, lr_end=1e-3, pde_points=1000,
+    cfg = _tiny(dict(TINY, batches=2), epochs=60, lr_start=1e-2, lr_end=1e-3, pde_points=1000,
                      rar_epochs=(50,), rar_add=200, rae_epochs=(55,), rae_fraction=0.1, rar_pool=10000)
     (res,) = fit(pb, cfg, quiet=True)
     rar = [e for e in res.events if e["kind"] == "rar"][0]
@@ -377,8 +384,8 @@ def test_resume_after_signal_matches_uninterrupted(tmp_path):
 
     scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0)
     pb = build_problem(scans, mask, affine, times)
-    cfg = PinnConfig(**dict(TINY, checkpoint_every=4), epochs=12, lr_start=5e-3, lr_end=1e-3,
-                     rar_epochs=(6,), rar_add=30, rar_pool=300, ensemble=2, p_schedule="2to1")
+    cfg = _tiny(dict(TINY, checkpoint_every=4, ensemble=2), epochs=12, lr_start=5e-3, lr_end=1e-3,
+                     rar_epochs=(6,), rar_add=30, rar_pool=300, p_schedule="2to1")
     ref = fit(pb, cfg, quiet=True)
 
     ck = Checkpointer(tmp_path / "checkpoint.h5", every=cfg.checkpoint_every)
@@ -431,7 +438,7 @@ def test_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     ck.save({"blob": planted, "member": 0, "epoch": 1}, 1)
     scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0)
     with pytest.raises(InputError, match="checkpoint.h5.*refused"):
-        fit(build_problem(scans, mask, affine, times), PinnConfig(**TINY, epochs=2), checkpointer=ck, quiet=True)
+        fit(build_problem(scans, mask, affine, times), _tiny(TINY, epochs=2), checkpointer=ck, quiet=True)
     assert not marker.exists()
     # what the trainer writes (tensors, numpy arrays, plain values) round-trips
     state = {"a": np.arange(3.0), "b": [np.float64(2.5), {"c": torch.ones(2)}], "d": None, "e": "s"}

@@ -192,11 +192,6 @@ def teardown(ctx: DistContext) -> None:
             dist.destroy_process_group()
 
 
-def TorchComm(ctx: DistContext) -> DistContext:  # noqa: N802 - kept until pinn/run.py main() is rewired (H1)
-    """The communicator of a context: the context itself (it carries the collectives)."""
-    return ctx
-
-
 def _op_name(op) -> str:
     if op is None:
         return "SUM"

@@ -44,28 +44,18 @@ def solve(subject, cfg: PinnConfig, rundir, comm) -> dict:
     ``comm`` is the :class:`~glymphmpi.pinn.distributed.DistContext` of :func:`communicator`.
     """
     from glymphmpi.log import quiet
-    from glymphmpi.pinn.trainer import fit, problem_from_subject
+    from glymphmpi.pinn.trainer import fit, problem_from_subject, resolve_schedule, summary_fields
 
-    ctx = comm
     problem = problem_from_subject(subject)
+    cfg = resolve_schedule(cfg, problem)  # epochs/batches/freeze/RAR made concrete for this data
     ckpt = rundir.checkpointer(every=cfg.checkpoint_every)
-    members = fit(problem, cfg, ctx, ckpt, quiet=quiet())
-    Ds = np.array([m.D for m in members])
-    last = members[0].history
-    fields = {
-        "D_mm2_per_h": float(Ds.mean()),
-        "D_std_mm2_per_h": float(Ds.std(ddof=1)) if Ds.size > 1 else 0.0,
-        "D_members_mm2_per_h": Ds.tolist(),
-        "residual_norm": float(np.mean([m.residual_norm for m in members])),
-        "final_loss_data": float(np.mean([m.history["loss_data"][-1] for m in members])),
-        "final_loss_pde": float(np.mean([m.history["loss_pde"][-1] for m in members])),
-        "epochs": cfg.epochs, "ensemble": cfg.ensemble, "pde_points_final": int(last["n_pde"][-1]),
-        "device": str(ctx.device), "world_size": ctx.size, "backend": ctx.backend, "dtype": cfg.dtype,
-        "train_s": float(sum(m.train_s for m in members)),
-        "early_stopped": any(m.early_stop_reason for m in members),
-        "early_stop_reason": "; ".join(m.early_stop_reason for m in members if m.early_stop_reason),
-        "max_rank_difference": float(max(m.rank_spread for m in members)),
-    }
+    members = fit(problem, cfg, comm, ckpt, quiet=quiet())
+    fields = summary_fields(members, problem, cfg, comm)
+    if comm.rank == 0:
+        if not fields["estimate"]:
+            log.warning("D = %.4g mm^2/h is not an estimate: %s", fields["D_mm2_per_h"], fields["estimate_reason"])
+        elif fields["warnings"]:
+            log.warning("D = %.4g mm^2/h did not converge: %s", fields["D_mm2_per_h"], "; ".join(fields["warnings"]))
     if rundir.rank == 0:
         write_outputs(rundir, subject, problem, cfg, members, fields)
     return fields

@@ -26,11 +26,13 @@ def _save(fig, path) -> Path:
     return path
 
 
-def plot_histories(histories: list[dict], path) -> Path:
+def plot_histories(histories: list[dict], path, status: str = "") -> Path:
     """D (mm^2/h), data loss J, PDE loss L_r and the residual norm at checkpoints over epochs.
 
     One line per ensemble member; the checkpoint residual norm uses 20 times and
-    at most 2000 interior voxels (the full r(t) is computed after training).
+    at most 2000 interior voxels (the full r(t) is computed after training). ``status``
+    (e.g. "smoke test, not an estimate" or "not converged") is shown above the D panel.
+    Losses are of the data divided by the run's intensity scale.
     """
     plt = _plt()
     fig, ax = plt.subplots(1, 4, figsize=(17, 3.6))
@@ -42,8 +44,11 @@ def plot_histories(histories: list[dict], path) -> Path:
         if len(h.get("residual_check_epoch", ())):
             ax[3].semilogy(h["residual_check_epoch"], h["residual_check_norm"], "o-")
     ax[3].set(xlabel="epoch", ylabel="mean r(t)", title="residual norm at checkpoints")
-    ax[0].set(xlabel="epoch", ylabel="D (mm$^2$/h)", title="diffusion coefficient")
-    ax[1].set(xlabel="epoch", ylabel="J", title="data misfit")
+    ax[0].set(xlabel="epoch", ylabel="D (mm$^2$/h)",
+              title="diffusion coefficient" + (f"\n{status}" if status else ""))
+    if status:
+        ax[0].title.set_color("tab:red")
+    ax[1].set(xlabel="epoch", ylabel="J", title="data misfit (scaled data)")
     ax[2].set(xlabel="epoch", ylabel="$L_r$", title="PDE loss (mean $|r|^p$)")
     if len(histories) > 1:
         ax[0].legend(fontsize=7)
@@ -102,7 +107,12 @@ def figures(rundir, subject, cfg, fields) -> list[Path]:  # noqa: ARG001 - the r
     members = [tree["members"][k] for k in sorted(tree["members"], key=lambda k: int(k[1:]))]
     times_h = np.asarray(tree["times_h"])
     fig_dir = Path(rundir.figures)
-    return [plot_histories([m["history"] for m in members], fig_dir / "pinn_history.png"),
+    status = ""
+    if not fields.get("estimate", True):
+        status = fields.get("estimate_reason", "not an estimate").split(":")[0]
+    elif fields.get("converged") is False:
+        status = "not converged (see the warnings in summary.json)"
+    return [plot_histories([m["history"] for m in members], fig_dir / "pinn_history.png", status),
             plot_residual([(m["t_grid_h"], m["residual_t"]) for m in members], times_h,
                           fig_dir / "pinn_residual_t.png"),
             plot_slices(subject.scans, np.asarray(tree["prediction_at_scans"], dtype=np.float64), subject.mask,
