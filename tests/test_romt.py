@@ -305,3 +305,29 @@ def test_results_do_not_depend_on_the_units_of_the_images():
             assert a["misfit_rel"] == pytest.approx(b["misfit_rel"], rel=1e-6)
             assert a["gn_iterations"] == b["gn_iterations"]
             np.testing.assert_allclose(a["density"] / c, b["density"], rtol=1e-5, atol=1e-6 * b["density"].max())
+
+
+def test_unconverged_loops_are_warnings_in_the_summary():
+    """Issue 15 §5: a loop on its iteration limit, or with misfit above 0.05, is a warning naming the loop and the
+    setting to change; converged loops give none."""
+    from types import SimpleNamespace
+
+    from glymphmpi.romt.results import build_results_tree
+    from glymphmpi.romt.schedule import solve_series
+    from glymphmpi.synth.gaussian_spheres import gaussian_spheres
+
+    images, _ = gaussian_spheres(12, 3)
+    act = np.ones(images.shape[1:], bool)
+    subj = SimpleNamespace(times_h=[0.0, 1.0, 2.0], voxel_size_mm=(1.0, 1.0, 1.0), affine=np.eye(4),
+                           shape=images.shape[1:], mask=act)
+    cfg = RomtConfig(max_iterations=1, init="zero")
+    loops, _ = solve_series(images, cfg, act)
+    _, fields = build_results_tree(loops, subj, cfg)
+    assert fields["converged"] == [False, False]
+    assert any(w.startswith("loop 1: stopped on its iteration limit") and "romt.max_iterations" in w
+               for w in fields["warnings"])
+    assert any("relative misfit" in w and "> 0.05" in w and "romt.beta" in w for w in fields["warnings"])
+    good = RomtConfig(max_iterations=20)
+    loops, _ = solve_series(images, good, act)
+    _, fields = build_results_tree(loops, subj, good)
+    assert fields["converged"] == [True, True] and fields["warnings"] == []

@@ -15,8 +15,8 @@ import time
 import numpy as np
 import pytest
 
-ARGS = ["--no-post", "--set", "romt.gn_max_iter=5", "--set", "romt.gn_gtol=0.0",
-        "--set", "romt.gn_ftol=0.0", "--set", "romt.pcg_max_iter=15"]
+ARGS = ["--no-post", "--set", "romt.max_iterations=5", "--set", "romt.gn_gtol=0.0",
+        "--set", "romt.gn_ftol=0.0", "--set", "romt.pcg_max_iterations=15"]
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +84,47 @@ def test_fresh_discards_finished_loops_and_other_config_is_refused(glymph, gauss
     assert r.returncode == 2 and "different configuration" in r.stderr
     r = glymph("romt", gauss14, "--out", out, "--fresh", *ARGS[:3])
     assert r.returncode == 0, r.stderr
+
+
+WRAPPER = """mpirun -n 2 "$@" &
+pid=$!
+trap 'kill -USR1 $pid' TERM
+wait $pid; rc=$?
+if [ $rc -gt 128 ]; then wait $pid; rc=$?; fi
+exit $rc
+"""
+
+
+@pytest.mark.parametrize("how", ["usr1-to-mpirun", "term-to-wrapper"])
+def test_mpirun_parallel_stop_exits_75(gauss14, tmp_path, how):
+    """Issue 17 §6: a stopped `mpirun -n 2 glymph romt --mode parallel` exits 75 (requeue). Open MPI's mpirun
+    itself exits 1 after SIGTERM whatever its ranks return, but forwards SIGUSR1 and then reports the ranks'
+    75; so the job scripts turn TERM into USR1 for mpirun (the wrapper here is that protocol)."""
+    import shutil
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed")
+    out = tmp_path / "cut"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+               OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "glymphmpi", "romt", str(gauss14), "--out", str(out), "--mode", "parallel", *ARGS]
+    if how == "usr1-to-mpirun":
+        proc = subprocess.Popen(["mpirun", "-n", "2", *cmd], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        sig = signal.SIGUSR1
+    else:
+        script = tmp_path / "wrap.sh"
+        script.write_text(WRAPPER)
+        proc = subprocess.Popen(["bash", str(script), *cmd], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        sig = signal.SIGTERM
+    t0 = time.time()
+    while time.time() - t0 < 120 and proc.poll() is None and not list(out.glob("checkpoint*.h5")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, err[-2000:]
+    assert list(out.glob("checkpoint*.h5"))
+    assert not (out / "summary.json").exists() or '"complete"' not in (out / "summary.json").read_text()

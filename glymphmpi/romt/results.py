@@ -22,6 +22,26 @@ def speeds_mm_per_h(velocity: np.ndarray, density: np.ndarray, voxel_size_mm, ho
     return float(sp[sel].max()), float((sp[sel] * rho[sel]).sum() / rho[sel].sum())
 
 
+MISFIT_WARN = 0.05  # relative misfit above which a loop's end density does not match its target image
+
+
+def loop_warnings(loops: list, cfg: RomtConfig) -> list[str]:
+    """One line per loop that is not a converged estimate: on its iteration limit, or misfit above
+    MISFIT_WARN; each names the loop and the setting to change."""
+    out = []
+    for k, res in enumerate(loops):
+        m = float(res["misfit_rel"])
+        if str(res["stop_reason"]).startswith("max iterations"):
+            out.append(f"loop {k}: stopped on its iteration limit ({int(res['gn_iterations'])} Gauss-Newton "
+                       f"iterations, relative misfit {m:.3g}): not converged; raise romt.max_iterations")
+        if m > MISFIT_WARN:
+            out.append(f"loop {k}: relative misfit {m:.3g} > {MISFIT_WARN} (the end density does not match the "
+                       f"next scan): raise romt.beta (now {cfg.beta:g}) or romt.max_iterations; a mass change "
+                       f"between the scans (mass_error {float(res['mass_error']):+.2g}) cannot be fitted by "
+                       "balanced rOMT")
+    return out
+
+
 def build_results_tree(loops: list, subject, cfg: RomtConfig) -> tuple[dict, dict]:
     """results.h5 tree (contract in the module glymphmpi.romt) and the summary fields."""
     times = np.asarray(subject.times_h, dtype=np.float64)
@@ -69,6 +89,8 @@ def build_results_tree(loops: list, subject, cfg: RomtConfig) -> tuple[dict, dic
         "speed_max_mm_per_h": float(max(smax)) if smax else 0.0,
         "speed_mean_mm_per_h": float(np.mean(smean)) if smean else 0.0,
         "speed_max_mm_per_h_per_loop": smax, "speed_mean_mm_per_h_per_loop": smean,
+        "converged": [not str(r["stop_reason"]).startswith("max iterations") for r in loops],
+        "warnings": loop_warnings(loops, cfg),
     }
     return tree, fields
 

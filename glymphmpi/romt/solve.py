@@ -13,6 +13,8 @@ box), :mod:`~glymphmpi.romt.runtime` (allocator, BLAS threads),
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from glymphmpi.errors import InputError
@@ -21,6 +23,8 @@ from glymphmpi.romt.loop import active_set, check_images
 from glymphmpi.romt.loopstore import LoopStore, config_key
 from glymphmpi.romt.results import RESULTS_ATTRS, build_results_tree
 from glymphmpi.romt.schedule import solve_series
+
+log = logging.getLogger(__name__)
 
 
 def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
@@ -48,6 +52,8 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
     fields = {}
     if comm.rank == 0:
         tree, fields = build_results_tree(loops, subject, cfg)
+        for w in fields["warnings"]:
+            log.warning("%s", w)
         tree["params"]["intensity_scale"] = info["intensity_scale"]
         tree["params"]["intensity_factor"] = info["intensity_factor"]
         rundir.write_results(tree, config=cfg, subject_id=subject.id, extra_attrs=RESULTS_ATTRS)
