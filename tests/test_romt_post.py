@@ -348,8 +348,8 @@ def test_bad_results_are_input_errors(tmp_path):
 
 
 def test_config_validation():
-    from glymphmpi.methods import load_config
     from glymphmpi.errors import InputError
+    from glymphmpi.methods import load_config
 
     cfg = load_config("romt_post", None, ["romt_post.integrator=rk4", "romt_post.seed_every=2"])
     assert cfg.integrator == "rk4" and cfg.seed_every == 2
