@@ -122,6 +122,9 @@ def test_local_grid_selects_lowest_residual(tmp_path, glymph, tiny_subject):
     summ = json.loads((out / "summary.json").read_text())
     assert summ["status"] == "complete" and summ["runs_complete"] == 4 and summ["chosen_setup"] == expect
     assert (out / "figures" / "pinn_select_D_vs_residual.png").stat().st_size > 10_000
+    # the grid ran as tasks of the cohort backend: its state and the cohort's status table
+    status = (out / "grid" / "status.txt").read_text().splitlines()
+    assert status[0].split() == ["set-up", "seed0"] and status[-1] == "4 complete"
     # resumable: a forced re-selection trains nothing new (run summaries untouched)
     stamp = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/seed0/summary.json")}
     r = glymph("pinn-select", tiny_subject, "--out", out, "--grid", grid, "--set", "pinn_select.seeds=1",

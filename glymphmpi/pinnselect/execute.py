@@ -19,6 +19,7 @@ from glymphmpi.cohort.methods import get_method
 from glymphmpi.cohort.resources import Resources
 from glymphmpi.cohort.tasks import LaunchSpec, Task
 from glymphmpi.errors import EXIT_PREEMPTED, InputError, Preempted
+from glymphmpi.io import atomic_write_bytes
 from glymphmpi.pinnselect.grid import Run, run_overrides
 from glymphmpi.pinnselect.select import RunRecord
 from glymphmpi.store import read_summary
@@ -100,6 +101,11 @@ def run_grid(subject: Path, out: Path, runs: list[Run], cfg, scheduler: str, qui
         la = LocalLauncher(tasks, spec, quiet=quiet)
     la.ledger.forget_failures()  # every invocation gives failed runs max_retries new attempts
     rc = la.run()
+    from glymphmpi.cohort.state import format_status, status_table
+
+    table = format_status(status_table(tasks, spec.workdir, title=spec.title, out=out, row_name="set-up"))
+    atomic_write_bytes(spec.workdir / "status.txt", (table + "\n").encode())
+    log.info("grid status (%s):\n%s", spec.workdir / "status.txt", table)
     if rc == EXIT_PREEMPTED:
         raise Preempted("pinn-select stopped by a signal; runs checkpointed, re-run to resume")
     if scheduler != "slurm":
