@@ -28,9 +28,9 @@ def parse_def(text: str) -> tuple[dict[str, str], dict[str, str]]:
     sections: dict[str, str] = {}
     current = None
     for line in text.splitlines():
-        m = re.match(r"^%(\w+)\s*$", line)
+        m = re.match(r"^%(\w+)(\s+[\w-]+)?\s*$", line)
         if m:
-            current = m.group(1)
+            current = m.group(1) + (f" {m.group(2).strip()}" if m.group(2) else "")
             if current in sections:
                 raise ValueError(f"section %{current} twice")
             sections[current] = ""
@@ -48,9 +48,9 @@ def test_recipe_structure():
     header, sec = parse_def(DEF.read_text())
     assert header["Bootstrap"] in ("docker", "debootstrap")
     assert "bookworm" in header.get("From", "") or header.get("OSVersion") == "bookworm"
-    assert set(sec) <= SECTIONS
+    assert {s.split()[0] for s in sec} <= SECTIONS | {"apprun"}
     assert {"post", "test", "runscript", "environment", "files"} <= set(sec)
-    for name in ("post", "test", "runscript", "environment"):
+    for name in ("post", "test", "runscript", "environment", "apprun bids"):
         r = subprocess.run(["bash", "-n"], input=sec[name], capture_output=True, text=True)
         assert r.returncode == 0, f"%{name}: {r.stderr}"
     assert re.search(r"exec\s+\S*glymph\s+\"\$@\"", sec["runscript"])
@@ -60,6 +60,23 @@ def test_recipe_structure():
         if line.strip() and not line.strip().startswith("#"):
             src = line.split()[0]
             assert (ROOT / src).exists(), src
+
+
+def test_runscript_dispatches_the_bids_app_form(tmp_path):
+    """``apptainer run IMAGE BIDS_DIR OUT participant`` is ``glymph bids ...``; anything else is ``glymph ...``."""
+    _, sec = parse_def(DEF.read_text())
+    stub = tmp_path / "glymph"
+    stub.write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    stub.chmod(0o755)
+    (tmp_path / "data").mkdir()
+    for name in ("runscript", "apprun bids"):
+        body = sec[name].replace("/opt/glymphmpi/.venv/bin/glymph", str(stub))
+        for args, want in (([str(tmp_path / "data"), "/out", "participant"], "bids"),
+                           (["cohort", "run", "c.toml", "--out", "o"], "cohort"),
+                           ([str(tmp_path / "data"), "/out", "group"], "bids")):
+            r = subprocess.run(["bash", "-c", body, "runscript", *args], capture_output=True, text=True)
+            first = r.stdout.splitlines()[0]
+            assert first == (want if name == "runscript" else "bids"), (name, args, r.stdout)
 
 
 def test_recipe_installs_like_install_sh():
