@@ -169,7 +169,7 @@ def test_rendered_templates(tmp_path, small_phantom):
 
 def test_templates_submit_by_hand_text():
     """The templates are plain sbatch scripts: defaults present, markers once, bash syntax OK."""
-    for name in ("romt", "fem", "pinn", "cohort"):
+    for name in ("romt", "fem", "pinn", "run", "cohort", "bids"):
         p = ROOT / "jobs" / f"{name}.sbatch"
         t = p.read_text()
         assert t.startswith("#!/bin/bash\n")
@@ -178,6 +178,10 @@ def test_templates_submit_by_hand_text():
         assert subprocess.run(["bash", "-n", str(p)]).returncode == 0
     assert "METHOD=romt" in (ROOT / "jobs/romt.sbatch").read_text()
     assert "KIND=torch" in (ROOT / "jobs/pinn.sbatch").read_text()
+    # one body for every method template (the renderer sets METHOD and KIND)
+    bodies = {(ROOT / "jobs" / f"{n}.sbatch").read_text().split("# ---- the same body")[1]
+              for n in ("run", "romt", "fem", "pinn")}
+    assert len(bodies) == 1
 
 
 def test_template_array_and_requeue_logic_with_fake_slurm(tmp_path):

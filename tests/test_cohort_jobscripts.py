@@ -228,3 +228,25 @@ def test_bad_out_is_one_line(tmp_path, small_phantom, kind):
     r = glymph_cli("cohort", "run", c, "--out", out)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr and r.stderr.strip()
+
+
+def test_bids_job_runs_one_launcher(tmp_path):
+    """jobs/bids.sbatch starts `glymph bids BIDS OUT participant --scheduler slurm [ARGS]` (or the image's
+    BIDS App form) with the user's words kept as words."""
+    b, _ = stubs(tmp_path)
+    g = tmp_path / "glymph"
+    g.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$ARGV_OUT"\n')
+    g.chmod(0o755)
+    (b / "apptainer").write_text('#!/bin/bash\nprintf "%s\\0" apptainer "$@" > "$ARGV_OUT"\n')
+    (b / "apptainer").chmod(0o755)
+    env = {"PATH": f"{b}:{os.environ['PATH']}", "ARGV_OUT": str(tmp_path / "argv"), "BIDS_DIR": "/d a/bids",
+           "OUTDIR": "/o", "GLYMPH": str(g), "GLYMPH_BIDS_ARGS": "--participant-label 01 '0 2'"}
+    r = subprocess.run(["bash", str(ROOT / "jobs" / "bids.sbatch")], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    argv = [a.decode() for a in (tmp_path / "argv").read_bytes().split(b"\0")[:-1]]
+    assert argv == ["bids", "/d a/bids", "/o", "participant", "--scheduler", "slurm", "--participant-label", "01",
+                    "0 2"]
+    r = subprocess.run(["bash", str(ROOT / "jobs" / "bids.sbatch")], env={**env, "GLYMPH_IMAGE": "/i/g.sif"},
+                       capture_output=True, text=True)
+    argv = [a.decode() for a in (tmp_path / "argv").read_bytes().split(b"\0")[:-1]]
+    assert argv[:6] == ["apptainer", "run", "/i/g.sif", "/d a/bids", "/o", "participant"]

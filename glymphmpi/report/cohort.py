@@ -126,6 +126,8 @@ def run_settings(rd: Path, summary: dict, headline: list[str]) -> dict:
 def warnings_of(summary: dict) -> list[str]:
     """What a reader must know about a run, in plain words."""
     w = [str(x) for x in summary.get("warnings", []) or []] if isinstance(summary.get("warnings"), list) else []
+    if summary.get("estimate") is False:
+        w.append(str(summary.get("estimate_reason") or "not an estimate (the run did not train or converge)"))
     if summary.get("smoke") is True or summary.get("smoke_test") is True:
         w.append("smoke test: settings too small for an estimate; its numbers only show the run works")
     if summary.get("converged") is False:
