@@ -40,11 +40,9 @@ def run_glymph(*args, cwd=None, env=None, timeout=600, mpi: int = 0):
     cmd = [PY, "-m", "glymphmpi", *map(str, args)]
     if mpi:
         cmd = ["mpirun", "-n", str(mpi), *cmd]
-    full_env = dict(os.environ)
-    for k in list(full_env):  # a child must not inherit the parent's MPI rank
-        if k.startswith(("OMPI_COMM_WORLD", "PMIX_", "OMPI_MCA_ess", "OMPI_MCA_orte", "RANK", "WORLD_SIZE",
-                         "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")) and not mpi:
-            full_env.pop(k)
+    from glymphmpi.cohort.environment import scrubbed
+
+    full_env = dict(os.environ) if mpi else scrubbed()  # a child must not inherit the parent's MPI rank
     full_env.update(env or {})
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
