@@ -250,3 +250,37 @@ def test_bids_job_runs_one_launcher(tmp_path):
                        capture_output=True, text=True)
     argv = [a.decode() for a in (tmp_path / "argv").read_bytes().split(b"\0")[:-1]]
     assert argv[:6] == ["apptainer", "run", "/i/g.sif", "/d a/bids", "/o", "participant"]
+
+
+def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
+    from glymphmpi.cohort import cli
+
+    monkeypatch.setattr(os, "access", lambda *a: False)
+    with pytest.raises(InputError) as ei:
+        cli.check_out(tmp_path / "o")
+    assert "not writable" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_backend_modules_know_no_scheduler_and_no_report():
+    """The generic state knows no SLURM; the launchers know no report (hooks come from cohort/cli.py)."""
+    import ast
+
+    pkg = ROOT / "glymphmpi" / "cohort"
+
+    def imports(name):
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        out = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                out.add(("." * node.level) + (node.module or ""))
+            elif isinstance(node, ast.Import):
+                out.update(a.name for a in node.names)
+        return out
+
+    for name in ("state", "tasks", "ledger", "launcher", "local"):
+        assert not any("sbatch" in m or "slurm" in m for m in imports(name)), name
+    for name in ("state", "tasks", "ledger", "launcher", "local", "slurm", "jobscript", "sbatch", "manifest"):
+        assert not any("report" in m or m.endswith("cli") for m in imports(name)), name
+    rep = ast.parse((ROOT / "glymphmpi" / "report" / "cohort.py").read_text())
+    assert not any(isinstance(n, ast.ImportFrom) and (n.module or "").startswith("glymphmpi.cohort")
+                   for n in ast.walk(rep))
