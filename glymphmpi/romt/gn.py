@@ -41,10 +41,11 @@ class Terms:
     kinetic: float
     fit: float
     smooth: float
+    source: float = 0.0  # unbalanced model: alpha sum_k dt sum chi r^2 rho
 
     @property
     def total(self) -> float:
-        return self.kinetic + self.fit + self.smooth
+        return self.kinetic + self.fit + self.smooth + self.source
 
 
 @dataclass

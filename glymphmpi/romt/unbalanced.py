@@ -1,0 +1,157 @@
+"""Unbalanced rOMT (urOMT, Chen et al., Sci Rep 2023): a relative source r beside the velocity.
+
+Continuity ``rho_t + div(rho v) = sigma lap rho + chi rho r``, discretised per step as
+
+    q_k = (1 + dt chi r_k) rho_k,      rho_{k+1} = L^{-1} S(v_k) q_k
+
+(the source acts at the start of the step, then the particle push and the implicit
+diffusion of :mod:`glymphmpi.romt.transport`), with the objective
+
+    Phi(v, r) = sum_k dt rho_k^T |v_k|^2 + alpha sum_k dt sum chi r_k^2 rho_k
+                + beta ||rho_nt - target||^2 + gamma sum_k dt sum_d ||grad v_{k,d}||^2 / 2.
+
+The unknowns of a rank are ``u`` of shape (nt, 4, Ml): components 0-2 the velocity,
+3 the relative source (per model time) at this rank's particles (the active set; chi
+restricted to it). Gradient, tangent and adjoint reuse the balanced step operators
+with ``q_k`` in place of ``rho_k``; the Gauss-Newton Hessian adds ``2 dt alpha chi rho_k``
+on r and the same J^T J. With r = 0 everything reduces to :class:`~glymphmpi.romt.gn.LoopProblem`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from glymphmpi.romt.gn import Linearization, LoopProblem, Terms
+
+
+class UnbalancedProblem(LoopProblem):
+    """:class:`LoopProblem` with a relative source on ``chi``.
+
+    Args:
+        chi: (M,) weights of the source on the active set (1 inside the source region, 0 outside).
+        alpha: weight of the source cost.
+        (the others as :class:`LoopProblem`)
+    """
+
+    def __init__(self, transport, rho0, target, nt, beta, gamma, lap, chi: np.ndarray, alpha: float):
+        super().__init__(transport, rho0, target, nt, beta, gamma, lap)
+        self.chi = np.asarray(chi, dtype=np.float64)  # (M,) on the active set
+        self.chi_l = self.chi[self.pc.lo:self.pc.hi]
+        self.alpha = float(alpha)
+
+    @property
+    def u_shape(self) -> tuple:
+        return (self.nt, 4, self.tr.m_local)
+
+    def _lap_apply(self, u: np.ndarray) -> np.ndarray:
+        out = np.zeros(u.shape)
+        out[:, :3] = super()._lap_apply(np.ascontiguousarray(u[:, :3]))
+        return out
+
+    def _factor(self, r_local: np.ndarray) -> np.ndarray:
+        """(N,) 1 + dt chi r (1 off the active set)."""
+        m = np.ones(self.tr.n)
+        m[self.tr.active] = 1.0 + self.dt * self.chi * self.pc.allgather(r_local)
+        return m
+
+    def _on_active(self, local: np.ndarray) -> np.ndarray:
+        """(N,) the particles' values (all ranks) on the grid, 0 elsewhere."""
+        out = np.zeros(self.tr.n)
+        out[self.tr.active] = self.pc.allgather(local)
+        return out
+
+    # ------------------------------------------------------------ forward
+    def forward(self, u: np.ndarray, store: bool = True) -> Linearization:
+        rho = self.rho0
+        rhos, steps, qs, ms = [rho], [], [], []
+        kin = src = 0.0
+        loc = self.tr.local
+        for k in range(self.nt):
+            v, r = u[k, :3], u[k, 3]
+            sd = self.tr.linearize(v)
+            rl = rho[loc]
+            kin += self.dt * float(np.dot(rl, (v ** 2).sum(axis=0)))
+            src += self.alpha * self.dt * float(np.dot(rl, self.chi_l * r ** 2))
+            m = self._factor(r)
+            q = m * rho
+            rho = self.tr.step(q, sd)
+            if store:
+                rhos.append(rho)
+                steps.append(sd)
+                qs.append(q)
+                ms.append(m)
+        res = rho - self.target
+        fit = self.beta * float(np.dot(res, res))
+        smooth = 0.5 * self.gamma * self.dt * float(np.vdot(u, self._lap_apply(u)))
+        kin, src, smooth = self.pc.sum(kin), self.pc.sum(src), self.pc.sum(smooth)
+        fit = float(self.pc.bcast(fit))
+        if not store:
+            rhos = [self.rho0, rho]
+        lin = Linearization(rhos=rhos, steps=steps, terms=Terms(kin, fit, smooth, src))
+        lin.qs, lin.ms = qs, ms
+        return lin
+
+    # ------------------------------------------------------------ derivatives
+    def _adjoint(self, lam: np.ndarray, u: np.ndarray | None, lin: Linearization) -> np.ndarray:
+        """Backward recursion from lam (N,) after the last step: (nt, 4, Ml) sensitivities of
+        <lam, rho_nt> (plus the kinetic and source terms' when u is given)."""
+        out = np.empty(self.u_shape)
+        loc = self.tr.local
+        for k in range(self.nt - 1, -1, -1):
+            rho_k = lin.rhos[k]
+            lam_q, dv = self.tr.adjoint_step(lam, lin.qs[k], lin.steps[k])
+            out[k, :3] = dv
+            out[k, 3] = self.dt * self.chi_l * rho_k[loc] * lam_q[loc]
+            lam = lin.ms[k] * lam_q
+            if u is not None and k > 0:  # d(kinetic + source)/d rho_k
+                v, r = u[k, :3], u[k, 3]
+                lam = lam + self._on_active(self.dt * ((v ** 2).sum(axis=0) + self.alpha * self.chi_l * r ** 2))
+        return out
+
+    def gradient(self, u: np.ndarray, lin: Linearization) -> np.ndarray:
+        g = self._adjoint(2.0 * self.beta * (lin.rhos[-1] - self.target), u, lin)
+        loc = self.tr.local
+        for k in range(self.nt):
+            rl = lin.rhos[k][loc]
+            g[k, :3] += 2.0 * self.dt * rl * u[k, :3]
+            g[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * rl * u[k, 3]
+        g += self.gamma * self.dt * self._lap_apply(u)
+        return g
+
+    def jvp(self, x: np.ndarray, lin: Linearization) -> np.ndarray:
+        delta = np.zeros(self.tr.n)
+        for k in range(self.nt):
+            dq = lin.ms[k] * delta + self._on_active(self.dt * self.chi_l * lin.rhos[k][self.tr.local] * x[k, 3])
+            delta = self.tr.tangent_step(dq, lin.qs[k], lin.steps[k], x[k, :3])
+        return delta
+
+    def vjp(self, y: np.ndarray, lin: Linearization) -> np.ndarray:
+        return self._adjoint(np.asarray(y, dtype=np.float64), None, lin)
+
+    def hessp(self, x: np.ndarray, lin: Linearization) -> np.ndarray:
+        loc = self.tr.local
+        out = 2.0 * self.beta * self.vjp(self.jvp(x, lin), lin)
+        for k in range(self.nt):
+            rl = lin.rhos[k][loc]
+            out[k, :3] += 2.0 * self.dt * rl * x[k, :3]
+            out[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * rl * x[k, 3]
+        out += self.gamma * self.dt * self._lap_apply(x)
+        return out
+
+    def preconditioner(self, lin: Linearization) -> np.ndarray:
+        loc = self.tr.local
+        diag = np.empty(self.u_shape)
+        for k in range(self.nt):
+            rho = lin.rhos[k][loc]
+            q = lin.qs[k][loc]
+            b = lin.steps[k].b
+            bb = (b ** 2).sum(axis=1)  # (3, Ml)
+            for d in range(3):
+                o = [e for e in range(3) if e != d]
+                diag[k, d] = 2.0 * self.dt * rho + 2.0 * self.beta * (self.dt * q) ** 2 * 2.0 * bb[o[0]] * bb[o[1]]
+                diag[k, d] += self.gamma * self.dt * self.lap_diag
+            w2 = bb[0] * bb[1] * bb[2]  # sum over the corners of W_o^2
+            diag[k, 3] = 2.0 * self.alpha * self.dt * self.chi_l * rho \
+                + 2.0 * self.beta * (self.dt * self.chi_l * rho) ** 2 * w2
+        floor = max(1e-10 * float(diag.max(initial=0.0)), 1e-300)
+        return np.maximum(diag, floor)
