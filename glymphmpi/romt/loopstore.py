@@ -61,6 +61,8 @@ class LoopStore:
             return None
         try:
             tree, attrs = read_h5_tree(p)
+        except InputError:  # refused (not the typed layout: e.g. a planted pickle): stop, never skip
+            raise
         except Exception as exc:  # a damaged file: recompute the loop
             log.warning("%s: unreadable (%s); recomputing loop %d", p, exc, k)
             return None
@@ -75,18 +77,20 @@ class LoopStore:
             write_h5_tree(self.loop_path(k), res, {"config_key": self.key, "loop": k})
 
     def checkpointer(self, name: str, comm):
-        from glymphmpi.store import Checkpointer
-
-        return Checkpointer(Path(self.rundir.root) / name, every=self.every, comm=comm)
+        return self.rundir.checkpointer(every=self.every, name=name, comm=comm)
 
     def states(self) -> dict:
         """Loop index -> newest saved in-progress state, over every checkpoint file."""
         from glymphmpi.io import read_h5_tree
+        from glymphmpi.store.checkpoint import check_identity
 
         best: dict = {}
         for p in sorted(Path(self.rundir.root).glob("checkpoint*.h5")):
             try:
-                tree, _ = read_h5_tree(p)
+                tree, attrs = read_h5_tree(p)
+                check_identity(p, attrs, getattr(self.rundir, "identity", None))
+            except InputError:  # refused (a planted pickle, another run's file): stop, never skip
+                raise
             except Exception as exc:
                 log.warning("%s: unreadable checkpoint (%s); ignored", p, exc)
                 continue
