@@ -105,7 +105,7 @@ def test_state_without_identity_and_foreign_checkpoint_refused(tmp_path):
     old = tmp_path / "old"  # unfinished output of a version without run identities
     old.mkdir()
     Checkpointer(old / "checkpoint.h5").save({"x": 1}, 2)
-    with pytest.raises(InputError, match="without a recorded run identity"):
+    with pytest.raises(InputError, match=r"of a different configuration or version \(no run identity recorded\)"):
         RunDir(old).prepare(identity=ident)
     # a checkpoint copied in from another run's directory is refused by the checkpointer itself
     out = tmp_path / "out"

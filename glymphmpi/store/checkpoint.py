@@ -18,6 +18,24 @@ from glymphmpi.store.signals import StopFlag
 log = logging.getLogger(__name__)
 
 
+def check_identity(path, attrs: dict, identity: dict | None) -> None:
+    """Refuse a checkpoint (root ``attrs``) whose recorded run identity is not ``identity`` (None: no check).
+
+    Raises:
+        InputError: one line naming ``path`` and what differs (or that none is recorded).
+    """
+    if identity is None:
+        return
+    try:
+        recorded = json.loads(attrs["identity"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError("checkpoint without a run identity (an older version or a foreign file); "
+                         "use --fresh to start over", path) from None
+    diffs = differences(recorded, identity)
+    if diffs:
+        raise InputError(f"checkpoint of another run: {'; '.join(diffs)}; use --fresh to start over", path)
+
+
 class Checkpointer:
     """Save/load restart state every N iterations and on SIGTERM/SIGUSR1.
 
@@ -111,16 +129,7 @@ class Checkpointer:
         return None
 
     def _check_identity(self, path, attrs) -> None:
-        if self.identity is None:
-            return
-        try:
-            recorded = json.loads(attrs["identity"])
-        except (KeyError, TypeError, ValueError):
-            raise InputError("checkpoint without a run identity (an older version or a foreign file); "
-                             "use --fresh to start over", path) from None
-        diffs = differences(recorded, self.identity)
-        if diffs:
-            raise InputError(f"checkpoint of another run: {'; '.join(diffs)}; use --fresh to start over", path)
+        check_identity(path, attrs, self.identity)
 
     def step(self, iteration: int, state_fn) -> None:
         """Call once per iteration: saves when due or when a stop signal arrived.

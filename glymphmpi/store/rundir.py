@@ -165,12 +165,12 @@ class RunDir:
             recorded = self.recorded_identity()
             names = ", ".join(sorted(p.name for p in state))
             if recorded is None:
-                raise InputError(f"holds an unfinished run ({names}) without a recorded run identity (an older "
-                                 "version or a foreign file); use --fresh to start over, or another --out", root)
+                raise InputError(f"holds an unfinished run ({names}) of a different configuration or version (no "
+                                 "run identity recorded); use --fresh to start over, or another --out", root)
             diffs = differences(recorded, self.identity)
             if diffs:
-                raise InputError(f"holds an unfinished run that is not this one: {'; '.join(diffs)}; use --fresh "
-                                 "to start over, or another --out", root)
+                raise InputError(f"holds an unfinished run of a different configuration: {'; '.join(diffs)}; use "
+                                 "--fresh to start over, or another --out", root)
         for d in (root, *(root / s for s in self.SUBDIRS)):
             d.mkdir(parents=True, exist_ok=True)
         if self.summary.exists():  # a failed/unfinished marker from before
