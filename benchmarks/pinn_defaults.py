@@ -6,7 +6,8 @@ position (the densest white-matter block moved by up to +-8 mm per axis) and noi
 written as subjects and run through the command line exactly as a user would, with no settings
 (``glymph pinn SUBJECT --out DIR``), one thread (``OMP_NUM_THREADS=1``), one run at a time. Prints,
 per phantom: true D, estimated D, relative error, ensemble spread (D_std), whether the truth lies
-within mean +- 2 std, residual norm, whether the run converged (and its warnings), wall time.
+within mean +- 2 std, residual norm, whether the run converged (and its warnings), wall time and
+CPU time of the run (on a shared machine the CPU time is what a quiet core would have taken).
 
 Usage: ``nice -n 10 python benchmarks/pinn_defaults.py [--n 3] [--seed 100] [--block 24] [--json OUT]
 [--set pinn.key=value ...]`` (``--set`` only to try other settings; the acceptance run uses none).
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -72,9 +74,12 @@ def main(argv=None) -> int:
         for s in args.set:
             cmd += ["--set", s]
         load0 = os.getloadavg()[0]
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         wall = time.perf_counter() - t0
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)  # what a quiet core would take
         summ = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
         if r.returncode != 0:
             print(f"  {sid}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -84,23 +89,24 @@ def main(argv=None) -> int:
                "rel_error": (D - D_true) / D_true, "within_2std": abs(D - D_true) <= 2 * sd,
                "residual_norm": summ.get("residual_norm"), "converged": summ.get("converged"),
                "estimate": summ.get("estimate"), "warnings": summ.get("warnings"), "epochs": summ.get("epochs"),
-               "batches": summ.get("batches"), "train_s": summ.get("train_s"), "wall_s": wall,
+               "batches": summ.get("batches"), "train_s": summ.get("train_s"), "wall_s": wall, "cpu_s": cpu,
                "load_before": load0, "load_after": os.getloadavg()[0], "status": summ.get("status")}
         rows.append(row)
         print(f"  {sid}: {row['mask_voxels']} voxels, D_true {D_true:.4f}, D {D:.4f} +- {sd:.4f} "
               f"(members {', '.join(f'{x:.4f}' for x in row['D_members'] or [])}), error {row['rel_error']:+.1%}, "
               f"residual {row['residual_norm']}, converged {row['converged']}, {row['epochs']} epochs x "
-              f"{row['batches']} batches, {wall:.0f} s wall (load {load0:.1f} -> {row['load_after']:.1f})"
+              f"{row['batches']} batches, {wall:.0f} s wall, {cpu:.0f} s CPU (load {load0:.1f} -> {row['load_after']:.1f})"
               + (f"; warnings: {row['warnings']}" if row["warnings"] else ""), flush=True)
     errs = np.array([abs(r["rel_error"]) for r in rows])
     print(f"\nmax |error| {errs.max():.1%}, mean |error| {errs.mean():.1%}, within 10%: "
           f"{int((errs <= 0.10).sum())}/{len(rows)}, truth within mean +- 2 std: "
-          f"{sum(bool(r['within_2std']) for r in rows)}/{len(rows)}, wall {sum(r['wall_s'] for r in rows):.0f} s")
-    print("\n| phantom | D true | D | spread (std) | error | residual norm | converged | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{sum(bool(r['within_2std']) for r in rows)}/{len(rows)}, wall {sum(r['wall_s'] for r in rows):.0f} s, "
+          f"CPU {sum(r['cpu_s'] for r in rows):.0f} s")
+    print("\n| phantom | D true | D | spread (std) | error | residual norm | converged | wall s | CPU s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['phantom']} | {r['D_true']:.4f} | {r['D']:.4f} | {r['D_std']:.4f} | {r['rel_error']:+.1%} | "
-              f"{r['residual_norm']:.3e} | {r['converged']} | {r['wall_s']:.0f} |")
+              f"{r['residual_norm']:.3e} | {r['converged']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
     return 0

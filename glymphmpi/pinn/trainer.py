@@ -47,7 +47,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # The automatic schedule (``epochs = 0``): about AUTO_STEPS optimizer steps of minibatches of about
 # AUTO_BATCH data points (and as many PDE points), whatever the data size, so the cost of a member is
 # nearly fixed; epochs = steps / batches within [AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS].
-AUTO_STEPS = 12_000
+AUTO_STEPS = 9000
 AUTO_BATCH = 256
 AUTO_MIN_EPOCHS = 12
 AUTO_MAX_EPOCHS = 3000
