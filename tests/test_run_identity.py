@@ -22,8 +22,9 @@ from glymphmpi.store import Checkpointer, RunDir, lock_dir, run_identity
 @dataclasses.dataclass(frozen=True)
 class ToyConfig:
     alpha: float = 1e-6
-    max_iterations: int = 50
-    checkpoint_every: int = 1  # run-only: may change on resume
+    beta: float = 0.1
+    max_iterations: int = 50  # run-only: an iteration cap may be raised on resume
+    checkpoint_every: int = 1  # run-only
     quiet: bool = False
 
 
@@ -55,7 +56,8 @@ def test_identity_content_not_names():
     assert run_identity("fem", subject(2), ToyConfig())["subject_sha256"] != ia["subject_sha256"]
     assert run_identity("fem", a, ToyConfig(checkpoint_every=7)) == ia  # run-only setting
     assert run_identity("fem", a, ToyConfig(alpha=1e-3))["settings"]["alpha"] == 1e-3
-    assert set(ia["settings"]) == {"alpha", "max_iterations"} and ia["method"] == "fem"
+    assert run_identity("fem", a, ToyConfig(max_iterations=90)) == ia
+    assert set(ia["settings"]) == {"alpha", "beta"} and ia["method"] == "fem"
     json.dumps(ia)  # JSON-able
 
 
@@ -323,3 +325,103 @@ def test_out_not_writable_as_unprivileged_user(tmp_path):
             f"{base}/out: cannot use it as the cohort's output directory (Permission denied)"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ end to end through `glymph`
+ROMT = ["--no-post", "--set", "romt.max_iterations=1", "--set", "romt.pcg_max_iterations=3"]
+
+
+@pytest.fixture(scope="module")
+def two_subjects(tmp_path_factory):
+    """Two rOMT subjects on the same grid with different scans."""
+    from glymphmpi.subject import load_subject, write_subject
+    from glymphmpi.synth import gaussian_spheres
+
+    base = tmp_path_factory.mktemp("ident")
+    a = gaussian_spheres.write(base / "a", n=10, n_images=3, sid="sub-a")
+    s = load_subject(a)
+    b = write_subject(base / "b", "sub-b", s.times_h, np.flip(s.scans, axis=1), np.flip(s.mask, axis=0), s.affine)
+    return a, b
+
+
+def _make_unfinished(out):
+    """A finished run turned into an unfinished one holding a checkpoint of its own identity."""
+    ident = json.loads((out / "identity.json").read_text())
+    (out / "summary.json").unlink()
+    Checkpointer(out / "checkpoint.h5", identity=ident).save({"x": np.zeros(2)}, 1)
+    return ident
+
+
+def _one_line_error(r) -> str:
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("glymph: error:")]
+    assert r.returncode == 2 and len(err) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return err[0]
+
+
+def test_cli_other_subject_or_setting_refused_then_fresh(glymph, two_subjects, tmp_path):
+    a, b = two_subjects
+    out = tmp_path / "run"
+    r = glymph("romt", a, "--out", out, *ROMT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ident = _make_unfinished(out)
+    assert ident["method"] == "romt" and ident["subject_id"] == "sub-a" and "beta" in ident["settings"]
+    msg = _one_line_error(glymph("romt", b, "--out", out, *ROMT))
+    assert str(out) in msg and "subject data" in msg and "'sub-b'" in msg and "--fresh" in msg
+    msg = _one_line_error(glymph("romt", a, "--out", out, *ROMT, "--set", "romt.beta=77"))
+    assert "romt.beta 5000.0 != 77.0" in msg, msg
+    assert (out / "checkpoint.h5").exists() and not (out / "summary.json").exists()
+    r = glymph("romt", b, "--out", out, "--fresh", *ROMT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "complete" and s["identity"]["subject_id"] == "sub-b"
+    assert not (out / ".glymph.lock").exists()
+
+
+def test_cli_fem_changed_alpha_refused(glymph, tmp_path):
+    pytest.importorskip("dolfinx")
+    from test_fem_cli import _tiny_subject
+
+    subj = _tiny_subject(tmp_path / "subj")
+    out = tmp_path / "run"
+    args = ["--set", "fem.mode=data-boundary", "--set", "fem.dt_h=1.0", "--set", "fem.max_iterations=2"]
+    r = glymph("fem", subj, "--out", out, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _make_unfinished(out)
+    msg = _one_line_error(glymph("fem", subj, "--out", out, *args, "--set", "fem.alpha=0.01"))
+    assert "fem.alpha 1e-06 != 0.01" in msg and "--fresh" in msg, msg
+
+
+def test_cli_second_run_on_same_out_is_busy(glymph, two_subjects, tmp_path):
+    import time
+
+    a, _ = two_subjects
+    out = tmp_path / "run"
+    slow = ["--no-post", "--set", "romt.max_iterations=200", "--set", "romt.gn_gtol=0", "--set", "romt.gn_ftol=0"]
+    first = subprocess.Popen([sys.executable, "-m", "glymphmpi", "romt", str(a), "--out", str(out), *slow],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.time()
+        while not (out / "checkpoint.h5").exists() and time.time() - t0 < 120 and first.poll() is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        msg = _one_line_error(glymph("romt", a, "--out", out, *slow))
+        assert f"busy: another run holds .glymph.lock (pid {first.pid} on {socket.gethostname()}" in msg
+    finally:
+        first.kill()
+        first.wait()
+
+
+def test_cli_refusal_under_mpirun(two_subjects, tmp_path):
+    """mpirun -n 2 glymph romt on another subject's unfinished directory: one refusal, exit 2, lock released."""
+    if shutil.which("mpirun") is None:
+        pytest.skip("no mpirun")
+    from conftest import run_glymph
+
+    a, b = two_subjects
+    out = tmp_path / "run"
+    r = run_glymph("romt", a, "--out", out, "--mode", "parallel", *ROMT, mpi=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _make_unfinished(out)
+    r = run_glymph("romt", b, "--out", out, "--mode", "parallel", *ROMT, mpi=2)
+    assert r.returncode == 2 and "subject data" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert not (out / ".glymph.lock").exists()

@@ -17,12 +17,14 @@ import numpy as np
 
 from glymphmpi import __version__
 
-# settings that change how a run goes or what it writes besides its numbers, never the numbers:
-# they may change between a stop and its resume. A config class adds its own with a class
-# attribute ``IDENTITY_EXCLUDE = ("key", ...)``.
+# Settings that may change between a stop and its resume: they change how a run goes or what it
+# writes besides its numbers, or (max_iterations) only where it stops: the state saved at iteration
+# k is the same under any cap >= k, so raising the cap continues the same run (a method whose
+# finished parts depend on the cap, like rOMT's finished loops, checks its own key for them).
+# A config class adds its own with a class attribute ``IDENTITY_EXCLUDE = ("key", ...)``.
 RUN_ONLY = frozenset({
     "checkpoint_every", "log_every", "quiet", "vtk_every", "maps", "figures", "postprocess", "post",
-    "fft_workers", "tune_malloc", "compile", "device", "petsc_prefix",
+    "fft_workers", "tune_malloc", "compile", "device", "petsc_prefix", "max_iterations",
 })
 
 
