@@ -4,7 +4,9 @@ Layout of a run directory (/work/shared/DESIGN.md section 2, docs/architecture.m
 
     OUT/summary.json   written last, atomically; status "complete" when done
     OUT/results.h5     results; root attrs carry the provenance
-    OUT/checkpoint.h5  restart state
+    OUT/checkpoint.h5  restart state (with the run identity)
+    OUT/identity.json  the run identity of the run that prepared the directory
+    OUT/.glymph.lock   held while a run is using the directory
     OUT/maps/ figures/ vtk/ log.txt
 """
 
