@@ -56,6 +56,10 @@ def uncrop(res: dict, box: tuple, shape: tuple, nt: int, margin: int) -> dict:
     end = np.zeros(shape)
     end[box] = res["rho_end"].reshape(res["density"].shape[1:])
     out.update(velocity=vel, density=dens, rho_end=end.ravel())
+    if "source" in res:
+        src = np.zeros((nt, *shape), dtype=np.float32)
+        src[(slice(None), *box)] = res["source"]
+        out["source"] = src
     return out
 
 

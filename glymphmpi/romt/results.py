@@ -47,7 +47,7 @@ def build_results_tree(loops: list, subject, cfg: RomtConfig) -> tuple[dict, dic
     times = np.asarray(subject.times_h, dtype=np.float64)
     vox = np.asarray(subject.voxel_size_mm, dtype=np.float64)
     tree_loops = {}
-    smax, smean, misfit, gn, pcg, secs = [], [], [], [], [], []
+    smax, smean, misfit, gn, pcg, secs, rates = [], [], [], [], [], [], []
     for k, res in enumerate(loops):
         t0, t1 = float(times[k]), float(times[k + 1])
         hpm = (t1 - t0) / (cfg.nt * cfg.dt)
@@ -71,6 +71,13 @@ def build_results_tree(loops: list, subject, cfg: RomtConfig) -> tuple[dict, dic
             "stop_reason": str(res["stop_reason"]), "runtime_s": float(res["runtime_s"]),
             "speed_max_mm_per_h": mx, "speed_mean_mm_per_h": mean,
         }
+        if "source" in res:
+            src = np.asarray(res["source"], dtype=np.float32)
+            rho = np.asarray(res["density"][:-1], dtype=np.float64)
+            rate = float((src * rho).sum() / max(rho.sum(), 1e-300)) / hpm  # mass-weighted, 1/h
+            tree_loops[f"{k:03d}"].update(source=src, source_rate_per_h=rate,
+                                          source_cost=float(res.get("source_cost", 0.0)))
+            rates.append(rate)
     tree = {
         "params": {
             "nt": cfg.nt, "dt": cfg.dt, "sigma": cfg.sigma, "beta": cfg.beta, "gamma": cfg.gamma,
@@ -89,9 +96,15 @@ def build_results_tree(loops: list, subject, cfg: RomtConfig) -> tuple[dict, dic
         "speed_max_mm_per_h": float(max(smax)) if smax else 0.0,
         "speed_mean_mm_per_h": float(np.mean(smean)) if smean else 0.0,
         "speed_max_mm_per_h_per_loop": smax, "speed_mean_mm_per_h_per_loop": smean,
+        "model": cfg.model,
         "converged": [not str(r["stop_reason"]).startswith("max iterations") for r in loops],
         "warnings": loop_warnings(loops, cfg),
     }
+    if rates:
+        fields["source_rate_per_h_per_loop"] = rates
+    tree["params"]["model"] = cfg.model
+    if cfg.model == "unbalanced":
+        tree["params"]["alpha"] = cfg.alpha
     return tree, fields
 
 
@@ -101,5 +114,8 @@ RESULTS_ATTRS = {
                             "hours_per_model_time = (t1_h - t0_h) / (nt * dt); per loop the (3,) "
                             "factor voxel_size_mm / hours_per_model_time is velocity_mm_per_h_factor",
     "density_units": "the scans' units (interpolated densities rho_0..rho_nt of each loop)",
+    "source_units": "loops/NNN/source: relative source r (unbalanced model) per model time; divide by "
+                    "hours_per_model_time for 1/h (maps/relative_source.nii.gz is in 1/h); source_rate_per_h: its "
+                    "density-weighted mean in 1/h",
     "speed_fields": "speed_*_mm_per_h over voxels with density > 1% of the loop's max; mean weighted by density",
 }

@@ -44,7 +44,8 @@ def groups_for(n_loops: int, size: int, mode: str) -> int:
 
 
 def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=MPI.COMM_SELF,
-                 store: LoopStore | None = None, keep_arrays: bool = True) -> tuple[list, dict]:
+                 store: LoopStore | None = None, keep_arrays: bool = True,
+                 source_region: np.ndarray | None = None) -> tuple[list, dict]:
     """Solve every loop of a series.
 
     Args:
@@ -57,6 +58,7 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=M
             back from their files at the end.
         keep_arrays: False drops velocity/density from the returned loops
             (scalars and histories only; for benchmarks at scale).
+        source_region: chi of the unbalanced model (see :func:`glymphmpi.romt.loop.solve_loop`).
     Returns:
         (loops, info): loops is the list of per-loop dicts (see
         :func:`glymphmpi.romt.loop.solve_loop`) on world rank 0, [] elsewhere;
@@ -72,7 +74,8 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=M
     gcomm = comm.Split(color=group, key=rank)
     t_start = time.perf_counter()
     try:
-        results = _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays)
+        results = _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays,
+                               source_region)
         out = _gather(results, n_loops, comm, gcomm, store, keep_arrays)
     finally:
         gcomm.Free()
@@ -95,7 +98,8 @@ def to_image_units(res: dict, factor: float, scale: float) -> dict:
     return res
 
 
-def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays) -> dict:
+def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays,
+                 source_region=None) -> dict:
     """This group's loops, in order; raises Preempted on every rank when any rank was stopped."""
     n_loops = images.shape[0] - 1
     my_loops = split_evenly(n_loops, n_groups, group)
@@ -134,7 +138,7 @@ def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_
                         ck.step(it, full_state)
 
                 res = solve_loop(rho0, images[k + 1], cfg, active, comm=gcomm, state=st, on_iteration=on_it,
-                                 label=f"loop {k}: ", workers=workers)
+                                 label=f"loop {k}: ", workers=workers, source_region=source_region)
                 if store is not None:
                     store.save_loop(k, res, writer=gcomm.rank == 0)
                     gcomm.Barrier()
@@ -169,4 +173,4 @@ def _gather(results: dict, n_loops: int, comm, gcomm, store, keep_arrays) -> lis
 
 def scalars(res: dict) -> dict:
     """A loop result without its grid arrays (velocity, density, end density)."""
-    return {k: v for k, v in res.items() if k not in ("velocity", "density", "rho_end")}
+    return {k: v for k, v in res.items() if k not in ("velocity", "density", "rho_end", "source")}

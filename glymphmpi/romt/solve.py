@@ -48,12 +48,16 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
     if getattr(rundir, "fresh", False) and rundir.rank == 0:  # --fresh/--force: no finished loops either
         store.forget_loops()
     comm.Barrier()
-    loops, info = solve_series(images, cfg, active, comm=comm, store=store)
+    region = source_region(subject, cfg) if cfg.model == "unbalanced" else None
+    loops, info = solve_series(images, cfg, active, comm=comm, store=store, source_region=region)
     fields = {}
     if comm.rank == 0:
         tree, fields = build_results_tree(loops, subject, cfg)
         for w in fields["warnings"]:
             log.warning("%s", w)
+        if cfg.model == "unbalanced":
+            p = rundir.write_map("relative_source", source_map(tree), subject.affine)
+            log.info("relative source per loop (1/h): %s", p)
         tree["params"]["intensity_scale"] = info["intensity_scale"]
         tree["params"]["intensity_factor"] = info["intensity_factor"]
         rundir.write_results(tree, config=cfg, subject_id=subject.id, extra_attrs=RESULTS_ATTRS)
@@ -69,3 +73,31 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
 
 
 solve = run
+
+
+def source_region(subject, cfg: RomtConfig) -> np.ndarray:
+    """chi of the unbalanced model: ``romt.source_mask`` (a NIfTI on the subject's grid) or the subject mask."""
+    if not cfg.source_mask:
+        return np.asarray(subject.mask, dtype=bool)
+    from pathlib import Path
+
+    from glymphmpi.subject import load_nifti
+
+    path = Path(cfg.source_mask)
+    if not path.is_absolute() and subject.path is not None:
+        path = Path(subject.path).parent / path
+    data, affine = load_nifti(path, "romt.source_mask")
+    if data.shape[:3] != tuple(subject.shape):
+        raise InputError(f"romt.source_mask: grid {data.shape} differs from the subject's {tuple(subject.shape)}", path)
+    if float(np.abs(np.asarray(affine) - np.asarray(subject.affine)).max()) > 1e-4:
+        raise InputError("romt.source_mask: affine differs from the subject's", path)
+    return np.asarray(data).reshape(subject.shape) != 0
+
+
+def source_map(tree: dict) -> np.ndarray:
+    """(ni, nj, nk, n_loops) float32: per loop the time-mean relative source, in 1/h."""
+    maps = []
+    for name in sorted(tree["loops"]):
+        g = tree["loops"][name]
+        maps.append(np.asarray(g["source"], dtype=np.float64).mean(axis=0) / g["hours_per_model_time"])
+    return np.stack(maps, axis=-1).astype(np.float32)
