@@ -30,7 +30,7 @@ def worker(args) -> None:
 
     from mpi4py import MPI
 
-    from glymphmpi.config import load_config
+    from glymphmpi.methods import load_config
     from glymphmpi.fem.forward import DiffusionModel, TimeGrid
     from glymphmpi.fem.mesh import build_mesh
     from glymphmpi.fem.problem import ControlProblem

@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/romt_gauss.py [--n 25 50] [--loops 4] [--mode sequential]
-        [--set romt.gn_max_iter=6 ...]
+        [--set romt.max_iterations=6 ...]
 
 For each grid size n: the 5-image series of ``glymph synth gaussian-spheres``
 (4 loops), solved with the paper's parameters (nt = 10, dt = 0.4,

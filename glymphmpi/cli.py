@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mask = voxels whose max over time exceeds FRACTION of the global max")
     i.set_defaults(func=_cmd_subject_init)
 
+    s = sub.add_parser("config", help="every setting with its default and meaning, as a TOML file to edit",
+                       description="Prints the settings of METHOD (default: every table) as TOML: each key "
+                                   "with its default, its meaning and its bounds. Save it, edit it, and pass it "
+                                   "with --config FILE.")
+    s.add_argument("method", nargs="?", metavar="METHOD", help="a method (romt, fem, pinn, ...) or table name")
+    s.set_defaults(func=_cmd_config)
+
     s = sub.add_parser("demo", help="the main job on a small synthetic cohort")
     s.add_argument("--out", default="demo-output")
     s.set_defaults(func=_cmd_demo)
@@ -173,6 +180,23 @@ def _cmd_subject_init(args) -> int:
     path = init_from_4d(args.series, _parse_times(args.times), args.out, args.id,
                         mask_path=args.mask, auto_mask_fraction=args.auto_mask)
     print(path)
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from glymphmpi import methods
+    from glymphmpi.config import to_toml
+
+    tables = methods.config_tables()
+    if args.method is not None:
+        name = methods.get(args.method).table if args.method in methods.all_methods() else args.method
+        if name not in tables:
+            raise InputError(f"unknown method or table {args.method!r}; valid: "
+                             f"{', '.join(dict.fromkeys([*methods.names(), *tables]))}")
+        tables = {name: tables[name]}
+    head = (f"glymphmpi {__version__} settings: every key with its default.\n"
+            "Edit, then pass with --config FILE; keys you delete keep their defaults.")
+    print(to_toml(tables, head), end="")
     return 0
 
 

@@ -22,16 +22,59 @@ from pathlib import Path
 
 import numpy as np
 
-from glymphmpi.config import SubjectConfig, load_toml
+from typing import Annotated
+
+from glymphmpi.config import Pattern, SubjectConfig, build, load_toml
 from glymphmpi.errors import InputError
 
 log = logging.getLogger(__name__)
 
 AFFINE_TOL_MM = 1e-4
-ID_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-TOP_KEYS = {"id": str, "mask": str, "scans": list, "anatomy": str, "description": str}
-REQUIRED = ("id", "mask", "scans")
-SCAN_KEYS = {"time_h", "path"}
+ID_MAX = 64
+#: a subject id, matched in full (``\\Z``: a trailing newline does not pass)
+ID_RE = re.compile(rf"\A[A-Za-z0-9._-]{{1,{ID_MAX}}}\Z")
+ID_WHAT = f"1-{ID_MAX} letters, digits, '.', '_' and '-'"
+#: the values the solvers' arithmetic holds: squares and sums of squares of the scans stay finite
+#: and nonzero in float64 (data outside is refused up front, never silently rescaled)
+MAX_ABS_VALUE = 1e100
+MIN_PEAK_VALUE = 1e-100
+
+
+@dataclass(frozen=True)
+class ScanEntry:
+    """One ``[[scans]]`` table of a subject file.
+
+    Attributes:
+        time_h: hours after injection (finite; strictly increasing over the scans).
+        path: the scan's 3D NIfTI, relative to the subject file.
+    """
+
+    time_h: float
+    path: Annotated[str, Pattern(r"[^\x00-\x1f\x7f]+", "a file path without control characters")]
+
+
+@dataclass(frozen=True)
+class SubjectFile:
+    """The keys of a subject file (validated by the same machinery as the settings).
+
+    Attributes:
+        id: the subject's identifier.
+        mask: the domain's NIfTI (nonzero voxels are inside), relative to the subject file.
+        scans: the scans, one table each.
+        anatomy: optional display image.
+        description: free text.
+    """
+
+    id: Annotated[str, Pattern(ID_RE.pattern.removeprefix("\\A").removesuffix("\\Z"), ID_WHAT)]
+    mask: Annotated[str, Pattern(r"[^\x00-\x1f\x7f]+", "a file path without control characters")]
+    scans: list
+    anatomy: Annotated[str, Pattern(r"[^\x00-\x1f\x7f]+", "a file path without control characters")] | None = None
+    description: str = ""
+
+
+def valid_id(sid) -> bool:
+    """A safe subject id (see :data:`ID_RE`)."""
+    return isinstance(sid, str) and ID_RE.match(sid) is not None
 
 
 @dataclass
@@ -96,9 +139,11 @@ class Subject:
         Returns:
             (n, 3) coordinates in mm.
         """
+        from nibabel.affines import apply_affine
+
         if ijk is None:
             ijk = np.argwhere(self.mask)
-        return ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+        return apply_affine(self.affine, ijk)
 
     def describe(self) -> dict:
         return {
@@ -132,7 +177,37 @@ def load_nifti(path, what: str = "image"):
     except Exception as exc:  # nibabel raises many types for corrupt files
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(f"not a readable NIfTI {what} ({msg})", path) from None
+    _check_qform_sform(img, data.shape, path, what)
     return data, affine
+
+
+def _check_qform_sform(img, shape, path, what: str) -> None:
+    """Both orientations set and disagreeing: refuse beyond half a voxel, warn beyond AFFINE_TOL_MM.
+
+    nibabel (and most tools) use the sform when its code is set; a qform that maps the grid more
+    than half a voxel elsewhere means the file's orientation is ambiguous (e.g. a flip applied
+    to one of them), which no tolerance should paper over.
+    """
+    from nibabel.affines import apply_affine
+
+    header = getattr(img, "header", None)
+    if header is None or not hasattr(header, "get_sform"):
+        return
+    try:
+        sform, scode = header.get_sform(coded=True)
+        qform, qcode = header.get_qform(coded=True)
+    except Exception:  # noqa: BLE001 - a header that cannot say is not a disagreement
+        return
+    if sform is None or qform is None or not scode or not qcode:
+        return
+    n = np.asarray(shape[:3], dtype=float) - 1
+    corners = np.array([[i, j, k] for i in (0, n[0]) for j in (0, n[1]) for k in (0, n[2])])
+    diff = float(np.abs(apply_affine(sform, corners) - apply_affine(qform, corners)).max())
+    if diff > 0.5 * float(voxel_sizes(sform).min()):
+        raise InputError(f"{what}: qform and sform disagree by up to {diff:.3g} mm over the grid (more than "
+                         "half a voxel): the orientation is ambiguous; fix the header", path)
+    if diff > AFFINE_TOL_MM:
+        log.warning("%s: qform and sform disagree by up to %.3g mm; using the sform", path, diff)
 
 
 def _check_image(data, affine, path, what, ref_shape=None, ref_affine=None, ref_path=None):
@@ -164,37 +239,23 @@ def load_subject(path, config: SubjectConfig | None = None) -> Subject:
     config = config or SubjectConfig()
     path = Path(path)
     doc = load_toml(path)
-    for key in doc:
-        if key not in TOP_KEYS:
-            raise InputError(f"unknown key {key!r} (valid: {', '.join(TOP_KEYS)})", path)
-    for key in REQUIRED:
-        if key not in doc:
-            raise InputError(f"missing required key {key!r}", path)
-    for key, tp in TOP_KEYS.items():
-        if key in doc and not isinstance(doc[key], tp):
-            raise InputError(f"key {key!r} must be a {tp.__name__}", path)
-    sid = doc["id"]
-    if not ID_RE.match(sid):
-        raise InputError(f"id {sid!r} may contain only letters, digits, '.', '_' and '-'", path)
-    scans_doc = doc["scans"]
+    head = build(SubjectFile, doc, path)
+    sid = head.id
+    scans_doc = head.scans
     if len(scans_doc) < 2:
         raise InputError(f"needs at least 2 scans, found {len(scans_doc)}", path)
-    times = []
+    entries = []
     for n, entry in enumerate(scans_doc):
         if not isinstance(entry, dict):
             raise InputError(f"scans[{n}] must be a table with time_h and path", path)
-        unknown = set(entry) - SCAN_KEYS
-        if unknown:
-            raise InputError(f"scans[{n}]: unknown key {sorted(unknown)[0]!r} (valid: time_h, path)", path)
-        for k in SCAN_KEYS:
-            if k not in entry:
-                raise InputError(f"scans[{n}]: missing key {k!r}", path)
-        t = entry["time_h"]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not np.isfinite(t):
-            raise InputError(f"scans[{n}]: time_h must be a finite number, got {t!r}", path)
-        if not isinstance(entry["path"], str):
-            raise InputError(f"scans[{n}]: path must be a string", path)
-        times.append(float(t))
+        entries.append(build(ScanEntry, entry, path, f"scans[{n}]"))
+    times = [e.time_h for e in entries]
+    seen: dict = {}
+    for n, e in enumerate(entries):
+        key = (path.parent / e.path).resolve()
+        if key in seen:
+            raise InputError(f"scans[{n}] and scans[{seen[key]}] name the same file {e.path!r}", path)
+        seen[key] = n
     times_arr = np.asarray(times)
     bad = np.nonzero(np.diff(times_arr) <= 0)[0]
     if bad.size:
@@ -206,7 +267,7 @@ def load_subject(path, config: SubjectConfig | None = None) -> Subject:
         )
 
     base = path.parent
-    mask_path = base / doc["mask"]
+    mask_path = base / head.mask
     mdata, maff = load_nifti(mask_path, "mask")
     mdata = _check_image(mdata, maff, mask_path, "mask")
     mask = mdata != 0
@@ -217,14 +278,20 @@ def load_subject(path, config: SubjectConfig | None = None) -> Subject:
     scan_paths = []
     clipped = np.zeros(len(times))
     vol_mm3 = abs(np.linalg.det(maff[:3, :3]))
-    negs, pos = [], []
-    for n, entry in enumerate(scans_doc):
-        sp = base / entry["path"]
+    negs, pos, peaks = [], [], []
+    for n, entry in enumerate(entries):
+        sp = base / entry.path
         data, aff = load_nifti(sp, "scan")
         data = _check_image(data, aff, sp, "scan", mask.shape, maff, mask_path)
         inside = data[mask]
         if not np.any(inside != 0) and n > 0:
             raise InputError("scan is all zero inside the mask", sp)
+        top = float(np.abs(inside).max())
+        if top > MAX_ABS_VALUE:
+            raise InputError(f"values up to {top:.3g} inside the mask: beyond what the solvers' float64 arithmetic "
+                             f"holds (|value| <= {MAX_ABS_VALUE:g}); rescale the images (results do not depend "
+                             "on their units)", sp)
+        peaks.append(top)
         negs.append(-inside[inside < 0].sum())
         pos.append(inside[inside > 0].sum())
         scans[n] = np.maximum(data, 0.0)
@@ -232,6 +299,9 @@ def load_subject(path, config: SubjectConfig | None = None) -> Subject:
     ref = max(pos)
     if ref <= 0:
         raise InputError("every scan is zero or negative inside the mask", path)
+    if max(peaks) < MIN_PEAK_VALUE:
+        raise InputError(f"the largest value inside the mask is {max(peaks):.3g}: below what the solvers' float64 "
+                         f"arithmetic resolves (>= {MIN_PEAK_VALUE:g}); rescale the images", path)
     for n, neg in enumerate(negs):
         share = neg / ref
         if share > config.max_negative_mass_fraction:
@@ -247,7 +317,7 @@ def load_subject(path, config: SubjectConfig | None = None) -> Subject:
             path, int((clipped > 0).sum()), np.array2string(clipped, precision=4),
             100 * clipped.sum() / max(np.abs(scans[:, mask]).sum() * vol_mm3, 1e-300),
         )
-    anatomy = base / doc["anatomy"] if "anatomy" in doc else None
+    anatomy = base / head.anatomy if head.anatomy is not None else None
     if anatomy is not None and not anatomy.exists():
         raise InputError("anatomy file not found", anatomy)
     return Subject(
@@ -264,33 +334,27 @@ def write_subject(out_dir, sid: str, times_h, scans, mask, affine, anatomy=None,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not ID_RE.match(sid):
-        raise InputError(f"id {sid!r} may contain only letters, digits, '.', '_' and '-'")
+    if not valid_id(sid):
+        raise InputError(f"id {sid[:40]!r}: must be {ID_WHAT}")
     write_nifti(out / "mask.nii.gz", np.asarray(mask).astype(np.uint8), affine)
     entries = []
     for i, (t, img) in enumerate(zip(times_h, scans)):
         name = scan_name.format(i=i, t=t)
         write_nifti(out / name, np.asarray(img, dtype=dtype), affine, keep_dtype=True)
         entries.append({"time_h": float(t), "path": name})
-    lines = [f"id = {_toml_str(sid)}", 'mask = "mask.nii.gz"']
+    import tomli_w
+
+    doc: dict = {"id": sid, "mask": "mask.nii.gz"}
     if description:
-        lines.append(f"description = {_toml_str(description)}")
+        doc["description"] = description
     if anatomy is not None:
         write_nifti(out / "anatomy.nii.gz", np.asarray(anatomy, dtype=np.float32), affine)
-        lines.append('anatomy = "anatomy.nii.gz"')
-    for e in entries:
-        lines += ["", "[[scans]]", f"time_h = {e['time_h']!r}", f"path = {_toml_str(e['path'])}"]
-    text = "\n".join(lines) + "\n"
+        doc["anatomy"] = "anatomy.nii.gz"
+    # the scans as [[scans]] tables (tomli_w would inline them), every value escaped by tomli_w
+    text = tomli_w.dumps(doc) + "".join(f"\n[[scans]]\n{tomli_w.dumps(e)}" for e in entries)
     toml_path = out / "subject.toml"
     atomic_write_bytes(toml_path, text.encode())
     return toml_path
-
-
-def _toml_str(text: str) -> str:
-    """A TOML basic string (tomli_w escapes it correctly)."""
-    import tomli_w
-
-    return tomli_w.dumps({"v": text}).split("=", 1)[1].strip()
 
 
 def init_from_4d(series_path, times_h, out_dir, sid: str, mask_path=None,

@@ -37,8 +37,6 @@ LAYER_OF = {c: n for n, comps in LAYERS.items() for c in comps}
 #: Known violations, each with its owner; the list shrinks to nothing as the owners fix theirs.
 #: An entry is (importing file relative to glymphmpi/, imported component).
 ALLOWED: dict[tuple[str, str], str] = {
-    ("config.py", "methods"): "H1: transitional config.load_config/config_class/known_sections delegates, removed "
-                              "once tests/benchmarks/cohort import them from glymphmpi.methods",
 }
 
 

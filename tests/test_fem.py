@@ -154,7 +154,7 @@ def test_adjoint_taylor(comm, theta, lumped, param):
     from glymphmpi.fem.problem import ControlProblem
     from glymphmpi.fem.transfer import sample
 
-    cfg = FemConfig(theta=theta, lumped_mass=lumped, dt_h=0.7, parametrization=param,
+    cfg = FemConfig(theta=theta, lumped_mass=lumped, dt_h=0.7, d_param=param,
                     delta0=0.3 if param == "sigmoid" else 0.5, alpha=0.1, beta=0.1, gamma=0.05,
                     petsc_options={"ksp_type": "cg", "pc_type": "jacobi", "ksp_rtol": 1e-13,
                                    "ksp_atol": 1e-30})
@@ -179,7 +179,7 @@ def test_data_boundary_recovers_D_exactly(comm, param, tao):
 
     D_true = 0.45
     subj = _synthetic_subject(comm, D=D_true)
-    cfg = FemConfig(mode="data-boundary", dt_h=0.5, parametrization=param, tao_type=tao,
+    cfg = FemConfig(mode="data-boundary", dt_h=0.5, d_param=param, tao_type=tao,
                     delta0=0.0 if param == "sigmoid" else 1.0, gatol=1e-12, grtol=1e-12, max_iterations=60)
     res = estimate(subj, cfg, comm)
     assert res.D == pytest.approx(D_true, rel=1e-6)
@@ -211,7 +211,7 @@ def test_bad_input(comm):
 
 
 def test_config_validation():
-    from glymphmpi.config import load_config
+    from glymphmpi.methods import load_config
 
     cfg = load_config("fem", None, ["fem.mode=data-boundary", "fem.beta=0.5"])
     assert cfg.mode == "data-boundary" and cfg.beta == 0.5
@@ -225,7 +225,7 @@ def test_sigmoid_parametrisation():
     from glymphmpi.fem.problem import sigmoid
 
     cfg = FemConfig()
-    assert cfg.D_min + sigmoid(0.0) * cfg.D_max == pytest.approx(0.7)
+    assert cfg.d_min + sigmoid(0.0) * cfg.d_max == pytest.approx(0.7)
     assert sigmoid(-800.0) == 0.0 and sigmoid(800.0) == 1.0 and math.isfinite(sigmoid(-1e4))
 
 

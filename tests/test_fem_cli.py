@@ -79,7 +79,7 @@ def test_preempt_and_resume(tmp_path):
     subj = _tiny_subject(tmp_path / "subj", noise=0.02)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "glymphmpi", "fem", str(subj), "--out", str(out), "--set", "fem.dt_h=0.25",
-           "--set", "fem.max_iterations=40", "--set", "fem.D_rtol=0", "--set", "fem.gatol=0",
+           "--set", "fem.max_iterations=40", "--set", "fem.d_rtol=0", "--set", "fem.gatol=0",
            "--set", "fem.grtol=0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_"))}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -116,7 +116,7 @@ def test_preempt_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("mode,extra", [("data-boundary", ["fem.gatol=1e-12", "fem.grtol=1e-12"]),
-                                        ("boundary-control", ["fem.max_iterations=15", "fem.D_rtol=0"])])
+                                        ("boundary-control", ["fem.max_iterations=15", "fem.d_rtol=0"])])
 def test_cli_two_ranks_same_D(tmp_path, glymph, mode, extra):
     """A fit on 2 ranks gives the serial D to 1e-6 relative (two subprocesses:
     1 rank and mpirun -n 2; data-boundary converged, boundary-control after the

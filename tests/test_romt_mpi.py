@@ -28,7 +28,7 @@ def _series(n=12, p=4):
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_loops_over_ranks_match_serial(comm, mode):
     imgs = _series()
-    cfg = RomtConfig(mode=mode, gn_max_iter=3, pcg_max_iter=10, mask_dilation=-1)
+    cfg = RomtConfig(mode=mode, max_iterations=3, pcg_max_iterations=10, mask_dilation=-1)
     act = np.ones(imgs.shape[1:], bool)
     loops, info = solve_series(imgs, cfg, act, comm=comm)
     if comm.rank == 0:
@@ -92,7 +92,7 @@ def test_cli_two_ranks_match_one(glymph, tmp_path):
     from glymphmpi.synth import gaussian_spheres
 
     subj = gaussian_spheres.write(tmp_path / "g", n=12, n_images=4, sid="g12")
-    args = ["--no-post", "--set", "romt.gn_max_iter=2", "--set", "romt.pcg_max_iter=10"]
+    args = ["--no-post", "--set", "romt.max_iterations=2", "--set", "romt.pcg_max_iterations=10"]
     for mode in ("parallel", "sequential"):
         r1 = glymph("romt", subj, "--out", tmp_path / f"one-{mode}", "--mode", mode, *args)
         assert r1.returncode == 0, r1.stderr

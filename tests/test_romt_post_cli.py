@@ -89,7 +89,7 @@ def test_romt_then_romt_post_on_small_gaussian_spheres(tmp_path, glymph):
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     r = glymph("--quiet", "romt", tmp_path / "subj" / "subject.toml", "--out", run, "--set",
-               "romt.gn_max_iter=2", "--set", "romt.nt=5", "--set", "romt.dt=0.8",
+               "romt.max_iterations=2", "--set", "romt.nt=5", "--set", "romt.dt=0.8",
                "--set", "romt_post.write_figures=false")
     assert r.returncode == 0, r.stderr
     s1 = json.loads((run / "summary.json").read_text())

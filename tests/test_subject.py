@@ -147,7 +147,7 @@ def test_empty_mask(tmp_path, capsys):
 def test_bad_id(tmp_path, capsys):
     toml, _, _ = make(tmp_path)
     rewrite(toml, 'id = "sub-01"', 'id = "sub 01/../x"')
-    check_cli_error(capsys, toml, "may contain only letters")
+    check_cli_error(capsys, toml, "id: must be 1-64 letters, digits")
 
 
 def test_unknown_key(tmp_path, capsys):
@@ -177,7 +177,7 @@ def test_malformed_toml(tmp_path, capsys):
 def test_time_not_a_number(tmp_path, capsys):
     toml, _, _ = make(tmp_path)
     rewrite(toml, "time_h = 7.0", 'time_h = "seven"')
-    check_cli_error(capsys, toml, "time_h must be a finite number")
+    check_cli_error(capsys, toml, "scans[1].time_h: must be a finite number")
 
 
 def test_all_zero_later_scan(tmp_path, capsys):
@@ -241,3 +241,69 @@ def test_gzip_header_but_garbage(tmp_path, capsys):
     toml, _, _ = make(tmp_path)
     (tmp_path / "conc_00.nii.gz").write_bytes(gzip.compress(b"\x00" * 400))
     check_cli_error(capsys, toml, "not a readable NIfTI", "conc_00.nii.gz")
+
+
+# ------------------------------------------------------------------ suspicious input (issue 17 §3, §6)
+def test_id_is_matched_in_full(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, 'id = "sub-01"', 'id = "sub-01\\n"')  # a trailing newline must not pass ($ would let it)
+    check_cli_error(capsys, toml, "id: must be 1-64 letters, digits", "subject.toml")
+    rewrite(toml, 'id = "sub-01\\n"', f'id = "{"s" * 100_000}"')  # refused at once, not after 110 s of figures
+    err = check_cli_error(capsys, toml, "id: must be 1-64 letters")
+    assert len(err) < 400  # the message does not echo 100,000 characters... much
+    with pytest.raises(InputError, match="id"):
+        write_subject(tmp_path / "w", "a\n", [0, 1], np.ones((2, 3, 3, 3)), np.ones((3, 3, 3)), AFF)
+
+
+def test_two_scans_naming_the_same_file_are_refused(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, 'path = "conc_01.nii.gz"', 'path = "./conc_00.nii.gz"')
+    check_cli_error(capsys, toml, "scans[1] and scans[0] name the same file", "subject.toml")
+
+
+def test_control_characters_in_a_path_are_refused(tmp_path, capsys):
+    toml, _, _ = make(tmp_path)
+    rewrite(toml, 'path = "conc_01.nii.gz"', 'path = "conc_01.nii.gz\\tx"')
+    check_cli_error(capsys, toml, "scans[1].path: must be a file path without control characters")
+
+
+@pytest.mark.parametrize("factor, ok", [(1e300, False), (1e-300, False), (1e30, True), (1e-30, True)])
+def test_values_the_arithmetic_cannot_hold_are_refused_up_front(tmp_path, capsys, factor, ok):
+    rng = np.random.default_rng(1)
+    shape = (6, 5, 4)
+    mask = np.zeros(shape, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    scans = rng.uniform(0.1, 1.0, (3,) + shape) * factor
+    toml = write_subject(tmp_path, "s1", [0.0, 1.0, 2.0], scans, mask, AFF, dtype=np.float64)
+    if ok:
+        s = load_subject(toml)
+        assert s.scans.max() == pytest.approx(scans.max(), rel=1e-12)
+        assert np.isfinite(s.mass_per_scan()).all() and (s.mass_per_scan() > 0).all()
+    else:
+        err = check_cli_error(capsys, toml, "rescale the images")
+        assert ("beyond" in err) == (factor > 1)
+
+
+def _nifti_with_forms(path, data, sform, qform):
+    img = nib.Nifti1Image(data.astype(np.float32), sform)
+    img.set_sform(sform, code=1)
+    img.set_qform(qform, code=1)
+    nib.save(img, str(path))
+
+
+def test_qform_and_sform_disagreeing(tmp_path, capsys, caplog):
+    toml, scans, mask = make(tmp_path)
+    # a small disagreement (0.01 mm): warned, the sform is used
+    q = AFF.copy()
+    q[:3, 3] += 0.01
+    _nifti_with_forms(tmp_path / "conc_01.nii.gz", scans[1], AFF, q)
+    with caplog.at_level("WARNING", logger="glymphmpi"):
+        s = load_subject(toml)
+    assert "qform and sform disagree" in caplog.text and np.allclose(s.affine, AFF)
+    capsys.readouterr()  # (a console handler of an earlier test's main() may have written here)
+    # a flipped axis in the qform: the orientation is ambiguous, refused
+    q = AFF.copy()
+    q[0, 0] = -q[0, 0]
+    q[0, 3] = 2.5
+    _nifti_with_forms(tmp_path / "conc_01.nii.gz", scans[1], AFF, q)
+    check_cli_error(capsys, toml, "qform and sform disagree by up to", "conc_01.nii.gz")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from typing import Literal
+
+from glymphmpi.config import NonNegativeInt, Positive, PositiveInt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,32 +35,22 @@ class CohortConfig:
         job_prefix: prefix of SLURM job names.
     """
 
-    max_attempts: int = 3
-    max_requeues: int = 3
-    poll_s: float = 2.0
+    max_attempts: PositiveInt = 3
+    max_requeues: NonNegativeInt = 3
+    poll_s: Positive = 2.0
     array: bool = True
     release_requeued: bool = True
-    mpi_launcher: str = "srun"
+    mpi_launcher: Literal["srun", "mpirun"] = "srun"
     srun_mpi: str = "pmix"
     interface: str = ""
-    dask_cores: int = 1
+    dask_cores: PositiveInt = 1
     dask_memory: str = "1GB"
     dask_walltime: str = "01:00:00"
-    dask_max_jobs: int = 1
-    local_cores: int = 0
+    dask_max_jobs: PositiveInt = 1
+    local_cores: NonNegativeInt = 0
     job_prefix: str = "glymph"
 
     def validate(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError("cohort.max_attempts must be >= 1")
-        if self.max_requeues < 0:
-            raise ValueError("cohort.max_requeues must be >= 0")
-        if self.poll_s <= 0:
-            raise ValueError("cohort.poll_s must be > 0")
-        if self.mpi_launcher not in ("srun", "mpirun"):
-            raise ValueError(f"cohort.mpi_launcher must be 'srun' or 'mpirun', not {self.mpi_launcher!r}")
-        if self.dask_cores < 1 or self.dask_max_jobs < 1 or self.local_cores < 0:
-            raise ValueError("cohort.dask_cores and dask_max_jobs must be >= 1, local_cores >= 0")
-        if not self.job_prefix.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"cohort.job_prefix {self.job_prefix!r}: letters, digits, '-' and '_' only")
-
+        """What the field declarations cannot say (they hold the choices and bounds)."""
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.job_prefix):
+            raise ValueError(f"job_prefix: {self.job_prefix!r}: letters, digits, '-' and '_' only")

@@ -38,7 +38,8 @@ import dataclasses
 import glob
 from pathlib import Path
 
-from glymphmpi.config import build, config_class, known_sections, load_toml, parse_override
+from glymphmpi.config import build, load_toml, parse_override
+from glymphmpi.methods import config_class, known_sections
 from glymphmpi.errors import InputError
 
 from .config import CohortConfig

@@ -9,10 +9,9 @@ and delta = 0 at the start; regularisation (alpha, beta, gamma) =
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-MODES = ("boundary-control", "data-boundary")
-PARAMETRIZATIONS = ("sigmoid", "direct")
-TAO_TYPES = ("lmvm", "blmvm", "bqnls", "cg", "bncg", "nls")
+from glymphmpi.config import NonNegative, NonNegativeInt, Positive, PositiveInt, Range
 
 
 def _default_petsc_options() -> dict:
@@ -29,9 +28,9 @@ class FemConfig:
     Attributes:
         mode: "boundary-control" (D and g per time step are controls) or
             "data-boundary" (g from the scans, linear in time; only D).
-        parametrization: "sigmoid" (D = D_min + sigmoid(delta) * D_max) or
+        d_param: "sigmoid" (D = d_min + sigmoid(delta) * d_max) or
             "direct" (D = delta, mm^2/h).
-        D_min, D_max: sigmoid parametrisation bounds (mm^2/h).
+        d_min, d_max: sigmoid parametrisation bounds (mm^2/h).
         delta0: initial delta (sigmoid: 0 -> D = 0.7; direct: the initial D).
         delta_scale: the optimiser sees delta * delta_scale; None = automatic
             (equal curvature along delta and along a uniform g, estimated
@@ -52,7 +51,7 @@ class FemConfig:
             solve, PETSc KSP CG on the matrix-free Hessian, warm started; then a safeguarded
             secant search for the root of dj/dD; see projection.py). data-boundary mode
             always uses TAO (D is the only control).
-        inner_rtol, inner_max_it: the first inner CG solve reduces its residual by inner_rtol,
+        inner_rtol, inner_max_iterations: the first inner CG solve reduces its residual by inner_rtol,
             later ones stop at the same absolute residual; iteration cap per solve (each
             iteration is one forward + adjoint solve).
         inner_options: extra options of the inner KSP (prefix ``<petsc_prefix>inner_``).
@@ -61,12 +60,12 @@ class FemConfig:
             ``ControlProblem.probe_g_scale``).
         outer_step: first step in delta of the outer search (sigmoid; "direct": fraction of D).
         tao_type: PETSc TAO solver.
-        max_iterations: TAO iteration limit.
+        max_iterations: iteration limit of the optimizer (TAO iterations; projection: outer steps).
         gatol, grtol: TAO absolute / relative gradient tolerances (of the
             normalised functional J / J_scale, J_scale = sum_i ||d_i||^2).
-        D_rtol, D_window: projection: stop when an outer step changes D by at most D_rtol
-            (relative). TAO: also stop when D varied by at most D_rtol over the last
-            D_window iterations (0 disables; boundary-control mode only).
+        d_rtol, d_window: projection: stop when an outer step changes D by at most d_rtol
+            (relative). TAO: also stop when D varied by at most d_rtol over the last
+            d_window iterations (0 disables; boundary-control mode only).
         lmvm_memory: L-BFGS memory (pairs).
         petsc_options: KSP/PC options, applied with prefix ``petsc_prefix``.
         tao_options: extra TAO options (without prefix), e.g. {"tao_ls_type": "armijo"}.
@@ -74,76 +73,50 @@ class FemConfig:
         checkpoint_every: save the controls every N iterations (1 = each).
         vtk_every: write c(t) and g(t) to XDMF every N time steps (and at every scan;
             DOLFINx 0.5 takes about 0.4 s per frame at 35k nodes).
-        quiet: no progress output.
     """
 
-    mode: str = "boundary-control"
-    parametrization: str = "sigmoid"
-    D_min: float = 0.1
-    D_max: float = 1.2
+    #: old key -> new key (a file or --set using the old one gets a one-line error naming the new)
+    RENAMED = {"parametrization": "d_param", "D_min": "d_min", "D_max": "d_max", "D_rtol": "d_rtol",
+               "D_window": "d_window", "inner_max_it": "inner_max_iterations",
+               "quiet": "the command-line switch `glymph --quiet`"}
+
+    mode: Literal["boundary-control", "data-boundary"] = "boundary-control"
+    d_param: Literal["sigmoid", "direct"] = "sigmoid"
+    d_min: Positive = 0.1
+    d_max: Positive = 1.2
     delta0: float = 0.0
-    delta_scale: float | None = None
-    g_scaling: str = "none"
-    dt_h: float = 1.0
+    delta_scale: Positive | None = None
+    g_scaling: Literal["diagonal", "none"] = "none"
+    dt_h: Positive = 1.0
     t_end_h: float | None = None
-    theta: float = 0.5
+    theta: Annotated[float, Range(ge=0.5, le=1.0)] = 0.5
     lumped_mass: bool = True
-    alpha: float = 1e-6
-    beta: float = 0.1
-    gamma: float = 0.01
-    optimizer: str = "tao"
-    inner_rtol: float = 1e-4
-    inner_max_it: int = 200
+    alpha: NonNegative = 1e-6
+    beta: NonNegative = 0.1
+    gamma: NonNegative = 0.01
+    optimizer: Literal["tao", "projection"] = "tao"
+    inner_rtol: Annotated[float, Range(gt=0, lt=1)] = 1e-4
+    inner_max_iterations: PositiveInt = 200
     inner_options: dict = field(default_factory=dict)
     inner_probe: bool = True
-    outer_step: float = 0.2
-    tao_type: str = "lmvm"
-    max_iterations: int = 200
-    gatol: float = 1e-8
-    grtol: float = 1e-6
-    D_rtol: float = 1e-3
-    D_window: int = 10
-    lmvm_memory: int = 10
+    outer_step: Positive = 0.2
+    tao_type: Literal["lmvm", "blmvm", "bqnls", "cg", "bncg", "nls"] = "lmvm"
+    max_iterations: NonNegativeInt = 200
+    gatol: NonNegative = 1e-8
+    grtol: NonNegative = 1e-6
+    d_rtol: NonNegative = 1e-3
+    d_window: PositiveInt = 10
+    lmvm_memory: PositiveInt = 10
     petsc_options: dict = field(default_factory=_default_petsc_options)
     tao_options: dict = field(default_factory=dict)
     petsc_prefix: str = "glymph_fem_"
-    checkpoint_every: int = 1
-    vtk_every: int = 6
-    quiet: bool = False
+    checkpoint_every: NonNegativeInt = 1
+    vtk_every: PositiveInt = 6
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"fem.mode {self.mode!r} is not one of {', '.join(MODES)}")
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise ValueError(f"fem.parametrization {self.parametrization!r} is not one of "
-                             f"{', '.join(PARAMETRIZATIONS)}")
-        if self.optimizer not in ("projection", "tao"):
-            raise ValueError(f"fem.optimizer {self.optimizer!r} is not 'projection' or 'tao'")
-        if not (0 < self.inner_rtol < 1 and self.inner_max_it >= 1 and self.outer_step > 0):
-            raise ValueError("fem.inner_rtol must be in (0, 1), fem.inner_max_it >= 1, fem.outer_step > 0")
-        if self.tao_type not in TAO_TYPES:
-            raise ValueError(f"fem.tao_type {self.tao_type!r} is not one of {', '.join(TAO_TYPES)}")
-        if not (self.D_min > 0 and self.D_max > 0):
-            raise ValueError("fem.D_min and fem.D_max must be > 0")
-        if self.parametrization == "direct" and self.delta0 <= 0:
-            raise ValueError("fem.delta0 is the initial D with parametrization 'direct': must be > 0")
-        if self.g_scaling not in ("diagonal", "none"):
-            raise ValueError(f"fem.g_scaling {self.g_scaling!r} is not 'diagonal' or 'none'")
-        if self.delta_scale is not None and not self.delta_scale > 0:
-            raise ValueError("fem.delta_scale must be > 0")
-        if not self.dt_h > 0:
-            raise ValueError("fem.dt_h must be > 0")
-        if not 0.5 <= self.theta <= 1.0:
-            raise ValueError("fem.theta must be in [0.5, 1] (0.5 Crank-Nicolson, 1 implicit Euler)")
-        if min(self.alpha, self.beta, self.gamma) < 0:
-            raise ValueError("fem.alpha, fem.beta, fem.gamma must be >= 0")
-        if self.D_rtol < 0 or self.D_window < 1:
-            raise ValueError("fem.D_rtol must be >= 0 and fem.D_window >= 1")
-        if self.max_iterations < 0 or self.lmvm_memory < 1:
-            raise ValueError("fem.max_iterations must be >= 0 and fem.lmvm_memory >= 1")
-        if self.checkpoint_every < 0 or self.vtk_every < 1:
-            raise ValueError("fem.checkpoint_every must be >= 0 and fem.vtk_every >= 1")
+        """What the field declarations cannot say (they hold the choices and bounds)."""
+        if self.d_param == "direct" and not self.delta0 > 0:
+            raise ValueError(f"delta0: is the initial D with d_param 'direct': must be > 0, got {self.delta0}")
         for k in list(self.petsc_options) + list(self.tao_options) + list(self.inner_options):
             if not isinstance(k, str) or k.startswith("-"):
-                raise ValueError(f"PETSc option {k!r}: give names without a leading '-'")
-
+                raise ValueError(f"petsc_options: option {k!r}: give names without a leading '-'")

@@ -188,10 +188,10 @@ class ControlProblem:
 
     def D_of(self, delta: float) -> tuple[float, float]:
         """(D, dD/ddelta)."""
-        if self.cfg.parametrization == "direct":
+        if self.cfg.d_param == "direct":
             return delta, 1.0
         s = sigmoid(delta)
-        return self.cfg.D_min + s * self.cfg.D_max, self.cfg.D_max * s * (1.0 - s)
+        return self.cfg.d_min + s * self.cfg.d_max, self.cfg.d_max * s * (1.0 - s)
 
     def auto_scale(self, x, eps: float = 1e-3) -> float:
         """Set s = sqrt(curvature along delta / curvature along uniform g) at ``x``.

@@ -70,7 +70,7 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
     prefix = object_prefix(cfg.petsc_prefix + "inner_", ksp)
     # the first solve reduces its initial residual by inner_rtol; later (warm-started) solves stop at
     # the same absolute residual, so that every j(D) and dj/dD is computed to the same accuracy
-    inner = {"ksp_type": "cg", "pc_type": "none", "ksp_rtol": cfg.inner_rtol, "ksp_max_it": cfg.inner_max_it,
+    inner = {"ksp_type": "cg", "pc_type": "none", "ksp_rtol": cfg.inner_rtol, "ksp_max_it": cfg.inner_max_iterations,
              "ksp_converged_use_initial_residual_norm": True, **cfg.inner_options}
     ksp.setOptionsPrefix(prefix)
     ksp.setOperators(H)
@@ -132,7 +132,7 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
 
         update(delta, phi)
         prev = None
-        step = cfg.outer_step if cfg.parametrization == "sigmoid" else cfg.outer_step * max(delta, 1e-3)
+        step = cfg.outer_step if cfg.d_param == "sigmoid" else cfg.outer_step * max(delta, 1e-3)
         while it < cfg.max_iterations:
             if phi == 0.0:
                 reason = "CONVERGED_GATOL"
@@ -157,7 +157,7 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
             D_new = problem.D_of(delta)[0]
             if on_iteration is not None:
                 on_iteration(it, x, f, abs(phi))
-            if abs(D_new - D_old) <= cfg.D_rtol * abs(D_new):
+            if abs(D_new - D_old) <= cfg.d_rtol * abs(D_new):
                 reason = "CONVERGED_D_STEP"
                 break
     except BaseException as exc:  # re-raised after the clean-up

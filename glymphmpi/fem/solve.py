@@ -158,10 +158,10 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             log.info("it %3d  J = %.6e  |grad| = %.3e  D = %.6f mm^2/h", it, f * problem.J_scale, gnorm, D)
         if checkpointer is not None:
             checkpointer.step(it, state_fn(xv))
-        w = cfg.D_window
+        w = cfg.d_window
         Ds = history["D"]
-        return bool(cfg.D_rtol > 0 and problem.full and len(Ds) > w and it - start >= w
-                    and (max(Ds[-w - 1:]) - min(Ds[-w - 1:])) <= cfg.D_rtol * Ds[-1])
+        return bool(cfg.d_rtol > 0 and problem.full and len(Ds) > w and it - start >= w
+                    and (max(Ds[-w - 1:]) - min(Ds[-w - 1:])) <= cfg.d_rtol * Ds[-1])
 
     ev0, ksp0, sol0 = problem.evaluations, model.ksp_iterations, model.solves
     if problem.full and cfg.optimizer == "projection":
@@ -214,7 +214,7 @@ def solve(subject, cfg, rundir, comm) -> dict:
     ckpt = rundir.checkpointer(every=cfg.checkpoint_every)
     from glymphmpi.log import quiet as quiet_mode
 
-    res = estimate(subject, cfg, comm, checkpointer=ckpt, quiet=cfg.quiet or quiet_mode())
+    res = estimate(subject, cfg, comm, checkpointer=ckpt, quiet=quiet_mode())
     vm, model = res.vm, res.model
     grid = model.grid
     obs = [int(s) for s in grid.obs_step]

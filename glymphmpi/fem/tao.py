@@ -68,7 +68,7 @@ def run_tao(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dic
     tao.setMonitor(monitor)
     tao.setTolerances(gatol=cfg.gatol, grtol=cfg.grtol, gttol=0.0)
     tao.setMaximumIterations(max(0, cfg.max_iterations - start_iteration))
-    if cfg.tao_type in ("blmvm", "bqnls", "bncg") and cfg.parametrization == "direct":
+    if cfg.tao_type in ("blmvm", "bqnls", "bncg") and cfg.d_param == "direct":
         lb, ub = x.duplicate(), x.duplicate()
         lb.set(PETSc.NINFINITY)
         ub.set(PETSc.INFINITY)

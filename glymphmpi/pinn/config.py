@@ -11,12 +11,11 @@ from 1e-3 to 1e-4 over the run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-ACTIVATIONS = ("tanh", "sin", "silu")
-D_PARAMS = ("sigmoid", "direct")
-P_SCHEDULES = ("1", "2", "2to1")
-DEVICES = ("auto", "cpu", "cuda")
-DTYPES = ("float32", "float64")
+from glymphmpi.config import NonNegative, NonNegativeInt, Positive, PositiveInt, Range, UnitFraction
+
+EarlyStopEpoch = Annotated[int, Range(ge=2)]
 
 
 @dataclass(frozen=True)
@@ -83,80 +82,50 @@ class PinnConfig:
         figures: write PNG figures.
     """
 
-    depth: int = 6
-    width: int = 64
-    activation: str = "tanh"
-    dtype: str = "float32"
-    device: str = "auto"
+    depth: PositiveInt = 6
+    width: PositiveInt = 64
+    activation: Literal["tanh", "sin", "silu"] = "tanh"
+    dtype: Literal["float32", "float64"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
-    d_param: str = "sigmoid"
-    d_min: float = 0.1
-    d_max: float = 1.2
+    d_param: Literal["sigmoid", "direct"] = "sigmoid"
+    d_min: NonNegative = 0.1
+    d_max: Positive = 1.2
     delta0: float = 0.0
-    p_schedule: str = "1"
-    p_switch_epoch: int = 0
-    w_r: float = 1.0
-    epochs: int = 2000
-    batches: int = 20
-    lr_start: float = 1e-3
-    lr_end: float = 1e-4
-    delta_freeze_epochs: int = 0
-    lbfgs_steps: int = 0
-    pde_points: int = 0
-    resample_every: int = 0
-    rar_epochs: tuple[int, ...] = ()
-    rar_add: int = 100_000
-    rae_epochs: tuple[int, ...] = ()
-    rae_fraction: float = 0.1
-    rar_pool: int = 1_000_000
-    residual_times: int = 200
-    residual_voxels: int = 20_000
-    ensemble: int = 1
-    seed: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 50
-    early_stop_epochs: tuple[int, ...] = ()
-    early_stop_d_margin: float = 0.01
-    early_stop_min_drop: float = 0.1
+    p_schedule: Literal["1", "2", "2to1"] = "1"
+    p_switch_epoch: NonNegativeInt = 0
+    w_r: NonNegative = 1.0
+    epochs: PositiveInt = 2000
+    batches: PositiveInt = 20
+    lr_start: Positive = 1e-3
+    lr_end: Positive = 1e-4
+    delta_freeze_epochs: NonNegativeInt = 0
+    lbfgs_steps: NonNegativeInt = 0
+    pde_points: NonNegativeInt = 0
+    resample_every: NonNegativeInt = 0
+    rar_epochs: tuple[NonNegativeInt, ...] = ()
+    rar_add: NonNegativeInt = 100_000
+    rae_epochs: tuple[NonNegativeInt, ...] = ()
+    rae_fraction: Annotated[float, Range(gt=0, lt=1)] = 0.1
+    rar_pool: NonNegativeInt = 1_000_000
+    residual_times: PositiveInt = 200
+    residual_voxels: NonNegativeInt = 20_000
+    ensemble: PositiveInt = 1
+    seed: NonNegativeInt = 0
+    checkpoint_every: NonNegativeInt = 50
+    log_every: PositiveInt = 50
+    early_stop_epochs: tuple[EarlyStopEpoch, ...] = ()
+    early_stop_d_margin: UnitFraction = 0.01
+    early_stop_min_drop: UnitFraction = 0.1
     maps: bool = True
     figures: bool = True
 
     def validate(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r} not one of {', '.join(ACTIVATIONS)}")
-        if self.d_param not in D_PARAMS:
-            raise ValueError(f"d_param {self.d_param!r} not one of {', '.join(D_PARAMS)}")
-        if self.p_schedule not in P_SCHEDULES:
-            raise ValueError(f"p_schedule {self.p_schedule!r} not one of {', '.join(P_SCHEDULES)}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device {self.device!r} not one of {', '.join(DEVICES)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} not one of {', '.join(DTYPES)}")
-        for name in ("depth", "width", "epochs", "batches", "ensemble", "residual_times"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("pde_points", "resample_every", "lbfgs_steps", "checkpoint_every", "rar_add",
-                     "residual_voxels", "p_switch_epoch", "delta_freeze_epochs"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not (self.lr_start > 0 and self.lr_end > 0):
-            raise ValueError("lr_start and lr_end must be > 0")
-        if self.w_r < 0:
-            raise ValueError("w_r must be >= 0")
-        if not 0 < self.rae_fraction < 1:
-            raise ValueError("rae_fraction must be in (0, 1)")
-        if self.d_param == "sigmoid" and not (self.d_min >= 0 and self.d_max > 0):
-            raise ValueError("need d_min >= 0 and d_max > 0")
-        if self.d_param == "direct" and self.delta0 <= 0:
-            raise ValueError("d_param 'direct' needs delta0 > 0 (the initial D in mm^2/h)")
+        """What the field declarations cannot say (they hold the choices and bounds)."""
+        if self.d_param == "direct" and not self.delta0 > 0:
+            raise ValueError(f"delta0: d_param 'direct' needs delta0 > 0 (the initial D in mm^2/h), got {self.delta0}")
         if (self.rar_epochs or self.rae_epochs) and self.rar_pool < 1:
-            raise ValueError("rar_pool must be >= 1 when RAR/RAE is on")
-        if not (0 <= self.early_stop_d_margin < 1 and 0 <= self.early_stop_min_drop < 1):
-            raise ValueError("early_stop_d_margin and early_stop_min_drop must be in [0, 1)")
-        if any(e < 2 for e in self.early_stop_epochs):
-            raise ValueError("early_stop_epochs must be >= 2 (the baseline is taken after epoch 1)")
-        if self.log_every < 1:
-            raise ValueError("log_every must be >= 1")
+            raise ValueError("rar_pool: must be >= 1 when RAR/RAE is on")
 
     @property
     def switch_epoch(self) -> int:

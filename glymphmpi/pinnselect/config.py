@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+from glymphmpi.config import NonNegative, NonNegativeInt, Positive, PositiveInt, UnitFraction
 
 
 @dataclass(frozen=True)
@@ -31,31 +34,18 @@ class PinnSelectConfig:
     """
 
     grid: str = ""
-    seeds: int = 3
-    misfit_tolerance: float = 0.25
-    early_stop_fraction: float = 0.25
-    parallel: int = 0
-    threads_per_run: int = 1
-    max_retries: int = 1
-    poll_s: float = 2.0
-    scheduler: str = "local"
+    seeds: PositiveInt = 3
+    misfit_tolerance: NonNegative = 0.25
+    early_stop_fraction: UnitFraction = 0.25
+    parallel: NonNegativeInt = 0
+    threads_per_run: PositiveInt = 1
+    max_retries: NonNegativeInt = 1
+    poll_s: Positive = 2.0
+    scheduler: Literal["local", "slurm"] = "local"
     fem_run: str = ""
     partition: str = ""
     account: str = ""
     qos: str = ""
     time: str = "02:00:00"
-    cpus_per_task: int = 1
+    cpus_per_task: PositiveInt = 1
     mem: str = "2G"
-
-    def validate(self) -> None:
-        if self.scheduler not in ("local", "slurm"):
-            raise ValueError(f"scheduler {self.scheduler!r} not one of local, slurm")
-        if self.seeds < 1:
-            raise ValueError("seeds must be >= 1")
-        if not 0 <= self.early_stop_fraction < 1:
-            raise ValueError("early_stop_fraction must be in [0, 1)")
-        if self.misfit_tolerance < 0:
-            raise ValueError("misfit_tolerance must be >= 0")
-        if self.parallel < 0 or self.threads_per_run < 1 or self.max_retries < 0:
-            raise ValueError("need parallel >= 0, threads_per_run >= 1, max_retries >= 0")
-

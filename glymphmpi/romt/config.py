@@ -16,7 +16,9 @@ with the reference's printed ones.
 from __future__ import annotations
 
 import dataclasses
+from typing import Annotated, Literal
 
+from glymphmpi.config import NonNegative, NonNegativeInt, Positive, PositiveInt, Range
 from glymphmpi.romt.post_config import RomtPostConfig
 
 
@@ -34,14 +36,27 @@ class RomtConfig:
             share) or ``closed`` (the reference's dTri=1: a particle whose
             nonzero-weight corners are not all inside loses all its mass).
         mode: ``sequential`` (loop k starts from loop k-1's final density) or
-            ``parallel`` (every loop starts from its measured image).
-        gn_max_iter: Gauss-Newton iterations per loop at most (the
-            reference's fixed 6 iterations: gn_max_iter = 6, gn_gtol = 0,
+            ``parallel`` (every loop starts from its measured image) or
+            ``coupled`` (parallel, then sweeps that restart each loop from its
+            predecessor's final density until the starts change by less than
+            coupled_rtol: the sequential chain at a fraction of its time;
+            :func:`glymphmpi.romt.schedule._solve_coupled`).
+        coupled_rtol: relative L2 change of a loop's start density below which
+            coupled mode does not solve it again.
+        model: ``balanced`` (rho_t + div(rho v) = sigma lap rho) or ``unbalanced``
+            (urOMT: + chi rho r, a relative source r per model time where chi
+            is nonzero; :mod:`glymphmpi.romt.unbalanced`).
+        alpha: weight of the unbalanced model's source cost
+            ``alpha sum_k dt sum chi r_k^2 rho_k``.
+        source_mask: NIfTI of chi (nonzero: the source may act; same grid as
+            the scans); empty: the subject mask.
+        max_iterations: Gauss-Newton iterations per loop at most (the
+            reference's fixed 6 iterations: max_iterations = 6, gn_gtol = 0,
             gn_ftol = 0).
         gn_gtol: stop when ||g|| <= gn_gtol * ||g_0||.
         gn_ftol: stop when the relative objective decrease of an iteration
             is below gn_ftol.
-        pcg_max_iter: PCG iterations per Gauss-Newton step at most.
+        pcg_max_iterations: PCG iterations per Gauss-Newton step at most.
         pcg_rtol: PCG relative residual tolerance.
         ls_max_halvings: Armijo backtracking halvings at most.
         armijo_c: Armijo sufficient-decrease constant.
@@ -71,52 +86,33 @@ class RomtConfig:
             table name ``[romt_post]`` is still accepted).
     """
 
-    nt: int = 10
-    dt: float = 0.4
-    sigma: float = 0.002
-    beta: float = 5000.0
-    gamma: float = 80.0
-    boundary: str = "open"
-    mode: str = "sequential"
-    gn_max_iter: int = 10
-    gn_gtol: float = 1e-3
-    gn_ftol: float = 1e-4
-    pcg_max_iter: int = 10
-    pcg_rtol: float = 0.1
-    ls_max_halvings: int = 12
-    armijo_c: float = 1e-4
-    init: str = "drift"
+    #: old key -> new key (a file or --set using the old one gets a one-line error naming the new)
+    RENAMED = {"gn_max_iter": "max_iterations", "pcg_max_iter": "pcg_max_iterations"}
+
+    nt: PositiveInt = 10
+    dt: Positive = 0.4
+    sigma: NonNegative = 0.002
+    beta: Positive = 5000.0
+    gamma: NonNegative = 80.0
+    boundary: Literal["open", "closed"] = "open"
+    mode: Literal["sequential", "parallel", "coupled"] = "sequential"
+    coupled_rtol: Positive = 1e-3
+    model: Literal["balanced", "unbalanced"] = "balanced"
+    alpha: Positive = 10.0
+    source_mask: str = ""
+    max_iterations: PositiveInt = 10
+    gn_gtol: NonNegative = 1e-3
+    gn_ftol: NonNegative = 1e-4
+    pcg_max_iterations: PositiveInt = 10
+    pcg_rtol: Annotated[float, Range(gt=0, lt=1)] = 0.1
+    ls_max_halvings: PositiveInt = 12
+    armijo_c: NonNegative = 1e-4
+    init: Literal["drift", "zero"] = "drift"
     mask_dilation: int = 3
     crop_margin: int = 6
     mask_images: bool = True
-    fft_workers: int = 0
+    fft_workers: NonNegativeInt = 0
     tune_malloc: bool = True
-    checkpoint_every: int = 1
+    checkpoint_every: PositiveInt = 1
     postprocess: bool = True
     post: RomtPostConfig = dataclasses.field(default_factory=RomtPostConfig)
-
-    def validate(self) -> None:
-        if self.nt < 1:
-            raise ValueError(f"romt.nt must be >= 1, got {self.nt}")
-        for name in ("dt",):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"romt.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("sigma", "beta", "gamma", "gn_gtol", "gn_ftol", "armijo_c"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"romt.{name} must be >= 0, got {getattr(self, name)}")
-        if self.beta == 0:
-            raise ValueError("romt.beta must be > 0 (without the fit term the solution is v = 0)")
-        if self.boundary not in ("open", "closed"):
-            raise ValueError(f"romt.boundary must be 'open' or 'closed', got {self.boundary!r}")
-        if self.mode not in ("sequential", "parallel"):
-            raise ValueError(f"romt.mode must be 'sequential' or 'parallel', got {self.mode!r}")
-        if self.init not in ("drift", "zero"):
-            raise ValueError(f"romt.init must be 'drift' or 'zero', got {self.init!r}")
-        for name in ("gn_max_iter", "pcg_max_iter", "ls_max_halvings", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"romt.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.pcg_rtol < 1:
-            raise ValueError(f"romt.pcg_rtol must be in (0, 1), got {self.pcg_rtol}")
-        if self.fft_workers < 0:
-            raise ValueError(f"romt.fft_workers must be >= 0, got {self.fft_workers}")
-

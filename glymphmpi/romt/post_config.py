@@ -9,10 +9,9 @@ is an alias).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-SEED_RULES = ("max", "sum", "both", "either")
-INTEGRATORS = ("euler", "rk2", "rk4")
-TIME_INTERPOLATIONS = ("constant", "linear")
+from glymphmpi.config import NonNegative, NonNegativeInt, PositiveInt, Range, UnitFraction
 
 
 @dataclass(frozen=True)
@@ -59,48 +58,23 @@ class RomtPostConfig:
         figure_dpi: resolution of the PNG figures.
     """
 
-    seed_rule: str = "max"
-    seed_max_fraction: float = 0.1
-    seed_sum_min: float = 0.0
-    seed_every: int = 1
-    max_seeds: int = 0
-    integrator: str = "rk2"
-    substeps: int = 1
-    time_interpolation: str = "linear"
-    log_density_floor: float = 1e-4
-    stop_density_fraction: float = 1e-3
-    stop_speed_mm_per_h: float = 1e-6
-    min_points: int = 3
-    min_distance_voxels: float = 3.0
-    smooth_sigma_voxels: float = 0.0
+    seed_rule: Literal["max", "sum", "both", "either"] = "max"
+    seed_max_fraction: UnitFraction = 0.1
+    seed_sum_min: NonNegative = 0.0
+    seed_every: PositiveInt = 1
+    max_seeds: NonNegativeInt = 0
+    integrator: Literal["euler", "rk2", "rk4"] = "rk2"
+    substeps: PositiveInt = 1
+    time_interpolation: Literal["constant", "linear"] = "linear"
+    log_density_floor: UnitFraction = 1e-4
+    stop_density_fraction: UnitFraction = 1e-3
+    stop_speed_mm_per_h: NonNegative = 1e-6
+    min_points: NonNegativeInt = 3
+    min_distance_voxels: NonNegative = 3.0
+    smooth_sigma_voxels: NonNegative = 0.0
     write_maps: bool = True
     write_vtk: bool = True
     write_figures: bool = True
-    figure_max_lines: int = 1500
-    figure_max_vectors: int = 400
-    figure_dpi: int = 110
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad setting."""
-        if self.seed_rule not in SEED_RULES:
-            raise ValueError(f"seed_rule {self.seed_rule!r} unknown (valid: {', '.join(SEED_RULES)})")
-        if self.integrator not in INTEGRATORS:
-            raise ValueError(f"integrator {self.integrator!r} unknown (valid: {', '.join(INTEGRATORS)})")
-        if self.time_interpolation not in TIME_INTERPOLATIONS:
-            raise ValueError(f"time_interpolation {self.time_interpolation!r} unknown "
-                             f"(valid: {', '.join(TIME_INTERPOLATIONS)})")
-        if not 0.0 <= self.seed_max_fraction < 1.0:
-            raise ValueError("seed_max_fraction must be in [0, 1)")
-        for name in ("seed_every", "substeps", "figure_dpi"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1")
-        for name in ("max_seeds", "min_points", "figure_max_lines", "figure_max_vectors"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        for name in ("seed_sum_min", "log_density_floor", "stop_density_fraction", "stop_speed_mm_per_h",
-                     "min_distance_voxels", "smooth_sigma_voxels"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if self.log_density_floor >= 1 or self.stop_density_fraction >= 1:
-            raise ValueError("log_density_floor and stop_density_fraction must be < 1")
-
+    figure_max_lines: NonNegativeInt = 1500
+    figure_max_vectors: NonNegativeInt = 400
+    figure_dpi: Annotated[int, Range(ge=1)] = 110
