@@ -60,7 +60,7 @@ def drift_velocity(rho0: np.ndarray, target: np.ndarray, T: float) -> np.ndarray
 
 def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np.ndarray,
                comm=MPI.COMM_SELF, state: dict | None = None, on_iteration=None, label: str = "",
-               workers: int | None = None) -> dict:
+               workers: int | None = None, source_region: np.ndarray | None = None) -> dict:
     """Solve one loop (rho0 -> target).
 
     Args:
@@ -72,19 +72,25 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
         on_iteration: ``f(state_fn, iteration)`` after each GN iteration (state_fn() gives
             the state with the full velocity).
         workers: scipy.fft threads (default: cores / ranks).
+        source_region: (ni, nj, nk) chi of the unbalanced model (``cfg.model == "unbalanced"``):
+            where the relative source may act (restricted to ``active``); None: all of ``active``.
     Returns:
         dict with velocity (nt, 3, ni, nj, nk) float32, density (nt+1, ni, nj, nk)
         float32, rho_end (N,) float64, objective_history, gn_iterations,
         pcg_iterations, kinetic, fit, smooth, objective, mass_error, misfit_rel,
-        stop_reason, runtime_s. Identical on the ranks of ``comm``.
+        stop_reason, runtime_s; unbalanced: also source (nt, ni, nj, nk) float32, the
+        relative source r per model time. Identical on the ranks of ``comm``.
     """
     if cfg.tune_malloc:
         tune_malloc()
     box = crop_box(active, (rho0, target), cfg.crop_margin)
     full_shape = rho0.shape
+    chi = None
+    if cfg.model == "unbalanced":
+        chi = np.ascontiguousarray((active if source_region is None else source_region & active)[box])
     with single_threaded_blas():
         res = _solve_box(np.ascontiguousarray(rho0[box]), np.ascontiguousarray(target[box]), cfg,
-                         np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers)
+                         np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers, chi)
     if tuple(res["density"].shape[1:]) != tuple(full_shape):
         risk = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin)
         if risk > 1e-10:
@@ -94,7 +100,7 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
     return res
 
 
-def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, workers) -> dict:
+def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, workers, chi=None) -> dict:
     t0 = time.perf_counter()
     c0 = time.process_time()
     shape = rho0.shape
@@ -102,23 +108,30 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
     act_flat = np.flatnonzero(active.ravel())
     tr = Transport(shape, act_flat, cfg.dt, cfg.sigma, cfg.boundary, comm=comm, workers=workers)
     lap = ActiveLaplacian(shape, act_flat, tr.pc.lo, tr.pc.hi)
-    prob = LoopProblem(tr, rho0, target, cfg.nt, cfg.beta, cfg.gamma, lap)
+    if chi is None:
+        prob = LoopProblem(tr, rho0, target, cfg.nt, cfg.beta, cfg.gamma, lap)
+    else:
+        from glymphmpi.romt.unbalanced import UnbalancedProblem
+
+        prob = UnbalancedProblem(tr, rho0, target, cfg.nt, cfg.beta, cfg.gamma, lap,
+                                 chi.ravel()[act_flat].astype(np.float64), cfg.alpha)
+    ncomp = prob.u_shape[1]
     lo, hi = tr.pc.lo, tr.pc.hi
     if state is not None:
         u_full = np.asarray(state["u"], dtype=np.float64)
-        if u_full.shape != (cfg.nt, 3, act_flat.size):
+        if u_full.shape != (cfg.nt, ncomp, act_flat.size):
             raise InputError(f"checkpoint velocity has shape {u_full.shape}, expected "
-                             f"{(cfg.nt, 3, act_flat.size)}; run with --fresh")
+                             f"{(cfg.nt, ncomp, act_flat.size)}; run with --fresh")
         gs = GNState(u=u_full[:, :, lo:hi].copy(), history=list(state["history"]),
                      iterations=int(state["iterations"]), pcg_iterations=int(state["pcg_iterations"]),
                      g0_norm=float(state["g0_norm"]), done=bool(state["done"]), reason=str(state["reason"]))
     else:
         gs = GNState(u=prob.zeros())
         if cfg.init == "drift":
-            gs.u[:] = drift_velocity(rho0, target, cfg.nt * cfg.dt)[None, :, None]
+            gs.u[:, :3] = drift_velocity(rho0, target, cfg.nt * cfg.dt)[None, :, None]
 
     def full_u(u):
-        return tr.pc.allgather(u.reshape(-1, u.shape[-1])).reshape(cfg.nt, 3, act_flat.size)
+        return tr.pc.allgather(u.reshape(-1, u.shape[-1])).reshape(cfg.nt, ncomp, act_flat.size)
 
     def callback(st: GNState):
         if on_iteration is not None:
@@ -133,12 +146,12 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
     u = full_u(gs.u)
     n = int(np.prod(shape))
     vel = np.zeros((cfg.nt, 3, n), dtype=np.float32)
-    vel[:, :, act_flat] = u
+    vel[:, :, act_flat] = u[:, :3]
     dens = np.stack([r.reshape(shape) for r in lin.rhos]).astype(np.float32)
     m0 = float(lin.rhos[0].sum())
     rho_end = lin.rhos[-1]
     tn = float(np.linalg.norm(prob.target))
-    return {
+    out = {
         "velocity": vel.reshape(cfg.nt, 3, *shape),
         "density": dens,
         "rho_end": rho_end.copy(),
@@ -156,3 +169,9 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
         "cpu_s": time.process_time() - c0,
         "active_voxels": int(act_flat.size),
     }
+    if ncomp == 4:
+        src = np.zeros((cfg.nt, n), dtype=np.float32)
+        src[:, act_flat] = u[:, 3] * chi.ravel()[act_flat]
+        out["source"] = src.reshape(cfg.nt, *shape)
+        out["source_cost"] = lin.terms.source
+    return out
