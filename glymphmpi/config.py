@@ -419,14 +419,6 @@ def build(cls, table: dict, where=None, prefix: str = ""):
     return obj
 
 
-def check_value(cls, key: str, value, prefix: str = ""):
-    """Check one value against field ``key`` of ``cls`` (e.g. a subject file's entry)."""
-    try:
-        return _convert(value, field_types(cls)[key])
-    except _Problem as exc:
-        raise InputError(f"{prefix + '.' if prefix else ''}{key}: {exc}") from None
-
-
 def parse_override(item: str) -> tuple[str, str, Any]:
     """``"pinn.epochs=2000"`` -> ``("pinn", "epochs", 2000)``."""
     if "=" not in item or "." not in item.split("=", 1)[0]:
@@ -518,9 +510,5 @@ def to_toml(tables: dict, header: str = "") -> str:
     return "\n".join(out).lstrip("\n") + "\n"
 
 
-def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def to_json(cfg) -> str:
-    return json.dumps({type(cfg).__name__: to_dict(cfg)}, sort_keys=True, default=str)
+    return json.dumps({type(cfg).__name__: dataclasses.asdict(cfg)}, sort_keys=True, default=str)

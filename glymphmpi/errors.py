@@ -1,4 +1,4 @@
-"""Exceptions that map to the CLI's exit codes (DESIGN.md section 2).
+"""Exceptions that map to the CLI's exit codes (docs/architecture.md, "Data contracts").
 
 * :class:`InputError` - bad input or usage: one line naming the file and the
   problem, exit code 2, never a traceback.

@@ -1,7 +1,8 @@
 """Communicator helpers and torch.distributed environment mapping.
 
-Library code takes a communicator argument; only the CLI edge calls
-:func:`world`. mpi4py comes from Debian and is always present in the venv.
+Library code takes a communicator argument, always present (``COMM_SELF`` in
+serial, as DOLFINx does); only the runner builds one (:func:`mpi_comm`).
+mpi4py comes from Debian and is always present in the venv.
 """
 
 from __future__ import annotations
@@ -10,17 +11,12 @@ import os
 import socket
 
 
-def world():
-    """The world communicator (``MPI.COMM_WORLD``)."""
+def mpi_comm(serial: bool = False):
+    """The communicator of an MPI method: ``MPI.COMM_WORLD`` when the launcher started several
+    ranks, else ``MPI.COMM_SELF`` (also when ``serial``)."""
     from mpi4py import MPI
 
-    return MPI.COMM_WORLD
-
-
-def self_comm():
-    from mpi4py import MPI
-
-    return MPI.COMM_SELF
+    return MPI.COMM_WORLD if not serial and launcher_env()["world_size"] > 1 else MPI.COMM_SELF
 
 
 def split_evenly(n_items: int, size: int, rank: int) -> list[int]:
@@ -32,11 +28,6 @@ def split_evenly(n_items: int, size: int, rank: int) -> list[int]:
     start = rank * base + min(rank, extra)
     stop = start + base + (1 if rank < extra else 0)
     return list(range(start, stop))
-
-
-def bcast_path(comm, path) -> str:
-    """Broadcast a (temporary) path chosen on rank 0 to every rank."""
-    return comm.bcast(None if path is None else str(path), root=0)
 
 
 def any_rank(comm, flag: bool) -> bool:

@@ -58,19 +58,13 @@ def overrides(method: Method | None, args) -> list:
     return out
 
 
-def _launched_ranks() -> int:
-    from glymphmpi.parallel import launcher_env
-
-    return launcher_env()["world_size"]
-
-
 @contextlib.contextmanager
 def open_comm(method: Method, cfg):
     """The communicator ``method.comm`` asks for (never None); torn down on exit."""
     if method.comm in ("mpi", "self"):
-        from mpi4py import MPI
+        from glymphmpi.parallel import mpi_comm
 
-        yield MPI.COMM_WORLD if method.comm == "mpi" and _launched_ranks() > 1 else MPI.COMM_SELF
+        yield mpi_comm(serial=method.comm == "self")
         return
     with resolve(method.comm)(cfg) as comm:
         yield comm
@@ -117,9 +111,9 @@ def run_method(method, args, solve=None, comm=None, config_section: str | None =
         m = Method(str(method), "", config="", solve="", table=config_section or str(method), comm="self")
         cfg = load_config(m.table, args.config, overrides(None, args))
         if comm is None:
-            from mpi4py import MPI
+            from glymphmpi.parallel import mpi_comm
 
-            comm = MPI.COMM_SELF
+            comm = mpi_comm(serial=True)
         return _run(m, args, cfg, comm, solve, None)
     m = method if isinstance(method, Method) else get(method)
     cfg = load_config(m.table, args.config, overrides(m, args))

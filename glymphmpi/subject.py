@@ -1,6 +1,6 @@
 """Subject: scans + times + mask, loaded from a TOML file and validated.
 
-A subject file (DESIGN.md section 2)::
+A subject file (docs/architecture.md, "Data contracts")::
 
     id = "sub-01"
     mask = "mask.nii.gz"

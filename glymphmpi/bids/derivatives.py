@@ -6,7 +6,7 @@ Layout (OUTPUT_DIR)::
     .bidsignore                     code/, cohort/, report/ and the method run folders
     code/cohort.toml                every participant processed so far (the group level reads it)
     code/cohort-<labels>.toml       the participants of one participant-level call
-    sub-<l>/sub-<l>_subject.toml    the internal contract (DESIGN.md): scans, times, mask, anatomy
+    sub-<l>/sub-<l>_subject.toml    the internal contract (docs/architecture.md): scans, times, mask, anatomy
     sub-<l>/sub-<l>_desc-concentration_provenance.json   route, r1 and every assumption, warnings
     sub-<l>/anat/sub-<l>_desc-<mask>_mask.nii.gz (+ .json)
     sub-<l>/anat/sub-<l>_desc-baseline_<T1w|T1map>.nii.gz     the anatomy shown in the report

@@ -1,6 +1,6 @@
 """MR signal to tracer concentration (pure numpy).
 
-Three routes (DESIGN.md, issue 14):
+Three routes (docs/architecture.md, issue 14):
 
 * ``t1map``: C = (1/r1) (1/T1 - 1/T1_0), T1 maps in seconds, T1_0 from the baseline session.
 * ``t1w``: spoiled gradient echo (SPGR/FLASH) steady state,

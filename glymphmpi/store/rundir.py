@@ -1,6 +1,6 @@
 """Run output directories: layout, provenance, summary.json.
 
-Layout of a run directory (/work/shared/DESIGN.md section 2, docs/architecture.md)::
+Layout of a run directory (docs/architecture.md, "Data contracts")::
 
     OUT/summary.json   written last, atomically; status "complete" when done
     OUT/results.h5     results; root attrs carry the provenance
