@@ -64,3 +64,32 @@ def test_gaussian_spheres_cli(tmp_path, glymph):
     # total mass is (nearly) the same in every image: blurring conserves mass away from the edges
     m = d["mass_per_scan"]
     assert max(m) / min(m) < 1.01
+
+
+def test_quiet_is_one_process_wide_switch():
+    """--quiet sets glymphmpi.log's switch; every progress bar and per-iteration line reads it."""
+    from glymphmpi import log
+
+    try:
+        log.setup_logging(0, quiet=True)
+        assert log.quiet() and log.progress(range(3), quiet=False).disable
+        log.setup_logging(0, quiet=False)
+        assert not log.quiet() and not log.progress(range(3), quiet=False).disable
+    finally:
+        log.setup_logging(0)
+
+
+def test_quiet_romt_prints_no_progress(tmp_path):
+    import subprocess
+    import sys
+
+    from glymphmpi.synth import gaussian_spheres
+
+    subj = gaussian_spheres.write(tmp_path / "s", n=8, n_images=2, sid="g8", dt_h=1.0)
+    base = [sys.executable, "-m", "glymphmpi"]
+    args = ["romt", str(subj), "--no-post", "--set", "romt.max_iterations=1"]
+    loud = subprocess.run(base + args + ["--out", str(tmp_path / "a")], capture_output=True, text=True)
+    quiet = subprocess.run(base + ["--quiet"] + args + ["--out", str(tmp_path / "b")], capture_output=True,
+                           text=True)
+    assert loud.returncode == 0 and quiet.returncode == 0, loud.stderr + quiet.stderr
+    assert "GN 1" in loud.stderr and "GN 1" not in quiet.stderr  # INFO progress lines only without --quiet
