@@ -125,11 +125,13 @@ def run_method(method, args, solve=None, comm=None, config_section: str | None =
 
 
 def _run(m: Method, args, cfg, comm, solve, figures) -> dict:
-    from glymphmpi.store import RunDir
+    from glymphmpi.store import RunDir, run_identity
 
     subject_cfg = load_config("subject", args.config, overrides(m, args))
     subject = load_subject(args.subject, subject_cfg)
-    rundir = RunDir(args.out, comm=comm, force=args.force, fresh=args.fresh).prepare()
+    # locks OUT (one run at a time) and refuses to resume another run's unfinished state
+    rundir = RunDir(args.out, comm=comm, force=args.force, fresh=args.fresh).prepare(
+        identity=run_identity(m.name, subject, cfg))
     handler = add_file_log(rundir.log, rundir.rank)
     log.info("%s on %s -> %s (%d rank%s)", m.name, subject.id, rundir.root, rundir.size,
              "" if rundir.size == 1 else "s")
@@ -151,6 +153,7 @@ def _run(m: Method, args, cfg, comm, solve, figures) -> dict:
         rundir.write_failure(m.name, subject.id, f"{type(exc).__name__}: {exc}".splitlines()[0], 1)
         raise
     finally:
+        rundir.release()
         if handler is not None:
             logging.getLogger("glymphmpi").removeHandler(handler)
             handler.close()
@@ -201,7 +204,7 @@ def _update(m: Method, args, cfg, comm) -> dict:
         raise InputError(f"summary.json is from method {summary.get('method')!r}, not {base.name}", root)
     subject_cfg = load_config("subject", args.config, overrides(m, args))
     subject = load_subject(find_subject_path(root, summary, args.subject), subject_cfg)
-    rundir = RunDir(root, comm=comm)
+    rundir = RunDir(root, comm=comm).lock()
     if rundir.rank == 0:
         for d in RunDir.SUBDIRS:
             (root / d).mkdir(exist_ok=True)
@@ -215,6 +218,9 @@ def _update(m: Method, args, cfg, comm) -> dict:
         figures = m.figures_fn()
         if figures is not None:
             _rank0_call(comm, figures, rundir, subject, cfg, fields)
+    except BaseException:
+        rundir.release()
+        raise
     finally:
         if handler is not None:
             logging.getLogger("glymphmpi").removeHandler(handler)
@@ -226,6 +232,7 @@ def _update(m: Method, args, cfg, comm) -> dict:
         atomic_write_json(rundir.summary, new)
         head = ", ".join(f"{k} {_fmt(fields.get(k))}" for k in m.summary if k in fields)
         print(f"{m.name}: {head}; updated {rundir.summary}")
+    rundir.release()  # after the summary: nothing else may write here meanwhile
     return new
 
 
