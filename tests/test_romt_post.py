@@ -249,6 +249,7 @@ def make_run(tmp_path, *, vel=(0.6, 0.3, 0.0), sigma=0.0, n_loops=2, nt=8, dt=0.
     if summary:
         atomic_write_json(rd.summary, {"status": "complete", "method": "romt", "subject": "synth-01",
                                        "subject_path": str(subject_toml), "runtime_s": 1.0})
+    rd.release()  # the run is over: give OUT's lock back
     return rd, subject_toml, {"vel": np.array(vel), "T": T, "times_h": times_h, "affine": affine,
                                "mask": mask, "c0": c0}
 
