@@ -214,7 +214,9 @@ def _headline(method: str, summ: dict) -> list[tuple[str, str, str]]:
             txt = f"[{v[0]:.4g}, {v[1]:.4g}]"
         else:
             txt = html.escape(str(v))
-        if k == "D_mm2_per_h" and (summ.get("converged") is False or any(
+        if k == "D_mm2_per_h" and summ.get("estimate") is False:
+            txt += f" (not an estimate: {html.escape(str(summ.get('estimate_reason', '')))})"
+        elif k == "D_mm2_per_h" and (summ.get("converged") is False or any(
                 isinstance(x, str) and "MAXITS" in x.upper() for kk, x in summ.items() if kk.endswith("reason"))):
             txt += " (NOT converged: iteration cap reached; not an estimate)"
         rows.append((k, txt, _unit(k.replace("_ci95", "").replace("_std", ""))))
@@ -231,6 +233,8 @@ def _run_warnings(method: str, summ: dict) -> list[str]:
     if summ.get("converged") is False or summ.get("hit_iteration_cap") or capped:
         w.append(f"{method}: the optimiser stopped at its iteration cap ({summ.get('iterations', '?')} iterations) "
                  "before converging; the numbers are not converged estimates")
+    if summ.get("estimate") is False:
+        w.append(f"{method}: not an estimate: {summ.get('estimate_reason', 'the method says so')}")
     for key in ("warnings", "warning"):
         v = summ.get(key)
         if isinstance(v, str):
