@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -226,31 +227,24 @@ def test_out_under_a_file_is_one_line(tmp_path):
 
 
 def test_full_disk_when_writing_results_is_one_line_and_not_complete(tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing results.h5 (simulated): one line, exit 2, old state kept, no temp files."""
     import errno
 
     import glymphmpi.io.h5 as h5
 
     rd = RunDir(tmp_path / "o").prepare(identity=run_identity("fem", subject(1), ToyConfig()))
 
-    def full(*a, **k):
+    def full(tmp, fill, nbytes):
+        Path(tmp).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(h5, "atomic_path", lambda p: _raising_ctx(full))
+    monkeypatch.setattr(h5, "create_h5", full)
     with pytest.raises(InputError) as err:
         rd.write_results({"v": np.zeros(4)})
-    assert one_line(err) == f"{rd.results}: cannot write the results (No space left on device)"
+    assert one_line(err) == f"{rd.results}: cannot write this file (No space left on device)"
     assert not rd.results.exists() and not rd.is_complete()
-
-
-class _raising_ctx:
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __enter__(self):
-        self.fn()
-
-    def __exit__(self, *a):
-        return False
+    assert not [p for p in rd.root.iterdir() if ".tmp-" in p.name]
+    rd.release()
 
 
 @pytest.fixture
@@ -292,9 +286,9 @@ def test_full_disk_real_tmpfs(tiny_fs, tmp_path):
     r = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.splitlines()
-    assert lines == [f"{out}/results.h5: cannot write the results (No space left on device)",
+    assert lines == [f"{out}/results.h5: cannot write this file (No space left on device)",
                      f"{out}/checkpoint.h5: cannot write the checkpoint (No space left on device)",
-                     f"{out}/summary.json: cannot write the summary (No space left on device)"], r.stdout
+                     f"{out}/summary.json: cannot write this file (No space left on device)"], r.stdout
     assert not (out / "results.h5").exists() and not (out / "checkpoint.h5").exists()
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
     summary = out / "summary.json"
@@ -425,3 +419,41 @@ def test_cli_refusal_under_mpirun(two_subjects, tmp_path):
     r = run_glymph("romt", b, "--out", out, "--mode", "parallel", *ROMT, mpi=2)
     assert r.returncode == 2 and "subject data" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert not (out / ".glymph.lock").exists()
+
+
+def test_cli_out_errors_and_full_disk(glymph, two_subjects, tiny_fs, tmp_path):
+    """`glymph romt` with --out under a file, and with --out on a full disk: one line, exit 2, never complete."""
+    a, _ = two_subjects
+    f = tmp_path / "file"
+    f.write_text("x")
+    msg = _one_line_error(glymph("romt", a, "--out", f / "out", *ROMT))
+    assert msg == f"glymph: error: {f / 'out'}: cannot create it: {f} is a file, not a directory"
+    out = tiny_fs / "out"
+    msg = _one_line_error(glymph("romt", a, "--out", out, *ROMT))
+    assert msg.endswith(": cannot write this file (No space left on device)") and str(out) in msg
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "failed" and s["exit_code"] == 2 and "No space left" in s["error"]
+    assert not (out / ".glymph.lock").exists()
+
+
+def test_cli_out_not_writable_as_unprivileged_user(tmp_path):
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("needs root and runuser to act as an unprivileged user")
+    import tempfile
+
+    from glymphmpi.synth import gaussian_spheres
+
+    base = Path(tempfile.mkdtemp(prefix="glymph-ro-"))
+    try:
+        os.chmod(base, 0o755)
+        subj = gaussian_spheres.write(base / "subj", n=10, n_images=3, sid="g10")
+        for p in (base / "subj", *(base / "subj").iterdir()):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        r = subprocess.run(["runuser", "-u", "nobody", "--", sys.executable, "-m", "glymphmpi", "romt", str(subj),
+                            "--out", str(base / "out"), *ROMT], capture_output=True, text=True, timeout=300, cwd="/")
+        if "No module named" in r.stderr:
+            pytest.skip("user nobody cannot import glymphmpi here")
+        assert _one_line_error(r) == f"glymph: error: {base / 'out'}: cannot use it as the run's output directory " \
+                                     "(Permission denied)"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

@@ -12,7 +12,6 @@ Layout of a run directory (docs/architecture.md, "Data contracts")::
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
@@ -61,15 +60,6 @@ def provenance(config=None, subject_id: str | None = None, mpi_size: int = 1) ->
 
 
 # ----------------------------------------------------------------- run dirs
-@contextlib.contextmanager
-def _writing(path, doing: str):
-    """Turn an OSError while writing ``path`` into a one-line InputError (exit 2)."""
-    try:
-        yield
-    except OSError as exc:
-        raise InputError(os_error_line(exc, path, doing)) from None
-
-
 class RunDir:
     """One method's output directory for one subject and one run (see module docstring).
 
@@ -238,15 +228,13 @@ class RunDir:
         if self.identity is not None:
             attrs["identity"] = json.dumps(self.identity, sort_keys=True)
         attrs.update(extra_attrs or {})
-        with _writing(self.results, "write the results"):
-            return write_h5_tree(self.results, tree, attrs)
+        return write_h5_tree(self.results, tree, attrs)  # a full disk: WriteError, one line
 
     def write_map(self, name: str, data, affine) -> Path | None:
         if self.rank != 0:
             return None
         fname = name if name.endswith((".nii", ".nii.gz")) else name + ".nii.gz"
-        with _writing(self.maps / fname, "write a map"):
-            return write_nifti(self.maps / fname, data, affine)
+        return write_nifti(self.maps / fname, data, affine)
 
     def write_summary(self, method: str, subject_id: str, results: dict, status: str = "complete") -> dict:
         """Write summary.json last (atomically): marks the run complete (collective)."""
@@ -267,9 +255,8 @@ class RunDir:
         err = None
         if self.rank == 0:
             try:
-                with _writing(self.summary, "write the summary"):
-                    atomic_write_json(self.summary, summary)
-            except InputError as exc:
+                atomic_write_json(self.summary, summary)
+            except InputError as exc:  # WriteError: a full disk
                 err = str(exc)
         self._bcast_error(err)
         return summary
@@ -289,8 +276,8 @@ class RunDir:
             record["identity"] = self.identity
         try:
             atomic_write_json(self.summary, record)
-        except OSError as exc:  # e.g. the disk is full: the missing summary already says "not complete"
-            log.warning("%s", os_error_line(exc, self.summary, "record the failure"))
+        except (OSError, InputError) as exc:  # e.g. the disk is full: no summary already says "not complete"
+            log.warning("could not record the failure: %s", exc)
 
 
 def read_summary(out) -> dict | None:
