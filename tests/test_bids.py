@@ -239,3 +239,27 @@ def test_bids_participant_group_matches_glymph_fem(dataset, tmp_path, glymph):
     # the check can fail: a missing figure is reported as broken
     (out / "sub-01" / "figures" / "mask.png").unlink()
     assert "data-broken" in _chromium_dom(out / "sub-01.html")
+
+
+def test_t1w_without_baseline_t1map_and_enhancement(dataset, tmp_path, glymph):
+    """No baseline T1 map: T1_0 is assumed (tissue table or --t1-0) and flagged; enhancement says 'proportional'."""
+    raw = _copy(dataset, tmp_path)
+    for f in (raw / "sub-02/ses-01/anat").glob("sub-02_ses-01_T1map.*"):
+        f.unlink()
+    out = tmp_path / "deriv"
+    masks = ["--mask-dir", str(raw / "derivatives" / "masks")]
+    r = glymph("concentration", raw, out, "--participant-label", "02", "--t1-0", "1.1", *masks)
+    assert r.returncode == 0, r.stderr[-2000:]
+    side = json.loads((out / "sub-02/ses-03/anat/sub-02_ses-03_desc-concentration_map.json").read_text())
+    assert side["T1_0"] == "assumed" and side["T1_0_assumed_s"] == 1.1 and "--t1-0" in side["T1_0_source"]
+    assert "ASSUMED" in r.stdout
+    out2 = tmp_path / "deriv-enh"
+    r = glymph("concentration", raw, out2, "--participant-label", "02", "--route", "enhancement", *masks)
+    assert r.returncode == 0, r.stderr[-2000:]
+    side = json.loads((out2 / "sub-02/ses-03/anat/sub-02_ses-03_desc-concentration_map.json").read_text())
+    assert side["Units"] == "1" and "PROPORTIONAL" in side["Description"] and side["route"] == "enhancement"
+    # route t1map asked for a participant without T1 maps after the baseline: one line naming the session
+    r = glymph("concentration", raw, out2, "--participant-label", "02", "--route", "t1map", *masks)
+    _assert_one_line(r, "ses-01", "T1map")
+    r = glymph("synth", "bids", tmp_path / "x", "--subjects", "0")
+    _assert_one_line(r, "--subjects")
