@@ -151,7 +151,7 @@ def test_config_validation(tmp_path):
 
     cfg = load_config("pinn", None, ["pinn.epochs=7", "pinn.rar_epochs=[2, 4]", "pinn.p_schedule='2to1'"])
     assert cfg.epochs == 7 and cfg.rar_epochs == (2, 4) and cfg.switch_epoch == 3
-    for bad in ("pinn.activation=relu", "pinn.p_schedule='3'", "pinn.dtype=float16", "pinn.batches=0",
+    for bad in ("pinn.activation=relu", "pinn.p_schedule='3'", "pinn.dtype=float16", "pinn.batches=-1",  # 0 = automatic
                 "pinn.nope=1"):
         with pytest.raises(InputError):
             load_config("pinn", None, [bad])
