@@ -79,6 +79,7 @@ def test_preempt_and_resume(tmp_path):
     subj = _tiny_subject(tmp_path / "subj", noise=0.02)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "glymphmpi", "fem", str(subj), "--out", str(out), "--set", "fem.dt_h=0.25",
+           "--set", "fem.regularization=fixed",
            "--set", "fem.max_iterations=40", "--set", "fem.d_rtol=0", "--set", "fem.gatol=0",
            "--set", "fem.grtol=0"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_"))}
@@ -116,7 +117,8 @@ def test_preempt_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("mode,extra", [("data-boundary", ["fem.gatol=1e-12", "fem.grtol=1e-12"]),
-                                        ("boundary-control", ["fem.max_iterations=15", "fem.d_rtol=0"])])
+                                        ("boundary-control", ["fem.max_iterations=15", "fem.d_rtol=0",
+                                                             "fem.regularization=fixed"])])
 def test_cli_two_ranks_same_D(tmp_path, glymph, mode, extra):
     """A fit on 2 ranks gives the serial D to 1e-6 relative (two subprocesses:
     1 rank and mpirun -n 2; data-boundary converged, boundary-control after the
@@ -135,3 +137,14 @@ def test_cli_two_ranks_same_D(tmp_path, glymph, mode, extra):
         assert s["mpi_ranks"] == max(n, 1)
         D.append(s["D_mm2_per_h"])
     assert D[1] == pytest.approx(D[0], rel=1e-6)
+
+
+def test_memory_estimated_up_front(tmp_path, glymph):
+    """fem.dt_h = 1e-7 h is refused before anything is allocated: one line with the estimate, exit 2."""
+    subj = _tiny_subject(tmp_path / "subj")
+    t0 = time.time()
+    r = glymph("fem", subj, "--out", tmp_path / "o", "--set", "fem.dt_h=1e-7")
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and "fem.dt_h" in line and "GiB" in line and "time steps" in line
+    assert time.time() - t0 < 60

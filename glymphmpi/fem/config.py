@@ -38,12 +38,21 @@ class FemConfig:
         g_scaling: "diagonal" (TAO sees each g value times the square root of an estimate of
             the Hessian's diagonal: the regularisation's exactly, plus the direct misfit at scan
             steps) or "none" (raw concentrations). The projection optimizer always scales.
-        dt_h: time step in hours (steps are shortened to land on every scan).
+        dt_h: time step in hours; unset = follows the scans (shortest scan spacing / 7; steps are
+            shortened to land on every scan). A step needing more memory than the machine has is refused.
         t_end_h: end of the simulated interval (default: the last scan); every
             scan must lie in [first scan, t_end_h].
         theta: time stepping: 1.0 implicit Euler, 0.5 Crank-Nicolson.
         lumped_mass: row-sum lumped mass matrix in the state equation and
             misfit (the Q1 scheme is then close to the voxel finite differences).
+        regularization: "auto" (default): keep the ratios of (alpha, beta, gamma) and choose their
+            common scale from the data (discrepancy principle with the noise of the pre-contrast scan,
+            or the L-curve without one; variable projection at every scale; see fem/auto.py), with a
+            95% interval for D and a check of the time step; "fixed": use the weights as given.
+        noise_sigma: noise standard deviation in the data's units for the discrepancy principle;
+            unset = estimated from the pre-contrast scan (time <= 0 h).
+        check_dt: with regularization "auto": re-estimate D with half the time step and widen the
+            interval by the change.
         alpha, beta, gamma: regularisation weights of g^2, (dg/dt)^2 and
             |grad_boundary g|^2 on the boundary.
         optimizer: "tao" (TAO's ``tao_type`` on (delta, g) together) or "projection"
@@ -87,10 +96,13 @@ class FemConfig:
     delta0: float = 0.0
     delta_scale: Positive | None = None
     g_scaling: Literal["diagonal", "none"] = "none"
-    dt_h: Positive = 1.0
+    dt_h: Positive | None = None
     t_end_h: float | None = None
     theta: Annotated[float, Range(ge=0.5, le=1.0)] = 0.5
     lumped_mass: bool = True
+    regularization: Literal["auto", "fixed"] = "auto"
+    noise_sigma: NonNegative | None = None
+    check_dt: bool = True
     alpha: NonNegative = 1e-6
     beta: NonNegative = 0.1
     gamma: NonNegative = 0.01

@@ -73,6 +73,7 @@ class ControlProblem:
         self.last: dict = {}
         self.ds = 1.0 if cfg.delta_scale is None else float(cfg.delta_scale)
         # the optimiser sees u = gs * g (elementwise): gs = sqrt of an estimate of the Hessian's diagonal
+        self.g_extra = None
         self.gs = self._g_scale() if (self.full and (cfg.g_scaling == "diagonal" or cfg.optimizer == "projection"))\
             else None
 
@@ -141,6 +142,7 @@ class ControlProblem:
         known = self.comm.allreduce(self._known_diag.sum(axis=1), op=MPI.SUM)
         count = self.comm.allreduce(self.nb, op=MPI.SUM)
         extra = np.maximum(tot - known, 0.0) / max(count, 1)
+        self.g_extra = extra
         self.gs = self._scale_from(self._known_diag + extra[:, None])
         arr = x.array
         arr[self.nd:] = self.pack_g(g[1:])
@@ -148,6 +150,29 @@ class ControlProblem:
             v.destroy()
         log.info("g scaling: diffusive misfit curvature between scans %.3g..%.3g (per node, normalised)",
                  float(extra.min()), float(extra.max()))
+
+    def set_g_extra(self, extra) -> None:
+        """Restore the probed curvature (:meth:`probe_g_scale`'s ``g_extra``, (N,)) on resume."""
+        if self.gs is None:
+            return
+        self.g_extra = np.asarray(extra, dtype=np.float64)
+        self.gs = self._scale_from(self._known_diag + self.g_extra[:, None])
+
+    def set_weights(self, cfg, x=None) -> None:
+        """Switch to ``cfg``'s regularisation weights (a point of the regularisation path).
+
+        The g scaling follows the new weights (keeping the probed diffusive
+        curvature); ``x``, when given, keeps its physical g.
+        """
+        g = self.split(x)[1][1:].copy() if (x is not None and self.full) else None
+        self.cfg = cfg
+        if self.gs is not None:
+            extra = getattr(self, "g_extra", None)
+            self._g_scale()
+            self.gs = self._scale_from(self._known_diag + (extra[:, None] if extra is not None else 0.0))
+        if g is not None:
+            arr = x.array
+            arr[self.nd:] = self.pack_g(g)
 
     def pack_g(self, g_steps: np.ndarray) -> np.ndarray:
         """Control-vector entries of g^1..g^N ((N, nb) physical values)."""

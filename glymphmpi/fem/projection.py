@@ -45,70 +45,103 @@ class _Hessian:
         self.products += 1
 
 
-def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None) -> dict:
+class ReducedFunctional:
+    """j(delta) = min_g J(delta, g) and dj/ddelta, by an inner CG solve for g warm-started from ``x``.
+
+    ``x`` is updated in place (its g part holds the inner solution of the last
+    call). The first solve reduces its residual by ``inner_rtol``; later ones
+    stop at that absolute residual (``atol``, kept in :attr:`state` for a
+    resume), so every j and dj/ddelta is computed to the same accuracy.
+    Call :meth:`close` when done (collective).
+    """
+
+    def __init__(self, problem, cfg, x, atol: float | None = None):
+        from petsc4py import PETSc
+
+        from glymphmpi.fem.forward import object_prefix, petsc_options
+
+        self.PETSc = PETSc
+        self.p, self.cfg, self.x = problem, cfg, x
+        comm = problem.comm
+        self.grad = x.duplicate()
+        ng = problem.nloc - problem.nd
+        self.rhs = PETSc.Vec().createMPI((ng, PETSc.DECIDE), comm=comm)
+        self.u = self.rhs.duplicate()
+        self.H = PETSc.Mat().createPython(((ng, PETSc.DECIDE), (ng, PETSc.DECIDE)), comm=comm)
+        self.ctx = _Hessian(problem, x, self.grad)
+        self.H.setPythonContext(self.ctx)
+        self.H.setUp()
+        self.ksp = ksp = PETSc.KSP().create(comm)
+        prefix = object_prefix(cfg.petsc_prefix + "inner_", ksp)
+        inner = {"ksp_type": "cg", "pc_type": "none", "ksp_rtol": cfg.inner_rtol,
+                 "ksp_max_it": cfg.inner_max_iterations, "ksp_converged_use_initial_residual_norm": True,
+                 **cfg.inner_options}
+        ksp.setOptionsPrefix(prefix)
+        ksp.setOperators(self.H)
+        with petsc_options(prefix, inner):
+            ksp.setFromOptions()
+        ksp.setInitialGuessNonzero(True)
+        self.atol = None
+        if atol is not None:
+            self._fix_atol(atol)
+        self.inner_iterations = 0
+        self.inner_capped = 0  # inner solves stopped by the iteration cap
+
+    def _fix_atol(self, atol: float) -> None:
+        _, _, dtol0, maxit0 = self.ksp.getTolerances()
+        self.atol = max(float(atol), 1e-300)
+        self.ksp.setTolerances(rtol=1e-30, atol=self.atol, divtol=dtol0, max_it=maxit0)
+
+    def __call__(self, delta: float) -> tuple[float, float]:
+        PETSc, p, x, ksp, nd = self.PETSc, self.p, self.x, self.ksp, self.p.nd
+        arr = x.array
+        self.u.array[:] = arr[nd:]
+        if nd:
+            arr[0] = delta * p.ds
+        arr[nd:] = 0.0
+        p.evaluate(x, self.grad)  # gradient at g = 0: the affine part
+        self.ctx.grad0 = self.grad.array_r[nd:].copy()
+        self.rhs.array[:] = -self.ctx.grad0
+        ksp.solve(self.rhs, self.u)
+        if self.atol is None:
+            self._fix_atol(ksp.getResidualNorm())
+        reason = ksp.getConvergedReason()
+        self.inner_iterations += ksp.getIterationNumber()
+        if reason == PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT:
+            self.inner_capped += 1
+        elif reason < 0:
+            raise RuntimeError(f"inner KSP for g failed (reason {reason}); adjust fem.inner_options")
+        arr = x.array
+        arr[nd:] = self.u.array_r
+        f = p.evaluate(x, self.grad)
+        dphi = p.comm.bcast(float(self.grad.array_r[0]) * p.ds if nd else None, root=0)
+        log.info("  D = %.6f: inner CG %d iterations (%s), j = %.6e, dj/ddelta = %.3e",
+                 p.D_of(delta)[0], ksp.getIterationNumber(), reason, f, dphi)
+        return f, dphi
+
+    def close(self) -> None:
+        self.ksp.destroy()
+        self.H.destroy()
+        for v in (self.grad, self.rhs, self.u):
+            v.destroy()
+
+
+def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None, solver_state: dict | None = None)\
+        -> dict:
     """Minimise J over (delta, g) from ``x`` (updated in place) by variable projection.
 
     Args and return value as :func:`glymphmpi.fem.tao.run_tao`; an iteration
     is one outer step (one value of D with its inner solve).
+    ``solver_state``: a dict this function keeps up to date with the outer
+    search's memory (bracket, last step, inner tolerance) before every
+    ``on_iteration`` call; pass the saved one back on resume and the run
+    continues exactly as it would have without the interruption.
     """
-    from petsc4py import PETSc
-
-    from glymphmpi.fem.forward import object_prefix, petsc_options
-
-    comm = problem.comm
-    nd = problem.nd
     t0 = time.time()
-    grad = x.duplicate()
-    ng = problem.nloc - nd
-    rhs = PETSc.Vec().createMPI((ng, PETSc.DECIDE), comm=comm)
-    u = rhs.duplicate()
-    H = PETSc.Mat().createPython(((ng, PETSc.DECIDE), (ng, PETSc.DECIDE)), comm=comm)
-    ctx = _Hessian(problem, x, grad)
-    H.setPythonContext(ctx)
-    H.setUp()
-    ksp = PETSc.KSP().create(comm)
-    prefix = object_prefix(cfg.petsc_prefix + "inner_", ksp)
-    # the first solve reduces its initial residual by inner_rtol; later (warm-started) solves stop at
-    # the same absolute residual, so that every j(D) and dj/dD is computed to the same accuracy
-    inner = {"ksp_type": "cg", "pc_type": "none", "ksp_rtol": cfg.inner_rtol, "ksp_max_it": cfg.inner_max_iterations,
-             "ksp_converged_use_initial_residual_norm": True, **cfg.inner_options}
-    ksp.setOptionsPrefix(prefix)
-    ksp.setOperators(H)
-    with petsc_options(prefix, inner):
-        ksp.setFromOptions()
-    ksp.setInitialGuessNonzero(True)
-    inner_its = 0
-    first_solve = True
-
-    def reduced(delta: float) -> tuple[float, float]:
-        """(j, dj/ddelta) at ``delta``: inner solve warm-started from x's g, x updated."""
-        nonlocal first_solve, inner_its
-        arr = x.array
-        u.array[:] = arr[nd:]
-        if nd:
-            arr[0] = delta * problem.ds
-        arr[nd:] = 0.0
-        problem.evaluate(x, grad)  # gradient at g = 0: the affine part
-        ctx.grad0 = grad.array_r[nd:].copy()
-        rhs.array[:] = -ctx.grad0
-        ksp.solve(rhs, u)
-        if first_solve:
-            first_solve = False
-            _, _, dtol0, maxit0 = ksp.getTolerances()
-            ksp.setTolerances(rtol=1e-30, atol=max(ksp.getResidualNorm(), 1e-300), divtol=dtol0, max_it=maxit0)
-        reason = ksp.getConvergedReason()
-        inner_its += ksp.getIterationNumber()
-        if reason < 0 and reason != PETSc.KSP.ConvergedReason.DIVERGED_MAX_IT:
-            raise RuntimeError(f"inner KSP for g failed (reason {reason}); adjust fem.inner_options")
-        arr = x.array
-        arr[nd:] = u.array_r
-        f = problem.evaluate(x, grad)
-        dphi = comm.bcast(float(grad.array_r[0]) * problem.ds if nd else None, root=0)
-        log.info("  D = %.6f: inner CG %d iterations (%s), j = %.6e, dj/ddelta = %.3e",
-                 problem.D_of(delta)[0], ksp.getIterationNumber(), reason, f, dphi)
-        return f, dphi
-
-    if cfg.inner_probe:
+    state = solver_state if solver_state is not None else {}
+    resumed = bool(state.get("atol"))
+    rf = ReducedFunctional(problem, cfg, x, atol=state.get("atol") if resumed else None)
+    if cfg.inner_probe and not resumed:
         problem.probe_g_scale(x)
     delta, _ = problem.split(x)
     it = start_iteration
@@ -116,23 +149,35 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
     reason = "DIVERGED_MAXITS"
     f, phi = float("nan"), float("nan")
     try:
-        f, phi = reduced(delta)
-        if on_iteration is not None:
-            on_iteration(it, x, f, abs(phi))
-        bracket = {"a": None, "b": None, "side": None}  # a: phi < 0, b: phi > 0
+        if resumed:
+            bracket = {"a": state.get("a"), "b": state.get("b"), "side": state.get("side")}
+            prev = state.get("prev")
+            step = float(state["step"])
+            f, phi = float(state["f"]), float(state["phi"])
+        else:
+            f, phi = rf(delta)
+            bracket = {"a": None, "b": None, "side": None}  # a: phi < 0, b: phi > 0
+            prev = None
+            step = cfg.outer_step if cfg.d_param == "sigmoid" else cfg.outer_step * max(delta, 1e-3)
 
         def update(d: float, ph: float) -> None:
             # Illinois rule: when the same end is replaced twice in a row, halve the other end's phi
             side = "a" if ph < 0 else "b"
             other = "b" if side == "a" else "a"
             if bracket["side"] == side and bracket[other] is not None:
-                bracket[other] = (bracket[other][0], 0.5 * bracket[other][1])
-            bracket[side] = (d, ph)
+                bracket[other] = [bracket[other][0], 0.5 * bracket[other][1]]
+            bracket[side] = [d, ph]
             bracket["side"] = side
 
-        update(delta, phi)
-        prev = None
-        step = cfg.outer_step if cfg.d_param == "sigmoid" else cfg.outer_step * max(delta, 1e-3)
+        def remember() -> None:
+            state.update(a=bracket["a"], b=bracket["b"], side=bracket["side"], prev=prev, step=step,
+                         f=f, phi=phi, atol=rf.atol)
+
+        if not resumed:
+            update(delta, phi)
+            remember()
+            if on_iteration is not None:
+                on_iteration(it, x, f, abs(phi))
         while it < cfg.max_iterations:
             if phi == 0.0:
                 reason = "CONVERGED_GATOL"
@@ -148,13 +193,14 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
             else:  # downhill by a growing step
                 new = delta - math.copysign(step, phi)
                 step *= 2.0
-            prev = (delta, phi)
+            prev = [delta, phi]
             D_old = problem.D_of(delta)[0]
             delta = new
-            f, phi = reduced(delta)
+            f, phi = rf(delta)
             update(delta, phi)
             it += 1
             D_new = problem.D_of(delta)[0]
+            remember()
             if on_iteration is not None:
                 on_iteration(it, x, f, abs(phi))
             if abs(D_new - D_old) <= cfg.d_rtol * abs(D_new):
@@ -162,14 +208,14 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None)
                 break
     except BaseException as exc:  # re-raised after the clean-up
         failure = exc
-    ksp.destroy()
-    H.destroy()
-    for v in (grad, rhs, u):
-        v.destroy()
+    products = rf.ctx.products
+    inner_its, capped = rf.inner_iterations, rf.inner_capped
+    rf.close()
     if failure is not None:
         raise failure
     out = {"reason": reason, "iterations": it, "f": float(f), "gnorm": abs(float(phi)),
-           "seconds": time.time() - t0, "inner_iterations": inner_its, "hessian_products": ctx.products}
+           "seconds": time.time() - t0, "inner_iterations": inner_its, "hessian_products": products,
+           "inner_capped": capped}
     log.info("variable projection: %s after %d outer iterations, %d inner CG iterations (f = %.6g)",
              reason, it, inner_its, f)
     return out

@@ -7,9 +7,12 @@ the registry's hook :func:`glymphmpi.report.fem_figures.figures`.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -20,7 +23,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FemResult:
-    """What an estimation returns (arrays hold this rank's owned dofs)."""
+    """What an estimation returns (arrays hold this rank's owned dofs, in the input's units)."""
 
     D: float
     delta: float
@@ -40,6 +43,12 @@ class FemResult:
     vm: object = None
     model: object = None
     problem: object = None
+    converged: bool = True
+    warnings: list = field(default_factory=list)
+    ci95: list | None = None
+    selection: dict = field(default_factory=dict)
+    data_scale: float = 1.0
+    dt_h: float = 0.0
 
 
 def _new_history() -> dict:
@@ -97,92 +106,372 @@ def _land():
     return MPI.LAND
 
 
+def _check_finite(cfg) -> None:
+    """No NaN/Inf setting reaches PETSc (the config layer checks too; this is the FEM's own guard)."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        items = v.items() if isinstance(v, dict) else [(None, v)]
+        for k, val in items:
+            if isinstance(val, float) and not math.isfinite(val):
+                name = f"fem.{f.name}" + (f".{k}" if k is not None else "")
+                raise InputError(f"{name}: must be finite, got {val}")
+            if isinstance(val, str) and k is not None and val.strip().lower() in ("nan", "inf", "+inf", "-inf",
+                                                                                  "infinity", "-infinity"):
+                raise InputError(f"fem.{f.name}.{k}: must be finite, got {val}")
+
+
+def _near_bound(cfg, D: float) -> str | None:
+    if cfg.d_param != "sigmoid":
+        return None
+    lo, hi = cfg.d_min, cfg.d_min + cfg.d_max
+    tol = 0.02 * cfg.d_max
+    if D - lo < tol or hi - D < tol:
+        return (f"D = {D:.4g} mm^2/h lies at a bound of its parametrisation [{lo:g}, {hi:g}] mm^2/h "
+                f"(fem.d_min, fem.d_min + fem.d_max): not an estimate of D; widen the bounds or check the data")
+    return None
+
+
+def _scaled_cfg(cfg, base, s: float):
+    return dataclasses.replace(cfg, alpha=base.alpha * s, beta=base.beta * s, gamma=base.gamma * s)
+
+
 def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemResult:
     """Fit D (and g) to a subject's scans.
+
+    With ``fem.regularization = "auto"`` (boundary-control mode, some weight
+    > 0) the common scale of the weights is chosen from the data along a path
+    of scales (see :mod:`glymphmpi.fem.auto`), an interval for D is computed and
+    the time step is checked by a solve with half of it.
 
     Args:
         subject: :class:`glymphmpi.subject.Subject`.
         cfg: :class:`glymphmpi.fem.config.FemConfig`.
         comm: MPI communicator.
-        checkpointer: optional :class:`glymphmpi.store.Checkpointer`; controls
-            and history are saved every ``checkpoint_every`` iterations and
-            loaded at the start when present.
+        checkpointer: optional :class:`glymphmpi.store.Checkpointer`; controls,
+            history and the optimiser's and the path's state are saved every
+            ``checkpoint_every`` iterations and loaded at the start when present.
+    Raises:
+        InputError: bad settings or data (one line), including settings whose
+            time series would not fit in memory.
     """
+    from glymphmpi.fem import auto as A
     from glymphmpi.fem.forward import DiffusionModel, TimeGrid
     from glymphmpi.fem.mesh import build_mesh
     from glymphmpi.fem.problem import ControlProblem
-    from glymphmpi.fem.tao import run_tao
     from glymphmpi.fem.transfer import sample
 
     t_start = time.time()
     where = subject.path
-    grid = TimeGrid.build(subject.times_h, cfg.dt_h, cfg.t_end_h, where)
+    _check_finite(cfg)
+    dt = cfg.dt_h if cfg.dt_h is not None else A.auto_dt(subject.times_h)
+    TimeGrid.build(subject.times_h, math.inf, None, where)  # the cheap checks (scan count, order) first
+    A.check_memory(subject.times_h, dt, cfg.t_end_h, subject.mask)
+    grid = TimeGrid.build(subject.times_h, dt, cfg.t_end_h, where)
+    scale = A.data_scale(subject.scans, subject.mask, where)
     vm = build_mesh(subject.mask, subject.affine, comm, where=subject.mask_path)
+    base = dataclasses.replace(cfg, dt_h=dt)
+    auto = (cfg.regularization == "auto" and cfg.mode == "boundary-control"
+            and max(cfg.alpha, cfg.beta, cfg.gamma) > 0)
+    run_cfg = dataclasses.replace(base, optimizer="projection") if auto else base
     model = DiffusionModel(vm, grid, cfg.theta, cfg.lumped_mass, cfg.petsc_prefix, cfg.petsc_options)
-    data = sample(subject.scans, vm.owned_voxel)
-    problem = ControlProblem(model, data, cfg)
+    data = sample(subject.scans, vm.owned_voxel) / scale
+    problem = ControlProblem(model, data, run_cfg)
     controls = Controls(problem)
     x = problem.initial()
     history = _new_history()
+    meta = {"phase": "path", "records": [], "scale": None, "offset": 0, "solver": {}, "g_extra": None,
+            "refined": False}
     start = 0
     if checkpointer is not None:
         loaded = checkpointer.load()
         if loaded is not None:
             state, start = loaded
+            if "meta" in state:
+                meta.update(json.loads(state["meta"]))
+            if meta["scale"] is not None:
+                problem.set_weights(_scaled_cfg(run_cfg, base, meta["scale"]))
+            if meta["g_extra"] is not None:
+                problem.set_g_extra(meta["g_extra"])
             controls.scatter(state["controls"], x, checkpointer.path)
             history = {k: list(v) for k, v in state["history"].items()}
             log.info("resuming from %s at iteration %d", checkpointer.path, start)
-    if cfg.optimizer == "tao":
+    if run_cfg.optimizer == "tao" and not (problem.full and run_cfg.optimizer == "projection"):
         problem.auto_scale(x)
-    log.info("%s: %d time steps of %.3g-%.3g h (theta = %g), %d controls", cfg.mode, grid.n_steps,
-             grid.tau[1:].min(), grid.tau[1:].max(), cfg.theta, x.getSize())
+    log.info("%s: %d time steps of %.3g-%.3g h (theta = %g), %d controls, data scale %.4g", cfg.mode,
+             grid.n_steps, grid.tau[1:].min(), grid.tau[1:].max(), cfg.theta, x.getSize(), scale)
 
     def state_fn(xv):
-        return lambda: {"controls": controls.gather(xv), "history": history}
+        def make():
+            meta["g_extra"] = None if problem.g_extra is None else [float(v) for v in problem.g_extra]
+            return {"controls": controls.gather(xv), "history": history, "meta": json.dumps(meta)}
+        return make
 
     t_opt = time.time()
+    counters = {"evaluations": problem.evaluations, "ksp": model.ksp_iterations, "solves": model.solves}
 
-    def on_iteration(it, xv, f, gnorm):
-        delta, _ = problem.split(xv)
-        D, _ = problem.D_of(delta)
-        last = problem.last
-        misfit = last["misfits"] if last and last.get("delta") == delta else [float("nan")] * len(data)
-        R = last.get("R", float("nan")) if last and last.get("delta") == delta else float("nan")
-        if history["iteration"] and history["iteration"][-1] >= it:
-            for k in history:
-                history[k] = history[k][:-1]
-        for k, v in (("iteration", it), ("J", f * problem.J_scale), ("J_normalised", f), ("gnorm", gnorm),
-                     ("D", D), ("R", R), ("misfit", list(misfit)), ("wall_s", time.time() - t_start)):
-            history[k].append(v)
-        if not quiet or it % 10 == 0:
-            log.info("it %3d  J = %.6e  |grad| = %.3e  D = %.6f mm^2/h", it, f * problem.J_scale, gnorm, D)
-        if checkpointer is not None:
-            checkpointer.step(it, state_fn(xv))
-        w = cfg.d_window
-        Ds = history["D"]
-        return bool(cfg.d_rtol > 0 and problem.full and len(Ds) > w and it - start >= w
-                    and (max(Ds[-w - 1:]) - min(Ds[-w - 1:])) <= cfg.d_rtol * Ds[-1])
+    def optimise(stage_cfg, start_local: int):
+        """One optimisation at ``stage_cfg``'s weights; iterations numbered from meta["offset"]."""
+        offset = meta["offset"]
+        solver_state = meta["solver"]
 
-    ev0, ksp0, sol0 = problem.evaluations, model.ksp_iterations, model.solves
-    if problem.full and cfg.optimizer == "projection":
-        from glymphmpi.fem.projection import run_projection
+        def on_iteration(it, xv, f, gnorm):
+            it_g = offset + it
+            delta, _ = problem.split(xv)
+            D, _ = problem.D_of(delta)
+            last = problem.last
+            same = bool(last) and last.get("delta") == delta
+            misfit = last["misfits"] if same else [float("nan")] * len(data)
+            R = last.get("R", float("nan")) if same else float("nan")
+            if history["iteration"] and history["iteration"][-1] >= it_g:
+                for k in history:
+                    history[k] = history[k][:-1]
+            for k, v in (("iteration", it_g), ("J", f * problem.J_scale), ("J_normalised", f), ("gnorm", gnorm),
+                         ("D", D), ("R", R), ("misfit", list(misfit)), ("wall_s", time.time() - t_start)):
+                history[k].append(v)
+            if not quiet or it_g % 10 == 0:
+                log.info("it %3d  J = %.6e  |grad| = %.3e  D = %.6f mm^2/h", it_g, f * problem.J_scale, gnorm, D)
+            if checkpointer is not None:
+                checkpointer.step(it_g, state_fn(xv))
+            w = stage_cfg.d_window
+            Ds = history["D"]
+            return bool(stage_cfg.d_rtol > 0 and problem.full and len(Ds) > w and it - start_local >= w
+                        and (max(Ds[-w - 1:]) - min(Ds[-w - 1:])) <= stage_cfg.d_rtol * Ds[-1])
 
-        out = run_projection(problem, cfg, x, start_iteration=start, on_iteration=on_iteration)
+        if problem.full and stage_cfg.optimizer == "projection":
+            from glymphmpi.fem.projection import run_projection
+
+            return run_projection(problem, stage_cfg, x, start_iteration=start_local, on_iteration=on_iteration,
+                                  solver_state=solver_state)
+        from glymphmpi.fem.tao import run_tao
+
+        return run_tao(problem, stage_cfg, x, start_iteration=start_local, on_iteration=on_iteration)
+
+    warnings: list = []
+    converged = True
+    selection: dict = {}
+    ci = None
+    n_obs = len(grid.obs_step)
+    if not auto:
+        out = optimise(run_cfg, start)
+        if not out["reason"].startswith("CONVERGED"):
+            converged = False
+            warnings.append(f"the optimiser stopped on its iteration limit ({out['reason']} after "
+                            f"{out['iterations']} iterations): D is not converged")
+        total_its = out["iterations"]
+        final_cfg = run_cfg
+        if cfg.mode == "boundary-control":
+            selection = {"rule": "fixed weights (fem.regularization = \"fixed\")" if max(
+                cfg.alpha, cfg.beta, cfg.gamma) > 0 else "no regularisation (all weights 0)"}
     else:
-        out = run_tao(problem, cfg, x, start_iteration=start, on_iteration=on_iteration)
+        sigma, noise_rule = A.noise_level(subject.times_h, subject.scans, subject.mask,
+                                          cfg.noise_sigma, scale)
+        m_int = model.quad(model.M, model.pin.array)
+        target = None if sigma is None else sigma ** 2 * m_int * (n_obs - 1)
+        records = meta["records"]
+
+        def next_scale():
+            done = [r["scale"] for r in records]
+            if sigma is None:  # L-curve: every decade
+                rest = [s for s in A.PATH_SCALES if s not in done]
+                return rest[0] if rest else None
+            if sigma == 0.0:  # noise-free: one warm-up decade, then the weakest scale
+                rest = [s for s in A.PATH_SCALES[-2:] if s not in done]
+                return rest[0] if rest else None
+            if records and records[-1]["misfit"] <= target:
+                if meta["refined"]:
+                    return None
+                s, _ = A.morozov_pick([r for r in records if not r.get("refine")], target)
+                meta["refined"] = True
+                return s
+            rest = [s for s in A.PATH_SCALES if s not in done]
+            return rest[0] if rest else None
+
+        resumed_stage = meta["phase"] == "path" and meta["scale"] is not None
+        while meta["phase"] == "path":
+            if resumed_stage:
+                s, start_local = meta["scale"], start - meta["offset"]
+                resumed_stage = False
+            else:
+                s = next_scale()
+                if s is None:
+                    break
+                meta.update(scale=s, solver={}, offset=history["iteration"][-1] + 1 if history["iteration"] else 0)
+                start_local = 0
+            stage_cfg = _scaled_cfg(run_cfg, base, s)
+            problem.set_weights(stage_cfg, x)
+            log.info("regularisation scale %.3g: (alpha, beta, gamma) = (%.3g, %.3g, %.3g)", s, stage_cfg.alpha,
+                     stage_cfg.beta, stage_cfg.gamma)
+            out = optimise(stage_cfg, start_local)
+            problem.evaluate(x)
+            last = problem.last
+            records.append({"scale": s, "D": float(last["D"]), "misfit": float(sum(last["misfits"])),
+                            "R": float(last["R"]), "reason": out["reason"], "iterations": int(out["iterations"]),
+                            "inner_capped": int(out.get("inner_capped", 0)),
+                            "refine": bool(meta["refined"] and s not in A.PATH_SCALES)})
+            log.info("scale %.3g: D = %.6f, misfit %.4g (noise level %s), R = %.4g, %s", s, last["D"],
+                     records[-1]["misfit"], "unknown" if target is None else f"{target:.4g}", last["R"],
+                     out["reason"])
+            meta["offset"] = history["iteration"][-1] + 1 if history["iteration"] else 0
+            meta["scale"] = None
+        # choose
+        if meta["phase"] == "path":
+            if sigma is None:
+                kc = A.lcurve_pick(records)
+                rule = "L-curve corner (" + noise_rule + ")"
+            elif sigma == 0.0:
+                kc = len(records) - 1
+                rule = "noise level zero (" + noise_rule + "): the weakest scale of the path"
+            else:
+                _, rule = A.morozov_pick([r for r in records if not r.get("refine")], target)
+                kc = len(records) - 1
+                if "not reached" in rule:
+                    warnings.append("the discrepancy principle was not reached: even the weakest regularisation "
+                                    "misfits the data more than the noise level (model error dominates)")
+                rule = rule + "; " + noise_rule
+            meta.update(phase="final", chosen=kc, rule=rule)
+        kc = meta["chosen"]
+        chosen = records[kc]
+        final_cfg = _scaled_cfg(run_cfg, base, chosen["scale"])
+        if kc != len(records) - 1 and meta.get("resolved") is None:  # L-curve corner: back to its scale
+            meta.update(scale=chosen["scale"], solver={}, offset=history["iteration"][-1] + 1)
+            problem.set_weights(final_cfg, x)
+            out = optimise(final_cfg, 0)
+            meta["resolved"] = out["reason"]
+        problem.set_weights(final_cfg, x)
+        for r in records:
+            if not str(r["reason"]).startswith("CONVERGED"):
+                converged = converged and r is not chosen
+                warnings.append(f"scale {r['scale']:.3g}: the optimiser stopped on its iteration limit "
+                                f"({r['reason']})" + (" at the chosen scale: D is not converged" if r is chosen
+                                                      else ""))
+            if r["inner_capped"]:
+                warnings.append(f"scale {r['scale']:.3g}: {r['inner_capped']} inner CG solve(s) for g hit "
+                                f"fem.inner_max_iterations")
+        total_its = history["iteration"][-1] if history["iteration"] else 0
+        # interval: Laplace approximation of j(delta) = min_g J, widened by the measured sensitivity
+        ci, extra = _interval(problem, final_cfg, x, meta, sigma, vm, subject, records, kc, grid, data, comm,
+                              checkpointer, state_fn, history, dt, warnings)
+        selection = {"rule": meta["rule"], "scale": chosen["scale"],
+                     "weights": [final_cfg.alpha, final_cfg.beta, final_cfg.gamma],
+                     "weight_ratios_from": [cfg.alpha, cfg.beta, cfg.gamma],
+                     "noise_sigma": None if sigma is None else sigma * scale,
+                     "target_misfit": None if target is None else target * scale ** 2,
+                     "path": [{**r, "misfit": r["misfit"] * scale ** 2, "R": r["R"] * scale ** 2} for r in records],
+                     **extra}
     opt_s = time.time() - t_opt
-    n_eval = problem.evaluations - ev0
-    ksp_per = (model.ksp_iterations - ksp0) / max(model.solves - sol0, 1)
+    n_eval = problem.evaluations - counters["evaluations"]
+    ksp_per = (model.ksp_iterations - counters["ksp"]) / max(model.solves - counters["solves"], 1)
     problem.evaluate(x)  # final state at the solution
     last = problem.last
-    norms = [model.quad(model.M, data[i]) for i in range(data.shape[0])]
-    log.info("D = %.6f mm^2/h after %d iterations (%s), %d evaluations, %.1f s", last["D"], out["iterations"],
-             out["reason"], n_eval, opt_s)
-    return FemResult(D=last["D"], delta=last["delta"], iterations=out["iterations"], reason=out["reason"],
-                     J=last["J"], R=last["R"], misfits=list(last["misfits"]), data_norms=norms,
-                     history=history, states=last["states"], g=last["g"], evaluations=n_eval,
+    norms = [model.quad(model.M, data[i]) * scale ** 2 for i in range(data.shape[0])]
+    bound = _near_bound(cfg, last["D"])
+    if bound:
+        warnings.append(bound)
+    for w in warnings:
+        if comm.rank == 0:
+            log.warning("%s", w)
+    s2 = scale ** 2
+    for k in ("J", "R"):
+        history[k] = [v * s2 for v in history[k]]
+    history["misfit"] = [[v * s2 for v in m] for m in history["misfit"]]
+    log.info("D = %.6f mm^2/h after %d iterations, %d evaluations, %.1f s%s", last["D"], total_its, n_eval, opt_s,
+             "" if ci is None else f"; 95% interval [{ci[0]:.4f}, {ci[1]:.4f}]")
+    reason = "CONVERGED" if converged else "NOT_CONVERGED"
+    if not auto:
+        reason = out["reason"]
+    return FemResult(D=last["D"], delta=last["delta"], iterations=total_its, reason=reason,
+                     J=last["J"] * s2, R=last["R"] * s2, misfits=[m * s2 for m in last["misfits"]], data_norms=norms,
+                     history=history, states=last["states"] * scale, g=last["g"] * scale, evaluations=n_eval,
                      seconds=time.time() - t_start, eval_seconds=opt_s / max(n_eval, 1),
-                     ksp_iterations_per_solve=ksp_per, vm=vm, model=model, problem=problem)
+                     ksp_iterations_per_solve=ksp_per, vm=vm, model=model, problem=problem,
+                     converged=converged, warnings=warnings, ci95=ci, selection=selection, data_scale=scale, dt_h=dt)
+
+
+def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data, comm, checkpointer, state_fn,
+              history, dt, warnings):
+    """(D_ci95 [lo, hi], details): Laplace (noise) part widened by the measured sensitivity (see fem.auto)."""
+    from glymphmpi.fem import auto as A
+    from glymphmpi.fem.projection import ReducedFunctional
+
+    delta, _ = problem.split(x)
+    D, dDdd = problem.D_of(delta)
+    out = {}
+    sd = 0.0
+    if sigma is not None and sigma > 0:
+        h = 0.02 if cfg.d_param == "sigmoid" else 0.01 * max(abs(delta), 1e-3)
+        rf = ReducedFunctional(problem, cfg, x, atol=meta["solver"].get("atol"))
+        try:
+            _, pp = rf(delta + h)
+            _, pm = rf(delta - h)
+            rf(delta)  # back to the solution (x holds its g again)
+        finally:
+            rf.close()
+        jpp = (pp - pm) / (2.0 * h) * problem.J_scale
+        v = float(abs(np.linalg.det(np.asarray(subject.affine)[:3, :3])))
+        if jpp > 0:
+            sd = abs(dDdd) * math.sqrt(2.0 * sigma ** 2 * v / jpp)
+        else:
+            warnings.append("the reduced functional is not convex in D at the estimate: no noise interval")
+            sd = float("nan")
+        out["curvature_j_delta"] = jpp
+    # sensitivity to the regularisation scale: change of D per half decade around the chosen scale
+    sc = records[kc]["scale"]
+    b_reg = 0.0
+    for r in records:
+        ld = abs(math.log10(r["scale"] / sc))
+        if 1e-9 < ld <= 1.0 + 1e-9:
+            b_reg = max(b_reg, abs(r["D"] - D) * 0.5 / ld)
+    b_dt = 0.0
+    if cfg.check_dt:
+        D_half = _half_step_D(problem, cfg, x, grid, data, comm, checkpointer, state_fn, history, dt)
+        b_dt = abs(D_half - D)
+        out["D_half_dt"] = D_half
+        if math.isfinite(sd) and b_dt > 1.96 * sd and sd > 0:
+            warnings.append(f"halving the time step changes D by {b_dt:.3g} mm^2/h, more than the noise "
+                            f"interval's half-width {1.96 * sd:.3g}: the interval includes it")
+    bias = max(b_reg, b_dt)
+    ci = A.interval(D, sd if math.isfinite(sd) else 0.0, bias)
+    out.update(D_sd_noise=sd, bias_regularisation=b_reg, bias_time_step=b_dt,
+               interval_rule="D -+ (1.96 sd_Laplace + max(|D(dt/2) - D|, dD per half decade of scale))")
+    return ci, out
+
+
+def _half_step_D(problem, cfg, x, grid, data, comm, checkpointer, state_fn, history, dt):
+    """D re-estimated with half the time step, warm-started from the solution (g interpolated in time)."""
+    from glymphmpi.fem.forward import DiffusionModel, TimeGrid
+    from glymphmpi.fem.problem import ControlProblem
+    from glymphmpi.fem.projection import run_projection
+
+    model = problem.model
+    times = grid.t[grid.obs_step]
+    fine = TimeGrid.build(times, dt / 2.0, float(grid.t[-1]) if grid.t[-1] > times[-1] else None)
+    fm = DiffusionModel(model.vm, fine, cfg.theta, cfg.lumped_mass, cfg.petsc_prefix, cfg.petsc_options)
+    try:
+        fp = ControlProblem(fm, data, cfg)
+        delta, g = problem.split(x)
+        gf = np.empty((fine.n_steps + 1, g.shape[1]))
+        for j in range(g.shape[1]):
+            gf[:, j] = np.interp(fine.t, grid.t, g[:, j])
+        xf = fp.initial()
+        arr = xf.array
+        if fp.nd:
+            arr[0] = delta * fp.ds
+        arr[fp.nd:] = fp.pack_g(gf[1:])
+        it0 = history["iteration"][-1] if history["iteration"] else 0
+        save = state_fn(x)
+
+        def on_iteration(it, xv, f, gnorm):
+            if checkpointer is not None:  # a stop signal here keeps the coarse solution's checkpoint
+                checkpointer.step(it0, save)
+            return False
+
+        out = run_projection(fp, cfg, xf, on_iteration=on_iteration)
+        D_half = fp.D_of(fp.split(xf)[0])[0]
+        log.info("time-step check: D = %.6f with dt = %.4g h (%s)", D_half, dt / 2.0, out["reason"])
+        xf.destroy()
+    finally:
+        fm.destroy()
+    return D_half
 
 
 def write_xdmf(path_c, path_g, res: FemResult, every: int = 1) -> None:
@@ -236,6 +525,9 @@ def solve(subject, cfg, rundir, comm) -> dict:
                      "description": "hexahedra between voxel centres (cells whose 8 corner voxels are in "
                                     "the mask), Q1; nodes = voxels"},
             "fit_at_scans": fit.astype(np.float32),
+            "D_ci95_mm2_per_h": np.asarray(res.ci95 if res.ci95 is not None else [np.nan, np.nan]),
+            "regularization": json.dumps(res.selection), "warnings": json.dumps(res.warnings),
+            "converged": bool(res.converged), "data_scale": res.data_scale,
         }
         attrs = {"history_units": "J: (conc)^2 mm^3 + regularisation; D: mm^2/h"}
         rundir.write_results(tree, cfg, subject.id, attrs)
@@ -245,7 +537,10 @@ def solve(subject, cfg, rundir, comm) -> dict:
     return {
         "D_mm2_per_h": res.D, "mode": cfg.mode, "iterations": res.iterations, "tao_reason": res.reason,
         "evaluations": res.evaluations, "misfit_per_scan": res.misfits, "relative_misfit_per_scan": rel,
-        "J": res.J, "regularisation": res.R, "time_steps": grid.n_steps, "dt_h": cfg.dt_h,
+        "J": res.J, "regularisation": res.R, "time_steps": grid.n_steps, "dt_h": res.dt_h,
+        "converged": res.converged, "warnings": list(res.warnings),
+        "D_ci95_mm2_per_h": None if res.ci95 is None else [float(v) for v in res.ci95],
+        "regularization": res.selection, "data_scale": res.data_scale,
         "theta": cfg.theta, "mesh_nodes": vm.n_nodes, "mesh_cells": vm.n_cells,
         "boundary_nodes": vm.n_boundary, "estimation_s": round(res.seconds, 3),
         "forward_adjoint_s": round(res.eval_seconds, 4),
