@@ -48,6 +48,23 @@ def check_images(images: np.ndarray, names=None) -> None:
             raise InputError(f"scan {i} is all zero (inside the mask)", where)
 
 
+def smooth_images(images: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian smoothing of each image inside ``mask`` by normalised convolution
+    (``G*(x m) / G*m`` on the mask, 0 outside): constants inside the mask are kept and no
+    mass is smeared across its boundary."""
+    if sigma <= 0:
+        return images
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=np.float64)
+    w = ndimage.gaussian_filter(m, sigma, mode="constant")
+    out = np.empty_like(images, dtype=np.float64)
+    for i, img in enumerate(images):
+        g = ndimage.gaussian_filter(np.asarray(img, dtype=np.float64) * m, sigma, mode="constant")
+        out[i] = np.where(m > 0, g / np.maximum(w, 1e-12), 0.0)
+    return out
+
+
 def drift_velocity(rho0: np.ndarray, target: np.ndarray, T: float) -> np.ndarray:
     """(3,) uniform velocity moving the centre of mass of rho0 to that of target in model time T."""
     coms = []
@@ -60,7 +77,8 @@ def drift_velocity(rho0: np.ndarray, target: np.ndarray, T: float) -> np.ndarray
 
 def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np.ndarray,
                comm=MPI.COMM_SELF, state: dict | None = None, on_iteration=None, label: str = "",
-               workers: int | None = None, source_region: np.ndarray | None = None) -> dict:
+               workers: int | None = None, source_region: np.ndarray | None = None,
+               warm: dict | None = None) -> dict:
     """Solve one loop (rho0 -> target).
 
     Args:
@@ -74,6 +92,10 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
         workers: scipy.fft threads (default: cores / ranks).
         source_region: (ni, nj, nk) chi of the unbalanced model (``cfg.model == "unbalanced"``):
             where the relative source may act (restricted to ``active``); None: all of ``active``.
+        warm: start from a previous solution on the whole grid instead of ``cfg.init``:
+            ``velocity`` (nt, 3, ni, nj, nk), unbalanced also ``source`` (nt, ni, nj, nk) or None,
+            and ``g0_norm``, the first solve's initial gradient norm (the gradient tolerance
+            stays relative to it, so a warm start that is already converged stops at once).
     Returns:
         dict with velocity (nt, 3, ni, nj, nk) float32, density (nt+1, ni, nj, nk)
         float32, rho_end (N,) float64, objective_history, gn_iterations,
@@ -88,9 +110,14 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
     chi = None
     if cfg.model == "unbalanced":
         chi = np.ascontiguousarray((active if source_region is None else source_region & active)[box])
+    if warm is not None:
+        src = warm.get("source")
+        warm = {"velocity": np.asarray(warm["velocity"])[(slice(None), slice(None), *box)],
+                "source": None if src is None else np.asarray(src)[(slice(None), *box)],
+                "g0_norm": float(warm.get("g0_norm", 0.0))}
     with single_threaded_blas():
         res = _solve_box(np.ascontiguousarray(rho0[box]), np.ascontiguousarray(target[box]), cfg,
-                         np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers, chi)
+                         np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers, chi, warm)
     if tuple(res["density"].shape[1:]) != tuple(full_shape):
         risk = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin)
         if risk > 1e-10:
@@ -100,7 +127,7 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
     return res
 
 
-def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, workers, chi=None) -> dict:
+def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, workers, chi=None, warm=None) -> dict:
     t0 = time.perf_counter()
     c0 = time.process_time()
     shape = rho0.shape
@@ -125,6 +152,11 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
         gs = GNState(u=u_full[:, :, lo:hi].copy(), history=list(state["history"]),
                      iterations=int(state["iterations"]), pcg_iterations=int(state["pcg_iterations"]),
                      g0_norm=float(state["g0_norm"]), done=bool(state["done"]), reason=str(state["reason"]))
+    elif warm is not None:  # the stopping test keeps the first solve's gradient scale
+        gs = GNState(u=prob.zeros(), g0_norm=warm["g0_norm"])
+        gs.u[:, :3] = np.asarray(warm["velocity"]).reshape(cfg.nt, 3, -1)[:, :, act_flat[lo:hi]]
+        if ncomp == 4 and warm.get("source") is not None:
+            gs.u[:, 3] = np.asarray(warm["source"]).reshape(cfg.nt, -1)[:, act_flat[lo:hi]]
     else:
         gs = GNState(u=prob.zeros())
         if cfg.init == "drift":
@@ -165,6 +197,7 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
         "mass_error": float((rho_end.sum() - m0) / m0),
         "misfit_rel": float(np.linalg.norm(rho_end - prob.target) / tn) if tn > 0 else 0.0,
         "stop_reason": gs.reason,
+        "g0_norm": float(gs.g0_norm),
         "runtime_s": time.perf_counter() - t0,
         "cpu_s": time.process_time() - c0,
         "active_voxels": int(act_flat.size),

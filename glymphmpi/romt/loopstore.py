@@ -21,10 +21,11 @@ from glymphmpi.romt.config import RomtConfig
 
 log = logging.getLogger(__name__)
 
-NUMERIC_KEYS = ("nt", "dt", "sigma", "beta", "gamma", "boundary", "mode", "model", "alpha", "source_mask",
+NUMERIC_KEYS = ("nt", "dt", "sigma", "beta", "gamma", "boundary", "mode", "coupled_rtol", "model", "alpha",
+                "source_mask",
                 "max_iterations", "gn_gtol", "gn_ftol", "pcg_max_iterations", "pcg_rtol", "ls_max_halvings",
                 "armijo_c", "init",
-                "mask_dilation", "mask_images", "crop_margin")
+                "mask_dilation", "mask_images", "crop_margin", "smooth_sigma_voxels")
 
 
 def config_key(cfg: RomtConfig) -> str:

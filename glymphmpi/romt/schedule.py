@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 def groups_for(n_loops: int, size: int, mode: str) -> int:
-    """Number of rank groups: all ranks together in sequential mode, min(K, loops) in parallel."""
+    """Number of rank groups: all ranks together in sequential mode, min(K, loops) in parallel and coupled."""
     return 1 if mode == "sequential" else max(1, min(size, n_loops))
 
 
@@ -74,15 +74,23 @@ def solve_series(images: np.ndarray, cfg: RomtConfig, active: np.ndarray, comm=M
     gcomm = comm.Split(color=group, key=rank)
     t_start = time.perf_counter()
     try:
-        results = _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays,
-                               source_region)
+        if cfg.mode == "coupled":
+            results, sweeps = _solve_coupled(images, cfg, active, comm, gcomm, group, n_groups, store,
+                                             keep_arrays, source_region)
+        else:
+            results = _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays,
+                                   source_region)
+            sweeps = None
         out = _gather(results, n_loops, comm, gcomm, store, keep_arrays)
     finally:
         gcomm.Free()
     for res in out:
         to_image_units(res, factor, scale)
-    return out, {"n_groups": n_groups, "solve_s": time.perf_counter() - t_start, "intensity_scale": scale,
-                 "intensity_factor": factor}
+    info = {"n_groups": n_groups, "solve_s": time.perf_counter() - t_start, "intensity_scale": scale,
+            "intensity_factor": factor}
+    if sweeps is not None:
+        info["coupled_sweeps"] = sweeps
+    return out, info
 
 
 def to_image_units(res: dict, factor: float, scale: float) -> dict:
@@ -154,6 +162,94 @@ def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_
     if any_rank(comm, preempted is not None):
         raise preempted or Preempted("stopped by a signal on another rank; checkpoints written")
     return results
+
+
+def _solve_coupled(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays,
+                   source_region=None) -> tuple[dict, list]:
+    """Coupled parallel loops: a parareal-style fixed point that converges to the sequential chain.
+
+    Sweep 0 solves every loop from its measured image, in parallel over the rank groups. In
+    sweep s >= 1 each loop k >= 1 whose start density (the final density of loop k-1 in the
+    previous sweep) changed by more than ``romt.coupled_rtol`` (relative L2) since its last
+    solve is solved again from that density, warm-started from its previous velocity (and
+    source), which takes few Gauss-Newton iterations when the change is small. After sweep s
+    loops 0..s start from the same densities as in sequential mode, so at most n_loops - 1
+    sweeps make it the sequential chain; it usually stops much earlier. A coupled run that is
+    stopped restarts from sweep 0 (its per-iteration checkpoints are written, not resumed).
+
+    Returns:
+        (this group's final loop results (on its first rank), per-sweep records
+        [{"sweep", "resolved", "max_change", "seconds"}] identical on all ranks).
+    """
+    n_loops = images.shape[0] - 1
+    my_loops = split_evenly(n_loops, n_groups, group)
+    workers = cfg.fft_workers or default_workers(comm.size)
+    ck = None
+    if store is not None:
+        ck = store.checkpointer(f"checkpoint.group{group}of{n_groups}.h5", gcomm)
+    results: dict = {}
+    starts = {k: images[k] for k in my_loops}  # start density of each loop's last solve
+    todo = list(my_loops)
+    sweeps = []
+    preempted = None
+    for sweep in range(n_loops):
+        t0 = time.perf_counter()
+        try:
+            for k in todo:
+                warm = None
+                if k in results:
+                    warm = {"velocity": results[k]["velocity"], "source": results[k].get("source"),
+                            "g0_norm": results[k]["g0_norm"]}
+
+                def on_it(state_fn, it, k=k):
+                    if ck is not None:
+                        def full_state():
+                            st = state_fn()
+                            st.update(loop=k, config_key=store.key)
+                            return st
+                        ck.step(it, full_state)
+
+                res = solve_loop(starts[k], images[k + 1], cfg, active, comm=gcomm, on_iteration=on_it,
+                                 label=f"sweep {sweep} loop {k}: ", workers=workers, source_region=source_region,
+                                 warm=warm)
+                log.info("sweep %d loop %d: %d GN / %d PCG iterations, misfit %.3g, %.1f s (%s)", sweep, k,
+                         res["gn_iterations"], res["pcg_iterations"], res["misfit_rel"], res["runtime_s"],
+                         res["stop_reason"])
+                results[k] = res
+        except Preempted as exc:
+            preempted = exc
+        if any_rank(comm, preempted is not None):
+            raise preempted or Preempted("stopped by a signal on another rank; checkpoints written")
+        # every group's end densities, then the loops whose start moved
+        ends = {k: np.asarray(results[k]["rho_end"]).reshape(images.shape[1:])
+                for k in my_loops if gcomm.rank == 0}
+        merged: dict = {}
+        for d in comm.allgather(ends):
+            merged.update(d)
+        todo, worst = [], 0.0
+        for k in my_loops:
+            if k == 0:
+                continue
+            new = merged[k - 1]
+            change = float(np.linalg.norm(new - starts[k]) / max(np.linalg.norm(new), 1e-300))
+            worst = max(worst, change)
+            if change > cfg.coupled_rtol:
+                starts[k] = new
+                todo.append(k)
+        worst = comm.allreduce(worst, op=MPI.MAX)
+        resolved = comm.allreduce(len(todo), op=MPI.SUM)
+        sweeps.append({"sweep": sweep, "max_change": worst, "seconds": round(time.perf_counter() - t0, 3),
+                       "resolve_next": resolved})
+        log.info("coupled sweep %d: %.1f s; largest start-density change %.2e; %d loop(s) to solve again",
+                 sweep, time.perf_counter() - t0, worst, resolved)
+        if resolved == 0:
+            break
+    if store is not None and keep_arrays:
+        for k in my_loops:
+            store.save_loop(k, results[k], writer=gcomm.rank == 0)
+        gcomm.Barrier()
+    out = {k: (results[k] if keep_arrays else scalars(results[k])) for k in my_loops}
+    return out, sweeps
 
 
 def _gather(results: dict, n_loops: int, comm, gcomm, store, keep_arrays) -> list:

@@ -19,7 +19,7 @@ import numpy as np
 
 from glymphmpi.errors import InputError
 from glymphmpi.romt.config import RomtConfig
-from glymphmpi.romt.loop import active_set, check_images
+from glymphmpi.romt.loop import active_set, check_images, smooth_images
 from glymphmpi.romt.loopstore import LoopStore, config_key
 from glymphmpi.romt.results import RESULTS_ATTRS, build_results_tree
 from glymphmpi.romt.schedule import solve_series
@@ -41,6 +41,8 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
         raise InputError(f"rOMT needs at least 2 scans, got {images.shape[0]}", subject.path)
     if cfg.mask_images:
         images = images * subject.mask
+    if cfg.smooth_sigma_voxels > 0:
+        images = smooth_images(images, subject.mask, cfg.smooth_sigma_voxels)
     names = [str(p) for p in subject.scan_paths] if subject.scan_paths else None
     check_images(images, names)
     active = active_set(subject.mask, cfg.mask_dilation)
@@ -64,6 +66,8 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
         fields["n_groups"] = info["n_groups"]
         fields["solve_s"] = round(info["solve_s"], 3)
         fields["intensity_scale"] = info["intensity_scale"]
+        if "coupled_sweeps" in info:
+            fields["coupled_sweeps"] = info["coupled_sweeps"]
         fields["active_voxels"] = int(active.sum())
     fields = comm.bcast(fields, root=0)
     comm.Barrier()
