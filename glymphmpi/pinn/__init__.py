@@ -3,7 +3,9 @@
 Modules: ``config`` (PinnConfig, light), ``network`` (c(x, t), D(delta), forward
 Laplacian), ``losses``, ``samplers`` (interior PDE points, RAR, RAE),
 ``diagnostics`` (r(t), residual norm), ``distributed`` (device, process group),
-``trainer`` (DDP training, checkpoints, ensembles), ``run`` (the CLI command),
+``trainer`` (data scaling, automatic schedule, DDP training, checkpoints,
+ensembles, convergence and summary fields), ``run`` (the registry's
+``communicator`` and ``solve``),
 ``analytic`` (heat-kernel test problem). torch is imported only by these
 modules, never by ``import glymphmpi``.
 """

@@ -2,9 +2,12 @@
 
 Writes (rank 0): ``results.h5`` (per-member loss, D and residual histories,
 r(t), RAR/RAE events, the ensemble-mean prediction at the scan times),
-``maps/pinn_pred_tXX.nii.gz`` and summary fields ``D_mm2_per_h`` (ensemble
-mean), ``D_std_mm2_per_h``, ``residual_norm``, final losses, epochs, runtime,
-device and world size. The figures (D and losses over epochs, r(t), slices of
+``maps/pinn_pred_tXX.nii.gz`` and the summary fields of
+:func:`glymphmpi.pinn.trainer.summary_fields`: ``D_mm2_per_h`` (ensemble mean),
+``D_std_mm2_per_h``, ``residual_norm`` (in the data's units), ``estimate``
+(false with ``estimate_reason`` for a smoke test or an early stop),
+``converged`` and ``warnings`` (D still moving, residual not fallen), the
+resolved schedule, final losses, runtime, device and world size. The figures (D and losses over epochs, r(t), slices of
 data vs prediction) are the registry's hook
 :func:`glymphmpi.report.pinn_figures.figures`, made from results.h5.
 """
