@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -185,3 +186,24 @@ def test_requeued_jobs_resume_to_the_uninterrupted_result(tmp_path, small_phanto
         assert rec["state"] == "complete"
     killed = {sid for sid, how in kills if how == "signal"}
     assert all(resumed[s] > 0 for s in killed)  # a SIGTERM'd run always resumed from its checkpoint
+
+
+def test_hostile_paths_through_real_sbatch(tmp_path, small_phantom):
+    """A --out with a space and '%' and subject folders with a tab and a newline: sbatch reads the
+    quoted #SBATCH --output (logs land in that folder), the NUL task files give every subject its
+    exact path, and the dask-jobqueue report workers' logs are quoted too."""
+    c = write_cohort(tmp_path, small_phantom, ids=("s1", "s2"), body=FAST,
+                     toy_args=("--steps", "3", "--step-s", "0.01"))
+    for sid, name in (("s1", "t\tab"), ("s2", "n\new")):
+        (tmp_path / "subjects" / sid).rename(tmp_path / "subjects" / name)
+    out = tmp_path / "o ut %x"
+    r = glymph_cli("cohort", "run", c, "--out", out, "--scheduler", "slurm", timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "cohort: 2 complete" in r.stdout
+    logs = sorted(p.name for p in (out / "cohort" / "logs").iterdir())
+    assert len(logs) == 2 and all(re.fullmatch(r"toy\.\d+_[01]\.log", n) for n in logs)
+    for sid in ("s1", "s2"):
+        s = json.loads((out / sid / "toy" / "summary.json").read_text())
+        assert s["value"] == toy_ref(small_phantom, sid, 3)
+        assert (out / sid / "report" / "summary.json").exists()
+    assert any(p.suffix == ".err" for p in (out / "cohort" / "dask").iterdir())

@@ -31,6 +31,8 @@ class CohortConfig:
         dask_memory: memory of one dask-jobqueue worker job.
         dask_walltime: wall time of one dask-jobqueue worker job.
         dask_max_jobs: most dask-jobqueue worker jobs at once (adaptive between 0 and this).
+        report_wait_s: seconds the SLURM launcher waits, after every run has ended, for the
+            subject reports on dask-jobqueue workers; then it writes the late ones itself (and says so).
         local_cores: cores the local scheduler shares between runs (0 = all of nproc).
         job_prefix: prefix of SLURM job names.
     """
@@ -47,6 +49,7 @@ class CohortConfig:
     dask_memory: str = "1GB"
     dask_walltime: str = "01:00:00"
     dask_max_jobs: PositiveInt = 1
+    report_wait_s: Positive = 600.0
     local_cores: NonNegativeInt = 0
     job_prefix: str = "glymph"
 

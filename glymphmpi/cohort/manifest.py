@@ -39,8 +39,8 @@ import glob
 from pathlib import Path
 
 from glymphmpi.config import build, load_toml, parse_override
-from glymphmpi.methods import config_class, known_sections
 from glymphmpi.errors import InputError
+from glymphmpi.methods import config_class, known_sections
 
 from .config import CohortConfig
 from .methods import MethodSpec, default_methods, get_method, method_from_table

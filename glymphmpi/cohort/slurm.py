@@ -19,7 +19,7 @@ from glymphmpi.errors import EXIT_PREEMPTED
 from glymphmpi.io import atomic_write_bytes
 from glymphmpi.store import StopFlag
 
-from .jobscript import directives, log_pattern, render, template_path, write_task_files
+from .jobscript import directives, log_pattern, render, sbatch_quote, template_path, write_task_files
 from .launcher import Launcher
 from .sbatch import ACTIVE, JobTable, exit_code, release, submit
 from .tasks import LaunchSpec, Task
@@ -99,9 +99,15 @@ class ReportWorkers:
             if self.cluster_factory is not None:
                 self.cluster = self.cluster_factory()
             else:
+                import dask.config
                 from dask_jobqueue import SLURMCluster
 
-                kw = {"log_directory": str(self.spec.workdir / "dask")}
+                # the log paths are data: quoted for sbatch here (dask-jobqueue would write them unquoted)
+                logs = log_pattern(self.spec.workdir / "dask", f"{opts.job_prefix}-dask-%j")
+                (self.spec.workdir / "dask").mkdir(parents=True, exist_ok=True)
+                kw = {"job_extra_directives": [
+                    *(dask.config.get("jobqueue.slurm.job-extra-directives", None) or []),
+                    f"--error={sbatch_quote(logs + '.err')}", f"--output={sbatch_quote(logs + '.out')}"]}
                 if not self.site:  # a site profile (--site) configures the workers itself
                     kw.update(cores=opts.dask_cores, processes=1, memory=opts.dask_memory,
                               walltime=opts.dask_walltime, job_name=f"{opts.job_prefix}-dask",
@@ -235,8 +241,19 @@ class SlurmLauncher(Launcher):
             if row not in todo_rows and hooks.wants_group(row, False):
                 reports[row] = self.workers.submit(hooks.group_done, row, key=f"report-{row}")
         stopped = False
+        runs_ended = None
         try:
             while active or any(not f.done() for f in reports.values()):
+                if not active and runs_ended is None:
+                    runs_ended = time.time()
+                if runs_ended is not None and time.time() - runs_ended > self.opts.report_wait_s:
+                    late = [row for row, f in reports.items() if not f.done()]
+                    self.say(f"report workers did not finish in {self.opts.report_wait_s:g} s "
+                             f"(cohort.report_wait_s); writing the reports of {', '.join(late)} here")
+                    for row in late:
+                        reports[row].cancel()
+                        hooks.group_done(row)
+                    break
                 if StopFlag.requested():
                     stopped = True
                     break
