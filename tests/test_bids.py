@@ -182,6 +182,47 @@ def _chromium_dom(page: Path) -> str:
     return r.stdout
 
 
+def _pages_load(out: Path, sids, min_images: int) -> None:
+    """Each page in headless Chromium: sections in order, every <img> loaded (an onerror handler marks <body>)."""
+    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
+        pytest.skip("chromium is not installed (scripts/install_bids_tools.sh --chromium)")
+    for sid in sids:
+        page = out / f"{sid}.html"
+        text = page.read_text()
+        order = [text.index(h) for h in ("<h2>Figures", "<h2>Headline numbers", "<h2>Warnings", "<h2>Settings")]
+        assert order == sorted(order)
+        n_img = len(re.findall(r"<img ", text))
+        assert n_img >= min_images
+        dom = _chromium_dom(page)
+        assert len(re.findall(r"<img ", dom)) == n_img and not BROKEN.search(dom), BROKEN.search(dom)
+    # the check can fail: a missing figure is reported as broken
+    (out / sids[0] / "figures" / "mask.png").unlink()
+    assert f"{sids[0]}/figures/mask.png" in BROKEN.search(_chromium_dom(out / f"{sids[0]}.html")).group(1)
+
+
+def test_bids_concentration_only_derivative_and_pages(dataset, tmp_path, glymph):
+    """participant (--methods none) then group: the derivative dataset and pages that load in Chromium."""
+    out = tmp_path / "deriv"
+    r = glymph("bids", dataset, out, "participant", "--methods", "none")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = glymph("bids", dataset, out, "group", "--methods", "none")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    dd = json.loads((out / "dataset_description.json").read_text())
+    assert dd["DatasetType"] == "derivative" and dd["GeneratedBy"][0]["Name"] == "glymphmpi"
+    assert "Version" in dd["GeneratedBy"][0] and "bids" in dd["GeneratedBy"][0]["Command"]
+    assert dd["SourceDatasets"][0]["URL"] == dataset.resolve().as_uri()
+    for sid in ("sub-01", "sub-02"):
+        side = json.loads((out / sid / "ses-04" / "anat" / f"{sid}_ses-04_desc-concentration_map.json").read_text())
+        assert side["Units"] == "mmol/L" and side["time_after_injection_h"] == TIMES[3]
+        assert "automatic" in side["mask"]  # no --mask-dir: said so
+        mside = json.loads((out / sid / "anat" / f"{sid}_desc-brain_mask.json").read_text())
+        assert mside["Automatic"] is True
+    text = (out / "sub-01.html").read_text()
+    assert "AUTOMATIC" in text and "No method has run" in text
+    _pages_load(out, ["sub-01", "sub-02"], 2)
+
+
+@pytest.mark.slow
 def test_bids_participant_group_matches_glymph_fem(dataset, tmp_path, glymph):
     """participant then group on the 2-subject dataset (one per route): the FEM D equals that of `glymph fem` on
     the phantom's concentration subject (rel. diff < 1e-3 for t1map); the derivative files; pages load."""
@@ -225,21 +266,8 @@ def test_bids_participant_group_matches_glymph_fem(dataset, tmp_path, glymph):
     assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr[-2000:]
     assert (out / "sub-01/fem/summary.json").stat().st_mtime_ns == mt
 
-    # the pages in headless Chromium: every image loads (an onerror handler marks the body otherwise)
-    if shutil.which("chromium") is None and shutil.which("chromium-browser") is None:
-        pytest.skip("chromium is not installed (scripts/install_bids_tools.sh --chromium)")
-    for sid in ("sub-01", "sub-02"):
-        page = out / f"{sid}.html"
-        text = page.read_text()
-        order = [text.index(h) for h in ("<h2>Figures", "<h2>Headline numbers", "<h2>Warnings", "<h2>Settings")]
-        assert order == sorted(order)
-        n_img = len(re.findall(r"<img ", text))
-        assert n_img >= 5
-        dom = _chromium_dom(page)
-        assert len(re.findall(r"<img ", dom)) == n_img and not BROKEN.search(dom), BROKEN.search(dom)
-    # the check can fail: a missing figure is reported as broken
-    (out / "sub-01" / "figures" / "mask.png").unlink()
-    assert "sub-01/figures/mask.png" in BROKEN.search(_chromium_dom(out / "sub-01.html")).group(1)
+    # the pages in headless Chromium: every image loads (maps, fit, convergence and the method's figure too)
+    _pages_load(out, ["sub-01", "sub-02"], 5)
 
 
 def test_t1w_without_baseline_t1map_and_enhancement(dataset, tmp_path, glymph):

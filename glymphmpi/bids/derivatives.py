@@ -57,7 +57,7 @@ def write_dataset_description(out: Path, bids_dir: Path, argv: list[str] | None 
         "Name": "glymphmpi: tracer concentration and transport estimates",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
-        "GeneratedBy": [{"Name": "glymphmpi", "Version": __version__, "CodeURL": "https://github.com/glymphmpi",
+        "GeneratedBy": [{"Name": "glymphmpi", "Version": __version__,
                          "Description": "MR signal to concentration, then rOMT / FEM / PINN transport estimates",
                          "Command": cmd}],
         "SourceDatasets": [{"URL": Path(bids_dir).resolve().as_uri()}],

@@ -3,9 +3,11 @@
 Every value is measured in human plasma at 37 C by Rohrer M, Bauer H, Mintorovitch J,
 Requardt M, Weinmann HJ, "Comparison of magnetic properties of MRI contrast media solutions at
 different magnetic field strengths", Invest Radiol 40(11):715-724, 2005
-(doi:10.1097/01.rli.0000184756.66360.d3), Table 2; the same numbers are tabulated in the
+(doi:10.1097/01.rli.0000184756.66360.d3); the same numbers are tabulated in the
 ``dcmri`` package (``dcmri.relaxivity``), against which they were checked.
 
+Later measurements differ by up to about 15%: Szomolanyi P et al., Invest Radiol 54:559-564
+(2019), human plasma 37 C, give gadobutrol 4.78 (1.5 T) and 4.97 (3 T), gadoterate 3.32 and 3.00.
 The medium matters: the tracer of a glymphatic study sits in CSF and interstitial fluid, with
 less protein than plasma, where r1 is lower (the Oslo group's pipelines use 3.2 L/(mmol s)
 for gadobutrol at 3 T). Pass ``--r1`` to use such a value; the table's medium is recorded in
@@ -18,7 +20,7 @@ import re
 
 from glymphmpi.errors import InputError
 
-SOURCE = "Rohrer et al., Invest Radiol 40:715-724 (2005), Table 2, human plasma, 37 C"
+SOURCE = "Rohrer et al., Invest Radiol 40:715-724 (2005), human plasma, 37 C"
 
 #: agent -> field strength (T) -> r1 in L/(mmol s)
 R1_TABLE: dict[str, dict[float, float]] = {

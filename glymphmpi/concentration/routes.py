@@ -30,14 +30,14 @@ T1_MAX_S = 10.0
 
 #: assumed T1_0 (s) per tissue when no baseline T1 map exists (t1w route); flagged wherever used.
 #: White and grey matter: Stanisz GJ et al., "T1, T2 relaxation and magnetization transfer in
-#: tissue at 3T", Magn Reson Med 54:507-512 (2005), Table 1 (3 T: WM 1.084 s, GM 1.820 s;
+#: tissue at 3T", Magn Reson Med 54:507-512 (2005) (3 T: WM 1.084 s, GM 1.820 s;
 #: 1.5 T: WM 0.884 s, GM 1.124 s). CSF: about 4.3 s at both fields (free water at 37 C; e.g.
 #: Lu H et al., J Magn Reson Imaging 22:13-22 (2005)), an approximate value.
 T1_0_DEFAULTS_S = {
     3.0: {"wm": 1.084, "gm": 1.820, "csf": 4.3},
     1.5: {"wm": 0.884, "gm": 1.124, "csf": 4.3},
 }
-T1_0_SOURCE = ("Stanisz et al., Magn Reson Med 54:507-512 (2005), Table 1 (white and grey matter); "
+T1_0_SOURCE = ("Stanisz et al., Magn Reson Med 54:507-512 (2005) (white and grey matter); "
                "CSF about 4.3 s (free water at 37 C), approximate")
 
 
