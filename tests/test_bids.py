@@ -292,3 +292,34 @@ def test_t1w_without_baseline_t1map_and_enhancement(dataset, tmp_path, glymph):
     _assert_one_line(r, "ses-01", "T1map")
     r = glymph("synth", "bids", tmp_path / "x", "--subjects", "0")
     _assert_one_line(r, "--subjects")
+
+
+def test_sidecar_inheritance_and_t1_units(dataset, tmp_path):
+    """A dataset-level T1w.json supplies FlipAngle (BIDS inheritance); T1 maps in ms are converted when the sidecar
+    says so and refused when it does not."""
+    from glymphmpi.bids.inputs import Options, prepare
+    from glymphmpi.errors import InputError
+
+    raw = _copy(dataset, tmp_path)
+    opts = Options(mask_dir=str(raw / "derivatives" / "masks"))
+    for side in (raw / "sub-02").glob("ses-*/anat/*_T1w.json"):
+        doc = json.loads(side.read_text())
+        del doc["FlipAngle"]
+        side.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="lacks FlipAngle"):
+        prepare(raw, "02", opts)
+    (raw / "T1w.json").write_text(json.dumps({"FlipAngle": 12.0}))
+    prep = prepare(raw, "02", opts)
+    truth = _truth(dataset, "sub-02")
+    assert np.abs(prep.conversion.concentration - truth)[:, prep.mask].max() < 0.01 * truth.max()
+
+    for f in sorted((raw / "sub-01").glob("ses-*/anat/*_T1map.nii.gz")):
+        im = nib.load(str(f))
+        nib.save(nib.Nifti1Image(np.asarray(im.dataobj) * 1000.0, im.affine), str(f))
+    with pytest.raises(InputError, match="looks like milliseconds"):
+        prepare(raw, "01", opts)
+    for side in sorted((raw / "sub-01").glob("ses-*/anat/*_T1map.json")):
+        side.write_text(json.dumps({**json.loads(side.read_text()), "Units": "ms"}))
+    prep = prepare(raw, "01", opts)
+    truth = _truth(dataset, "sub-01")
+    assert np.abs(prep.conversion.concentration - truth)[:, prep.mask].max() < 0.01 * truth.max()

@@ -174,20 +174,21 @@ def _field_and_agent(p: Participant, suffix: str, opts: Options) -> tuple[str | 
 
 
 def _t1_seconds(data: np.ndarray, img, mask) -> tuple[np.ndarray, str]:
+    """T1 in seconds by the sidecar's Units (BIDS default s); a median above 50 s is taken for milliseconds: refused."""
     units = img.sidecar.get("Units")
     where = img.sidecar_path or img.path
-    if units in ("s", "second", "seconds"):
-        return data, "s (sidecar Units)"
     if units in ("ms", "millisecond", "milliseconds"):
-        return data / 1000.0, "ms (sidecar Units), divided by 1000"
-    if units is not None:
+        data, note = data / 1000.0, "ms (sidecar Units), divided by 1000"
+    elif units in (None, "s", "second", "seconds"):
+        note = "s (BIDS default; no Units in the sidecar)" if units is None else "s (sidecar Units)"
+    else:
         raise InputError(f"T1map Units {units!r}: expected 's' or 'ms'", where)
     inside = data[mask] if mask is not None and mask.any() else data[data > 0]
     med = float(np.median(inside)) if inside.size else 0.0
     if med > 50:
-        raise InputError(f"T1map has no Units and a median of {med:g}: that looks like milliseconds; set "
-                         "\"Units\": \"ms\" in the sidecar (BIDS T1map values are seconds)", where)
-    return data, "s (BIDS default; no Units in the sidecar)"
+        raise InputError(f"T1map median {med:g} s inside the mask looks like milliseconds; set \"Units\": \"ms\" in "
+                         "the sidecar (BIDS T1map values are seconds)", where)
+    return data, note
 
 
 def auto_mask(baseline: np.ndarray, suffix: str) -> tuple[np.ndarray, str]:

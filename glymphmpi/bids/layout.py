@@ -83,7 +83,7 @@ def parse_name(name: str) -> tuple[dict, str, str] | None:
     if ext is None:
         return None
     parts = name[: -len(ext)].split("_")
-    if len(parts) < 2:
+    if not parts[-1]:
         return None
     ents = {}
     for p in parts[:-1]:
@@ -237,6 +237,8 @@ def discover(bids_dir, label: str, injection_time: str | None = None) -> Partici
             if parsed is None or parsed[2] not in NII or parsed[1] not in SUFFIXES:
                 continue
             ents, suffix, _ = parsed
+            if "sub" not in ents:
+                continue
             if ents.get("sub") != label or ents.get("ses") != lab:
                 raise InputError(f"file name entities do not match its folder sub-{label}/ses-{lab}", f)
             if suffix in ses.images:
