@@ -26,6 +26,14 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+BIDS_HELP = """A BIDS App (BIDS_DIR OUTPUT_DIR participant|group), writing a BIDS derivative dataset.
+
+participant: check every selected participant, write the concentration series and a subject TOML per
+  participant, run the chosen methods through the cohort backend (local or SLURM; a re-run does only
+  what is missing), export the method maps under BIDS names and write OUTPUT_DIR/sub-<label>.html.
+group: the cohort report over every participant processed so far, and the per-subject pages again."""
+
+
 def _add_conc_args(p) -> None:
     p.add_argument("bids_dir", help="raw BIDS dataset (one session per time point)")
     p.add_argument("output_dir", help="derivative dataset to write")
@@ -49,8 +57,7 @@ def _add_conc_args(p) -> None:
 
 def register(subparsers) -> None:
     b = subparsers.add_parser("bids", help="BIDS App: BIDS_DIR OUTPUT_DIR participant|group",
-                              description=__doc__.split("\n\n")[1],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=BIDS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_conc_args(b)
     b.add_argument("analysis_level", choices=("participant", "group"))
     b.add_argument("--methods", default="fem",
