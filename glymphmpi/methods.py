@@ -144,17 +144,6 @@ class Method:
         except (ModuleNotFoundError, ValueError):
             return False
 
-    def available(self) -> bool:
-        """Installed, and its required dependency (if any) importable here."""
-        if not self.installed():
-            return False
-        if not self.requires:
-            return True
-        try:
-            return importlib.util.find_spec(self.requires[0]) is not None
-        except (ModuleNotFoundError, ValueError):
-            return False
-
     def require(self) -> None:
         """Raise :class:`~glymphmpi.errors.MissingDependency` naming the fix when not installed."""
         if self.requires:
@@ -306,14 +295,11 @@ def cohort_defaults() -> list[str]:
 
 # ------------------------------------------------------------------------------ config tables
 def config_tables() -> dict[str, type]:
-    """Every config table: name -> frozen dataclass (methods' tables and :data:`OTHER_TABLES`)."""
-    out: dict[str, type] = {}
-    for name, path in OTHER_TABLES.items():
-        if name == "subject":
-            out[name] = resolve(path)
+    """Every config table: name -> frozen dataclass (``subject``, the methods' tables in registry
+    order, then the other tables of :data:`OTHER_TABLES`)."""
+    out: dict[str, type] = {"subject": resolve(OTHER_TABLES["subject"])}
     for m in all_methods().values():
-        if m.table not in out:
-            out[m.table] = m.config_class()
+        out.setdefault(m.table, m.config_class())
     for name, path in OTHER_TABLES.items():
         out.setdefault(name, resolve(path))
     return out
