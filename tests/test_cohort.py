@@ -82,7 +82,7 @@ def test_minimal_cohort_file_loads(tmp_path, small_phantom):
     ('methods = ["toy"]\n[resources]\ntime = "soon"', "is not a SLURM time"),
     ('methods = ["toy"]\n[resources]\nmem = "lots"', "is not a SLURM size"),
     ('methods = ["toy"]\n[resources.fem]\nranks = 2', "not one of the cohort's methods"),
-    ('methods = ["toy"]\n[cohort]\nmax_attempts = 0', "max_attempts must be >= 1"),
+    ('methods = ["toy"]\n[cohort]\nmax_attempts = 0', "[cohort]: max_attempts: must be >= 1"),
     ('methods = ["toy"]\n[settings.nosuch]\nx = 1', "unknown config table"),
     ('methods = ["toy", "toy"]', "lists a method twice"),
 ])

@@ -22,11 +22,14 @@ def test_default_grid_is_the_papers():
     names = {s.name for s in setups}
     assert "wr32_p2to1_lr0.001-0.0001_raron" in names
     s = next(s for s in setups if s.name == "wr256_p1_lr0.0001-1e-05_raroff")
-    assert s.keys == {"w_r": 256.0, "p_schedule": "1", "lr_start": 1e-4, "lr_end": 1e-5, "rar_epochs": []}
+    # PinnConfig's epochs and batches are automatic (0): the grid pins 2000 epochs of 20 minibatches
+    assert s.keys == {"w_r": 256.0, "p_schedule": "1", "lr_start": 1e-4, "lr_end": 1e-5, "rar_epochs": [],
+                      "epochs": 2000, "batches": 20}
     on = next(s for s in setups if s.axes["rar"] and s.axes["w_r"] == 1.0)
-    assert on.keys["rar_epochs"] == [500, 1000, 1500]  # 25/50/75% of the default 2000 epochs
+    assert on.keys["rar_epochs"] == [500, 1000, 1500]  # 25/50/75% of the grid's 2000 epochs
     es = make_setups(early_stop_fraction=0.25)
-    assert all(s.keys["early_stop_epochs"] == [500] for s in es)
+    # delta is held for a quarter of the epochs by default (500), then 25% of the other 1500
+    assert all(s.keys["early_stop_epochs"] == [500 + 375] for s in es)
     fz = make_setups({"w_r": [1.0]}, {"epochs": 400, "delta_freeze_epochs": 100}, early_stop_fraction=0.25)
     assert fz[0].keys["early_stop_epochs"] == [175]  # 100 epochs with D held + 25% of the other 300
     runs = expand_runs(setups[:1], 3)

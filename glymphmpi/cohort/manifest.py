@@ -236,7 +236,7 @@ def load_cohort(path, overrides=(), validate_subjects: bool = True) -> Cohort:
     opt_table = data.get("cohort", {})
     if not isinstance(opt_table, dict):
         raise InputError("[cohort] must be a table", path)
-    options = build(CohortConfig, {**opt_table, **sets.pop("cohort", {})}, path)
+    options = build(CohortConfig, {**opt_table, **sets.pop("cohort", {})}, f"{path} [cohort]")
     st = data.get("settings", {})
     if not isinstance(st, dict) or not all(isinstance(v, dict) for v in st.values()):
         raise InputError("[settings.SECTION] entries must be tables", path)

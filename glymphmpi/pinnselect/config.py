@@ -49,3 +49,15 @@ class PinnSelectConfig:
     time: str = "02:00:00"
     cpus_per_task: PositiveInt = 1
     mem: str = "2G"
+
+    #: settings that change where and how the grid trains, not its result (store.identity: a
+    #: stopped selection may resume with other values)
+    IDENTITY_EXCLUDE = ("parallel", "threads_per_run", "max_retries", "poll_s", "scheduler", "fem_run",
+                        "partition", "account", "qos", "time", "cpus_per_task", "mem")
+
+    def validate(self) -> None:
+        """The SLURM job settings, checked like a cohort's [resources] (no control characters, SLURM syntax)."""
+        from glymphmpi.cohort.resources import Resources
+
+        Resources(ranks=1, cpus_per_task=self.cpus_per_task, mem=self.mem, time=self.time, partition=self.partition,
+                  account=self.account, qos=self.qos).validate()

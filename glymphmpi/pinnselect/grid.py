@@ -10,6 +10,10 @@ A grid file (``--grid GRID.toml``)::
     [fixed]                     # PinnConfig keys applied to every run
     epochs = 2000
 
+When PinnConfig's epochs (and batches) are automatic (0) and [fixed] does not set them, every
+set-up trains GRID_EPOCHS epochs of GRID_BATCHES minibatches (RAR and early stopping are given
+in epochs).
+
 Axis names are PinnConfig keys plus the shorthands ``lr`` and ``rar``.
 """
 
@@ -34,6 +38,8 @@ RAR_FRACTIONS = (0.25, 0.5, 0.75)
 #: epochs of every run when neither the grid's [fixed] nor PinnConfig's default gives a number
 #: (PinnConfig.epochs = 0 means "scaled with the data"; the grid's RAR and early-stop epochs need one)
 GRID_EPOCHS = 2000
+#: minibatches per epoch pinned with GRID_EPOCHS (PinnConfig.batches = 0 is automatic too)
+GRID_BATCHES = 20
 SHORT = {"w_r": "wr", "p_schedule": "p", "lr": "lr", "rar": "rar"}
 
 
@@ -110,7 +116,10 @@ def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str 
     axes = dict(DEFAULT_AXES if axes is None else axes)
     fixed = dict(fixed or {})
     if not fixed.get("epochs") and not _pinn_defaults()["epochs"]:
-        fixed["epochs"] = GRID_EPOCHS  # automatic epochs: pin them (RAR and early stop are set in epochs)
+        # automatic epochs: pin them (RAR and early stop are set in epochs), and the minibatches with them
+        fixed["epochs"] = GRID_EPOCHS
+        if not fixed.get("batches") and not _pinn_defaults().get("batches", 1):
+            fixed["batches"] = GRID_BATCHES
     valid = set(_pinn_defaults()) | {"lr", "rar"}
     for k, vals in axes.items():
         if k not in valid:
