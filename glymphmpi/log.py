@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -50,6 +51,18 @@ def add_file_log(path, rank: int = 0) -> logging.Handler | None:
     handler.setFormatter(logging.Formatter(_FMT))
     logging.getLogger("glymphmpi").addHandler(handler)
     return handler
+
+
+@contextlib.contextmanager
+def file_log(path, rank: int = 0):
+    """:func:`add_file_log` for the duration of a ``with`` block (the handler is removed and closed)."""
+    handler = add_file_log(path, rank)
+    try:
+        yield handler
+    finally:
+        if handler is not None:
+            logging.getLogger("glymphmpi").removeHandler(handler)
+            handler.close()
 
 
 def progress(iterable=None, quiet: bool | None = None, **kw):

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from glymphmpi.errors import GlymphError, InputError
-from glymphmpi.log import add_file_log
+from glymphmpi.log import file_log
 from glymphmpi.methods import Method, get, load_config, resolve
 from glymphmpi.subject import load_subject
 
@@ -132,7 +132,12 @@ def _run(m: Method, args, cfg, comm, solve, figures) -> dict:
     # locks OUT (one run at a time) and refuses to resume another run's unfinished state
     rundir = RunDir(args.out, comm=comm, force=args.force, fresh=args.fresh).prepare(
         identity=run_identity(m.name, subject, cfg))
-    handler = add_file_log(rundir.log, rundir.rank)
+    with file_log(rundir.log, rundir.rank):
+        return _solve_and_record(m, subject, cfg, rundir, comm, solve, figures)
+
+
+def _solve_and_record(m: Method, subject, cfg, rundir, comm, solve, figures) -> dict:
+    """solve, the finiteness check, the figure hook and summary.json; a failure recorded as such."""
     log.info("%s on %s -> %s (%d rank%s)", m.name, subject.id, rundir.root, rundir.size,
              "" if rundir.size == 1 else "s")
     try:
@@ -154,9 +159,6 @@ def _run(m: Method, args, cfg, comm, solve, figures) -> dict:
         raise
     finally:
         rundir.release()
-        if handler is not None:
-            logging.getLogger("glymphmpi").removeHandler(handler)
-            handler.close()
 
 
 def find_subject_path(root, summary: dict | None, explicit: str | None) -> Path:
@@ -208,23 +210,20 @@ def _update(m: Method, args, cfg, comm) -> dict:
     if rundir.rank == 0:
         for d in RunDir.SUBDIRS:
             (root / d).mkdir(exist_ok=True)
-    handler = add_file_log(rundir.log, rundir.rank)
     t0 = time.time()
     try:
-        fields = m.solve_fn()(subject, cfg, rundir, comm)
-        bad = finite_problems(m, fields)
-        if bad:
-            raise GlymphError(f"{m.name}: the result is not finite ({', '.join(bad)}); summary.json not updated")
-        figures = m.figures_fn()
-        if figures is not None:
-            _rank0_call(comm, figures, rundir, subject, cfg, fields)
+        with file_log(rundir.log, rundir.rank):
+            fields = m.solve_fn()(subject, cfg, rundir, comm)
+            bad = finite_problems(m, fields)
+            if bad:
+                raise GlymphError(f"{m.name}: the result is not finite ({', '.join(bad)}); "
+                                  "summary.json not updated")
+            figures = m.figures_fn()
+            if figures is not None:
+                _rank0_call(comm, figures, rundir, subject, cfg, fields)
     except BaseException:
         rundir.release()
         raise
-    finally:
-        if handler is not None:
-            logging.getLogger("glymphmpi").removeHandler(handler)
-            handler.close()
     new = dict(read_summary(root) or summary)
     if rundir.rank == 0:
         new.update(fields)

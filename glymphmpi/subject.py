@@ -19,10 +19,9 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
-
-from typing import Annotated
 
 from glymphmpi.config import Pattern, SubjectConfig, build, load_toml
 from glymphmpi.errors import InputError

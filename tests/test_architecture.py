@@ -10,8 +10,9 @@ points down or sideways, and no two subpackages import each other (directly or a
     top     cli, info, demo, __main__
 
 A subpackage's ``cli.py`` (``cohort/cli.py``, ``bids/cli.py``) is the command-line wiring of that
-subpackage and belongs to the top layer. The registry refers to methods by dotted strings ("glymphmpi.fem.solve:solve"), which are not
-imports: that is how the runner layer calls a method without importing it.
+subpackage and belongs to the top layer. The registry refers to methods by dotted strings
+("glymphmpi.fem.solve:solve"), which are not imports: that is how the runner layer calls a
+method without importing it.
 """
 
 from __future__ import annotations

@@ -8,10 +8,9 @@ from typing import Annotated, Literal
 
 import pytest
 
-from glymphmpi.config import (NONFINITE_OK, NonNegativeInt, Range, SubjectConfig, build, field_docs,
-                              parse_override)
-from glymphmpi.methods import load_config
+from glymphmpi.config import NONFINITE_OK, NonNegativeInt, Range, SubjectConfig, build, field_docs, parse_override
 from glymphmpi.errors import InputError
+from glymphmpi.methods import load_config
 
 
 @dataclasses.dataclass(frozen=True)
