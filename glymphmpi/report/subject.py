@@ -150,7 +150,8 @@ def _fit_fig(fdir, sid, method, mask, scans, fits, times):
             if i == 0:
                 ax.set_ylabel(f"{method} fit")
 
-    return _figure(fdir / f"fit_{method}.png", len(times), draw, suptitle=f"{sid}: {method} fit against data per scan")
+    return _figure(fdir / f"fit_{method}.png", len(times), draw, height=3.1,
+                   suptitle=f"{sid}: {method} fit against data per scan")
 
 
 def _convergence_fig(fdir, sid, method, history: dict):
@@ -230,7 +231,8 @@ def _run_warnings(method: str, summ: dict) -> list[str]:
                  (f" ({summ['error']})" if summ.get("error") else "") + "; its numbers are not shown as results")
     capped = any(isinstance(v, str) and ("MAXITS" in v.upper() or "MAX_ITER" in v.upper())
                  for k, v in summ.items() if k.endswith("reason"))
-    if summ.get("converged") is False or summ.get("hit_iteration_cap") or capped:
+    own = summ.get("warnings")
+    if (summ.get("converged") is False or summ.get("hit_iteration_cap") or capped) and not own:
         w.append(f"{method}: the optimiser stopped at its iteration cap ({summ.get('iterations', '?')} iterations) "
                  "before converging; the numbers are not converged estimates")
     if summ.get("estimate") is False:
@@ -297,7 +299,8 @@ def write_subject_report(out, sid: str) -> Path:
         fitname = next((n for n in ("fit", "pinn_pred", "pred") if n in per_scan), None)
         if fitname and len(per_scan[fitname]) == len(times):
             fits = np.stack([per_scan[fitname][i] for i in sorted(per_scan[fitname])])
-            figs.append((_fit_fig(fdir, sid, method, mask, subj.scans, fits, times),
+            keep = [i for i in range(len(times)) if np.any(subj.scans[i][mask] != 0)]  # the baseline is all 0
+            figs.append((_fit_fig(fdir, sid, method, mask, subj.scans[keep], fits[keep], [times[i] for i in keep]),
                          f"{method}: the model at each scan time against the data, voxel by voxel inside the mask."))
         h5 = rd / "results.h5"
         if h5.is_file():
