@@ -99,3 +99,21 @@ def test_r1_table_and_errors():
         rx.lookup_r1("gadobutrol", 7.0)
     with pytest.raises(InputError, match="--agent"):
         rx.lookup_r1(None, 3.0)
+
+
+def test_t1w_and_enhancement_do_not_depend_on_signal_units():
+    """Scaling every T1w image by the same factor (receiver gain, file scaling) leaves C unchanged."""
+    rng = np.random.default_rng(3)
+    shape = (3, 4, 5)
+    mask = np.ones(shape, dtype=bool)
+    t10 = 0.9 + 0.3 * rng.random(shape)
+    C = np.stack([np.zeros(shape), 0.3 * rng.random(shape)])
+    seq = [(0.01, 12.0)] * 2
+    S = np.stack([spgr_signal(700.0, 1 / (1 / t10 + 5.0 * C[n]), *seq[n]) for n in range(2)])
+    for route in ("t1w", "enhancement"):
+        ref = (R.convert_t1w(S, seq, 0, 5.0, mask, t1_0=t10) if route == "t1w"
+               else R.convert_enhancement(S, 0, mask)).concentration
+        for k in (1e-3, 1e4):
+            got = (R.convert_t1w(k * S, seq, 0, 5.0, mask, t1_0=t10) if route == "t1w"
+                   else R.convert_enhancement(k * S, 0, mask)).concentration
+            np.testing.assert_allclose(got, ref, rtol=1e-9, atol=1e-12)
