@@ -167,3 +167,52 @@ def test_toy_method_through_a_local_cohort_and_its_report(toy_plugin, tmp_path, 
     rows = list(csv.DictReader((tmp_path / "o" / "report" / "cohort.csv").open()))
     vals = [float(v) for row in rows for k, v in row.items() if "mass_mean" in k and v not in ("", None)]
     assert len(vals) == 2 and np.allclose(vals, want, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ the runner under MPI
+def _mpi_solve(subject, cfg, rundir, comm):
+    value = float("nan") if cfg.max_negative_mass_fraction == 0.5 else float(subject.mass_per_scan().mean())
+    return {"mass_mean": value, "ranks": comm.size, "rank_sum": comm.allreduce(comm.rank + 1)}
+
+
+def _mpi_figures(rundir, subject, cfg, fields):
+    from mpi4py import MPI
+
+    if cfg.max_negative_mass_fraction == 0.25:
+        raise RuntimeError("figure hook failed")
+    Path(rundir.figures, f"hook_rank{MPI.COMM_WORLD.rank}.txt").write_text(repr(fields["rank_sum"]))
+
+
+@pytest.mark.mpi
+def test_runner_keeps_the_ranks_together(comm, mpi_tmp_path):
+    """A method with comm="mpi" under mpirun -n 2: the runner hands it COMM_WORLD, calls the figure hook on
+    rank 0 only, and a failure of the hook (rank 0) or a NaN result fails the run on every rank."""
+    import argparse
+
+    from glymphmpi.errors import GlymphError
+    from glymphmpi.runner import run_method
+    from glymphmpi.subject import write_subject
+
+    if comm.rank == 0:
+        mask = np.zeros((5, 5, 5), bool)
+        mask[1:4, 1:4, 1:4] = True
+        write_subject(mpi_tmp_path / "s", "mpi-1", [0.0, 1.0], np.ones((2, 5, 5, 5)), mask, np.eye(4))
+    comm.Barrier()
+    m = methods.Method("mpitoy", "toy under MPI", config="glymphmpi.config:SubjectConfig", table="subject",
+                       solve="test_registry:_mpi_solve", figures="test_registry:_mpi_figures",
+                       summary=("mass_mean",), comm="mpi", kind="mpi")
+
+    def args(out, *sets):
+        return argparse.Namespace(subject=str(mpi_tmp_path / "s" / "subject.toml"), out=str(mpi_tmp_path / out),
+                                  config=None, set=list(sets), force=False, fresh=False)
+
+    s = run_method(m, args("ok"))
+    assert s["status"] == "complete" and s["ranks"] == comm.size and s["rank_sum"] == comm.size * (comm.size + 1) // 2
+    comm.Barrier()
+    assert sorted(p.name for p in (mpi_tmp_path / "ok" / "figures").iterdir()) == ["hook_rank0.txt"]
+    for out, item, needle in (("hook", "subject.max_negative_mass_fraction=0.25", "figure hook failed"),
+                              ("nan", "subject.max_negative_mass_fraction=0.5", "not finite")):
+        with pytest.raises((GlymphError, RuntimeError), match=needle):
+            run_method(m, args(out, item))
+        comm.Barrier()
+        assert json.loads((mpi_tmp_path / out / "summary.json").read_text())["status"] == "failed"
