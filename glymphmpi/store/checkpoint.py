@@ -12,6 +12,7 @@ from glymphmpi import __version__
 from glymphmpi.errors import InputError, Preempted
 from glymphmpi.io.atomic import fsync_dir, os_error_line, tmp_name
 from glymphmpi.io.h5 import create_h5, read_h5_tree, tree_nbytes, write_node
+from glymphmpi.parallel import mpi_comm
 from glymphmpi.store.identity import differences
 from glymphmpi.store.signals import StopFlag
 
@@ -46,7 +47,8 @@ class Checkpointer:
     Args:
         path: checkpoint file (``OUT/checkpoint.h5``).
         every: save when ``iteration % every == 0`` (0 disables periodic saves).
-        comm: communicator; only rank 0 writes unless ``per_rank``.
+        comm: communicator; only rank 0 writes unless ``per_rank``; default
+            ``COMM_SELF`` (this process alone).
         per_rank: each rank keeps its own file ``checkpoint.rank{r}.h5``.
         identity: the run identity (:mod:`glymphmpi.store.identity`): saved with
             every checkpoint; :meth:`load` refuses a checkpoint of another
@@ -55,8 +57,8 @@ class Checkpointer:
 
     def __init__(self, path, every: int = 1, comm=None, per_rank: bool = False, identity: dict | None = None):
         path = Path(path)
-        self.comm = comm
-        self.rank = 0 if comm is None else comm.rank
+        self.comm = mpi_comm(serial=True) if comm is None else comm
+        self.rank = self.comm.rank
         self.per_rank = per_rank
         if per_rank:
             path = path.with_name(f"{path.stem}.rank{self.rank}{path.suffix}")
@@ -101,7 +103,7 @@ class Checkpointer:
             finally:
                 if tmp.exists():
                     tmp.unlink()
-        if self.comm is not None and self.comm.size > 1:
+        if self.comm.size > 1:
             errs = self.comm.allgather(err)
             err = next((e for e in errs if e), None)
         if err:

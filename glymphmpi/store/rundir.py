@@ -27,6 +27,7 @@ from glymphmpi.errors import InputError
 from glymphmpi.io.atomic import atomic_write_json, os_error_line
 from glymphmpi.io.h5 import write_h5_tree
 from glymphmpi.io.nifti import write_nifti
+from glymphmpi.parallel import mpi_comm
 from glymphmpi.store.checkpoint import Checkpointer
 from glymphmpi.store.identity import differences
 from glymphmpi.store.lock import DirLock
@@ -71,7 +72,8 @@ class RunDir:
 
     Args:
         out: directory path.
-        comm: communicator (rank 0 creates and writes shared files).
+        comm: communicator (rank 0 creates and writes shared files); default
+            ``COMM_SELF`` (this process alone).
         force: overwrite complete output.
         fresh: ignore (delete) an existing checkpoint instead of resuming.
     """
@@ -82,9 +84,9 @@ class RunDir:
 
     def __init__(self, out, comm=None, force: bool = False, fresh: bool = False):
         self.root = Path(out)
-        self.comm = comm
-        self.rank = 0 if comm is None else comm.rank
-        self.size = 1 if comm is None else comm.size
+        self.comm = mpi_comm(serial=True) if comm is None else comm
+        self.rank = self.comm.rank
+        self.size = self.comm.size
         self.force = force
         self.fresh = fresh
         self.identity: dict | None = None
@@ -107,7 +109,7 @@ class RunDir:
         return bool(s and s.get("status") == "complete")
 
     def _bcast_error(self, err: str | None) -> None:
-        if self.comm is not None and self.size > 1:
+        if self.size > 1:
             err = self.comm.bcast(err, root=0)
         if err:
             raise InputError(err)

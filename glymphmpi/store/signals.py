@@ -40,7 +40,7 @@ class StopFlag:
     @classmethod
     def agreed(cls, comm) -> bool:
         """Collective: True on all ranks if any rank received a signal."""
-        if comm is None or comm.size == 1:
+        if comm.size == 1:
             return cls.requested()
         from mpi4py import MPI
 
