@@ -511,3 +511,24 @@ def test_auto_regularisation_noise_free(comm):
     assert "noise level zero" in res.selection["rule"] and res.selection["scale"] == A.PATH_SCALES[-1]
     assert res.D == pytest.approx(0.45, rel=0.01) and res.ci95[0] <= res.D <= res.ci95[1]
     res.model.destroy()
+
+
+@pytest.mark.slow
+def test_auto_regularisation_lcurve_without_pre_contrast_scan(comm):
+    """First scan after the injection (t > 0): no noise level, so every decade is solved and the
+    L-curve corner is used (an interior point of the path); D within 5%, inside its interval."""
+    from glymphmpi.fem import auto as A
+    from glymphmpi.fem.solve import estimate
+
+    subj = _synthetic_subject(comm, D=0.45)
+    rng = np.random.default_rng(3)
+    peak = float(subj.scans.max())
+    later = dataclasses.replace(subj, times_h=subj.times_h + 1.0, scans=np.maximum(
+        subj.scans + 0.03 * peak * rng.standard_normal(subj.scans.shape) * subj.mask, 0.0))
+    res = estimate(later, FemConfig(dt_h=0.5), comm)
+    sel = res.selection
+    assert "L-curve" in sel["rule"] and sel["noise_sigma"] is None
+    assert [r["scale"] for r in sel["path"]] == list(A.PATH_SCALES)
+    assert sel["scale"] in A.PATH_SCALES[1:-1]
+    assert res.D == pytest.approx(0.45, rel=0.05) and res.ci95[0] <= 0.45 <= res.ci95[1]
+    res.model.destroy()

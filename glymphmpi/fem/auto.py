@@ -23,7 +23,9 @@ means the same for any units.
   is used and the summary says so. Noise-free data (sigma = 0) go straight
   to the weakest scale (after one warm-up decade).
 - The L-curve when there is no pre-contrast scan: every decade is solved and
-  the corner (largest Menger curvature of (log misfit, log R/s)) is chosen.
+  the corner (largest Menger curvature of (log misfit, log R/s)) is chosen;
+  the interval then takes sigma from the residual at the corner
+  (misfit / (interior mass x (scans - 1))).
 
 Interval for D: a Laplace approximation of the reduced functional
 j(D) = min_g J(D, g) (g eliminated as in the projection optimiser): with i.i.d.

@@ -57,14 +57,19 @@ class TimeGrid:
         return self.t.size - 1
 
     @classmethod
-    def build(cls, times_h, dt_h: float, t_end_h: float | None = None, where=None) -> TimeGrid:
-        """Steps of at most ``dt_h`` from the first scan to ``t_end_h`` (default: the last scan).
+    def build(cls, times_h, dt_h: float | None, t_end_h: float | None = None, where=None) -> TimeGrid:
+        """Steps of at most ``dt_h`` (None: :func:`glymphmpi.fem.auto.auto_dt`) from the first scan to
+        ``t_end_h`` (default: the last scan).
 
         Raises:
             InputError: fewer than 3 scans, times not increasing, or a scan
                 after ``t_end_h`` (outside the simulated interval).
         """
         times = np.asarray(times_h, dtype=np.float64)
+        if dt_h is None:  # fem.dt_h unset: follows the scans
+            from glymphmpi.fem.auto import auto_dt
+
+            dt_h = auto_dt(times) if times.size >= 2 else math.inf
         if times.size < 3:
             raise InputError(f"the FEM method needs at least 3 scans (the first is the initial state), "
                              f"found {times.size}", where)

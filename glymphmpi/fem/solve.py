@@ -277,9 +277,9 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             if sigma == 0.0:  # noise-free: one warm-up decade, then the weakest scale
                 rest = [s for s in A.PATH_SCALES[-2:] if s not in done]
                 return rest[0] if rest else None
+            if meta["refined"]:  # the interpolated scale was solved: done
+                return None
             if records and records[-1]["misfit"] <= target:
-                if meta["refined"]:
-                    return None
                 s, _ = A.morozov_pick([r for r in records if not r.get("refine")], target)
                 meta["refined"] = True
                 return s
@@ -349,8 +349,13 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
                                 f"fem.inner_max_iterations")
         total_its = history["iteration"][-1] if history["iteration"] else 0
         # interval: Laplace approximation of j(delta) = min_g J, widened by the measured sensitivity
-        ci, extra = _interval(problem, final_cfg, x, meta, sigma, vm, subject, records, kc, grid, data, comm,
+        sigma_ci = sigma
+        if sigma is None:  # no noise level: the residual's at the chosen scale (interior nodes, scans >= 1)
+            sigma_ci = math.sqrt(max(chosen["misfit"], 0.0) / max(m_int * (n_obs - 1), 1e-300))
+        ci, extra = _interval(problem, final_cfg, x, meta, sigma_ci, vm, subject, records, kc, grid, data, comm,
                               checkpointer, state_fn, history, dt, warnings)
+        if sigma is None:
+            extra["noise_sigma_from_residual"] = sigma_ci * scale
         selection = {"rule": meta["rule"], "scale": chosen["scale"],
                      "weights": [final_cfg.alpha, final_cfg.beta, final_cfg.gamma],
                      "weight_ratios_from": [cfg.alpha, cfg.beta, cfg.gamma],
