@@ -89,12 +89,13 @@ class Method:
             the communicator and tearing down after the run (the PINN's torch.distributed).
             Never None.
         requires: ``(module, pip extra or None)`` that must be importable to run it.
-        summary: headline summary fields (reports, cohort CSV); each must be finite when
-            present, else the run is recorded ``failed``.
+        summary: headline summary fields (reports, cohort CSV); each scalar one must be finite
+            when present, else the run is recorded ``failed`` (a list, e.g. an interval, may hold NaN).
         figures: ``"module:function"`` hook ``(rundir, subject, cfg, fields)`` or None.
         kind: job kind: ``mpi`` (ranks), ``torch`` (DDP processes) or ``serial``.
         default_ranks: processes when a cohort does not say.
-        template: job template ``jobs/TEMPLATE.sbatch`` (None: by kind).
+        template: job template ``jobs/TEMPLATE.sbatch`` (None: ``jobs/run.sbatch``, the generic one;
+            the renderer sets METHOD and KIND, so any template serves any method).
         cohort_default: part of a cohort's method list when it names none.
         updates: for a method that re-processes a finished run of another method (``romt-post``):
             that method's name. Its command takes ``RESULTS_DIR [--subject S]`` instead of
@@ -153,7 +154,7 @@ class Method:
 
     @property
     def template_name(self) -> str:
-        return self.template or {"mpi": "fem", "serial": "fem", "torch": "pinn"}[self.kind]
+        return self.template or "run"
 
 
 def resolve(path: str):
@@ -190,7 +191,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         description="Optimal control of dc/dt = D lap c (Valnes et al.): D and the boundary concentration "
                     "fitted to the scans with PETSc TAO on a DOLFINx Q1 mesh of the mask. " + _RUN,
         comm="mpi", requires=("dolfinx", None),
-        summary=("D_mm2_per_h", "iterations", "J"),
+        summary=("D_mm2_per_h", "D_ci95_mm2_per_h", "iterations", "J"),
         figures="glymphmpi.report.fem_figures:figures",
         kind="mpi", default_ranks=2, template="fem", cohort_default=True),
     Method(
@@ -222,7 +223,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         figures=None,  # its one figure is part of the selection (pinnselect.run)
         # it trains its grid with local processes inside its own job (give it CPUs with
         # [resources.pinn-select] cpus_per_task): opt-in, not a default cohort method
-        kind="serial", default_ranks=1, template="fem", cohort_default=False),
+        kind="serial", default_ranks=1, template=None, cohort_default=False),
     Method(
         "romt-post", "re-run the rOMT post-processing (pathlines, speed/Pe maps, VTK, figures)",
         config="glymphmpi.romt.config:RomtConfig", solve="glymphmpi.romt.method:solve_post", table="romt",

@@ -71,16 +71,16 @@ def open_comm(method: Method, cfg):
 
 
 def finite_problems(method: Method, fields: dict) -> list[str]:
-    """Headline fields (and every top-level ``D_*`` number) that are NaN or infinite."""
-    keys = list(method.summary) + [k for k in fields if k.startswith("D_") and k not in method.summary]
+    """The method's headline numbers (``method.summary``) that are NaN or infinite.
+
+    Scalars only: a list-valued headline (an interval such as ``D_ci95_mm2_per_h``) may hold NaN
+    where the interval is unavailable; the point estimate next to it is what must be finite.
+    """
     bad = []
-    for k in keys:
+    for k in method.summary:
         v = fields.get(k)
-        vals = v if isinstance(v, (list, tuple)) else [v]
-        for x in vals:
-            if isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isfinite(x):
-                bad.append(f"{k} = {x}")
-                break
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+            bad.append(f"{k} = {v}")
     return bad
 
 

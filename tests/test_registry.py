@@ -83,7 +83,7 @@ def test_builtin_table():
     fem, pinn, sel = methods.get("fem"), methods.get("pinn"), methods.get("pinn-select")
     assert (fem.kind, fem.default_ranks, fem.template_name, fem.cohort_default) == ("mpi", 2, "fem", True)
     assert (pinn.kind, pinn.template_name, pinn.requires) == ("torch", "pinn", ("torch", "pinn"))
-    assert sel.table == "pinn_select" and not sel.cohort_default
+    assert sel.table == "pinn_select" and not sel.cohort_default and sel.template_name == "run"
     assert methods.get("romt-post").updates == "romt"
     for m in methods.all_methods().values():  # every dotted path resolves
         assert callable(m.solve_fn()) and m.config_class().__dataclass_params__.frozen
