@@ -494,3 +494,28 @@ def test_cohort_csv_keeps_headline_settings_go_long(tmp_path, small_phantom):
     assert "mm²/h" in page and "truth 0.8, +5.0%" in page and "0.8 – 0.88" in page
     assert "did not converge (stopped after 15 iterations)" in page
     assert "ksp_iterations_per_solve" not in page and "figure_dpi" not in page
+
+
+def test_demo_prints_estimates_with_truth_interval_and_smoke_labels(tmp_path, small_phantom):
+    """The demo's closing lines: a converged D with its interval and the truth; a smoke-test number
+    says so beside it (never shown as an estimate)."""
+    from glymphmpi import methods as registry
+    from glymphmpi.cohort.manifest import load_cohort
+    from glymphmpi.demo import results_lines
+    from glymphmpi.io import atomic_write_json
+
+    if not (registry.get("fem").installed() and registry.get("pinn").installed()):
+        pytest.skip("fem or pinn is not in this checkout")
+    c = write_cohort(tmp_path, small_phantom, ids=("s1",), methods='["fem", "pinn"]')
+    (tmp_path / "subjects" / "s1" / "truth.json").write_text(json.dumps({"D_mm2_per_h": 0.72}))
+    out = tmp_path / "run"
+    atomic_write_json(out / "s1" / "fem" / "summary.json", {
+        "status": "complete", "D_mm2_per_h": 0.73, "D_ci95_mm2_per_h": [0.70, 0.76], "converged": True})
+    atomic_write_json(out / "s1" / "pinn" / "summary.json", {
+        "status": "complete", "D_mm2_per_h": 0.6984, "converged": False, "estimate": False,
+        "estimate_reason": "smoke test, not an estimate: 3 epochs"})
+    lines = results_lines(load_cohort(c), out)
+    fem = next(ln for ln in lines if " fem:" in ln)
+    pinn = next(ln for ln in lines if " pinn:" in ln)
+    assert "D = 0.73 mm^2/h, 95% interval 0.7 – 0.76 (truth 0.72, +1.4%)" in fem and "--" not in fem
+    assert "smoke test, not an estimate: 3 epochs" in pinn and "did not converge" in pinn

@@ -76,7 +76,8 @@ def _value(v):
     return _number(v)
 
 
-def _show(v, digits: int = 4) -> str:
+def show_value(v, digits: int = 4) -> str:
+    """A headline value as text: a number, or an interval 'low – high'."""
     if isinstance(v, tuple):
         return f"{v[0]:.{digits}g} – {v[1]:.{digits}g}"
     return f"{v:.{digits}g}"
@@ -249,7 +250,7 @@ def subject_report(cohort, out, sid: str, *runs, status: dict | None = None) -> 
             extra = ""
             if k == D_KEY and f"{m}.D_rel_error" in row:
                 extra = f" (truth {row['D_true']:.4g}, {100 * row[f'{m}.D_rel_error']:+.1f}%)"
-            trs.append(f"<tr><td>{html.escape(name)}</td><td>{_show(v)}</td><td>{html.escape(unit)}{extra}</td></tr>")
+            trs.append(f"<tr><td>{html.escape(name)}</td><td>{show_value(v)}</td><td>{html.escape(unit)}{extra}</td></tr>")
         if trs:
             parts.append("<table><tr><th>quantity</th><th>value</th><th>unit</th></tr>" + "".join(trs) + "</table>")
         for f in row["figures"].get(m, []):
@@ -277,7 +278,7 @@ def _fmt(v, digits: int = 4) -> str:
     if v is None or v == "":
         return "<span class=na>-</span>"
     if isinstance(v, (float, tuple)):
-        return html.escape(_show(v, digits))
+        return html.escape(show_value(v, digits))
     return html.escape(str(v))
 
 
