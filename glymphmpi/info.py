@@ -107,7 +107,29 @@ def environment_report() -> dict:
     if rep["apptainer"] is None:
         rep["missing"].append("apptainer (build and run the image on the cluster)")
     rep["cpus"] = os.cpu_count()
+    rep["methods"] = _methods_report()
     return rep
+
+
+def _methods_report() -> dict:
+    """Each registered method: ``ok``, or what it lacks (without importing the method)."""
+    import importlib.util
+
+    from glymphmpi.methods import all_methods
+
+    out = {}
+    for name, m in all_methods().items():
+        if not m.installed():
+            out[name] = "not in this checkout"
+            continue
+        mod = m.requires[0] if m.requires else None
+        try:
+            found = mod is None or importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):
+            found = False
+        out[name] = "ok" if found else (f"needs {mod} (pip install 'glymphmpi[{m.requires[1]}]')" if m.requires[1]
+                                        else f"needs {mod}")
+    return out
 
 
 def format_report(rep: dict) -> str:
@@ -136,6 +158,7 @@ def format_report(rep: dict) -> str:
         f"SLURM       {yes(rep['slurm_version'])}",
         f"apptainer   {yes(rep['apptainer'])}",
         f"cpus        {rep['cpus']}",
+        "methods     " + ", ".join(f"{n} ({v})" for n, v in rep.get("methods", {}).items()),
     ]
     if rep["missing"]:
         lines.append("missing:")

@@ -24,6 +24,7 @@ def test_info_reports_stack(glymph):
     assert rep["dolfinx"] == "0.5.2"
     assert rep["torch"]["version"].startswith("2.13") and "gloo" in rep["torch"]["distributed_backends"]
     assert isinstance(rep["missing"], list)
+    assert rep["methods"] == {"romt": "ok", "fem": "ok", "pinn": "ok", "pinn-select": "ok", "romt-post": "ok"}
     # apptainer is not installable here: info must say so rather than hide it
     if rep["apptainer"] is None:
         assert any("apptainer" in m for m in rep["missing"])
