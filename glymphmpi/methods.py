@@ -177,8 +177,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
                     "energy under advection-diffusion, then the Lagrangian post-processing (pathlines, speed "
                     "and Peclet maps, VTK, figures; settings in [romt.post]). Under mpirun, parallel mode "
                     "spreads the loops over the ranks; sequential mode splits each loop's particles.",
-        options=(Option("--mode", "romt.mode", "overrides romt.mode: chain loops (sequential) or start each "
-                        "from its scan", choices=("sequential", "parallel")),
+        options=(Option("--mode", "romt.mode", "overrides romt.mode: chain loops (sequential), start each "
+                        "from its scan (parallel), or parallel then sweeps to the chain (coupled)",
+                        choices=("sequential", "parallel", "coupled")),
                  Option("--no-post", "romt.postprocess", "skip the post-processing (maps, figures, VTK)",
                         value=False)),
         comm="mpi", requires=("scipy", None),
