@@ -78,7 +78,7 @@ def test_one_subject_through_fem_on_two_ranks(tmp_path):
         pytest.skip("fem is not in this checkout")
     subj = bd.write(tmp_path / "ph", bd.PhantomSpec(block=(10, 10, 10), dt_h=0.2), sid="ph10")
     c = tmp_path / "cohort.toml"
-    settings = "[settings.fem]\nmax_iterations = 6\nvtk_every = 100\n"
+    settings = "[settings.fem]\nmax_iterations = 6\nvtk_every = 100\nregularization = \"fixed\"\n"
     c.write_text(f'subjects = ["{subj}"]\nmethods = ["fem"]\n{FAST}[resources.fem]\nranks = 2\n{settings}')
     out = tmp_path / "out"
     r = glymph_cli("cohort", "run", c, "--out", out, "--scheduler", "slurm", timeout=300)
