@@ -315,7 +315,10 @@ def cohort_plot(rows: list[dict], methods: list[str], path: Path) -> Path | None
         ys = np.array([r.get(f"{m}.{D_KEY}", np.nan) for r in rows], dtype=float)
         eb = np.array([_error_bar(r, m) for r in rows]).T
         err = np.nan_to_num(eb) if np.isfinite(eb).any() else None
-        ax.bar(x + (i - (len(dm) - 1) / 2) * w, ys, w, yerr=err, capsize=3, label=m)
+        xs = x + (i - (len(dm) - 1) / 2) * w
+        ax.bar(xs, ys, w, label=m)
+        if err is not None:
+            ax.errorbar(xs, ys, yerr=err, fmt="none", ecolor="k", capsize=3, lw=1)
     truths = [r.get("D_true") for r in rows]
     first = next((i for i, t in enumerate(truths) if t is not None), None)
     for xi, t in zip(x, truths):
