@@ -156,7 +156,7 @@ class LocalLauncher(Launcher):
         token = f"{os.getpid()}-{id(self)}"
         _LOCAL[token] = self
         cluster = LocalCluster(n_workers=1, threads_per_worker=max(self.cores, len(todo) + 1), processes=False,
-                               resources={"cores": self.cores}, dashboard_address=None)
+                               resources={"cores": self.cores}, dashboard_address=":0")
         client = Client(cluster)
         hooks = self.spec.hooks
         stopped = False
