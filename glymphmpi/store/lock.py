@@ -151,6 +151,7 @@ class DirLock:
         if not self.held:
             return
         self.held = False
+        atexit.unregister(self.release)
         h = self.holder()
         if h and h.get("pid") == os.getpid() and h.get("host") == socket.gethostname():
             with contextlib.suppress(FileNotFoundError):
