@@ -2,10 +2,13 @@
 
 Continuity ``rho_t + div(rho v) = sigma lap rho + chi rho r``, discretised per step as
 
-    q_k = (1 + dt chi r_k) rho_k,      rho_{k+1} = L^{-1} S(v_k) q_k
+    q_k = exp(dt chi r_k) rho_k,      rho_{k+1} = L^{-1} S(v_k) q_k
 
-(the source acts at the start of the step, then the particle push and the implicit
-diffusion of :mod:`glymphmpi.romt.transport`), with the objective
+(the source acts at the start of the step, exactly for a constant r, then the particle
+push and the implicit diffusion of :mod:`glymphmpi.romt.transport`; the exponential keeps
+every density positive whatever step Gauss-Newton proposes, where the explicit factor
+``1 + dt r`` can turn negative for a long step: on the rat data the first step was cut to 1/128),
+with the objective
 
     Phi(v, r) = sum_k dt rho_k^T |v_k|^2 + alpha sum_k dt sum chi r_k^2 rho_k
                 + beta ||rho_nt - target||^2 + gamma sum_k dt sum_d ||grad v_{k,d}||^2 / 2.
@@ -49,9 +52,9 @@ class UnbalancedProblem(LoopProblem):
         return out
 
     def _factor(self, r_local: np.ndarray) -> np.ndarray:
-        """(N,) 1 + dt chi r (1 off the active set)."""
+        """(N,) exp(dt chi r) (1 off the active set)."""
         m = np.ones(self.tr.n)
-        m[self.tr.active] = 1.0 + self.dt * self.chi * self.pc.allgather(r_local)
+        m[self.tr.active] = np.exp(self.dt * self.chi * self.pc.allgather(r_local))
         return m
 
     def _on_active(self, local: np.ndarray) -> np.ndarray:
@@ -101,7 +104,7 @@ class UnbalancedProblem(LoopProblem):
             rho_k = lin.rhos[k]
             lam_q, dv = self.tr.adjoint_step(lam, lin.qs[k], lin.steps[k])
             out[k, :3] = dv
-            out[k, 3] = self.dt * self.chi_l * rho_k[loc] * lam_q[loc]
+            out[k, 3] = self.dt * self.chi_l * lin.qs[k][loc] * lam_q[loc]
             lam = lin.ms[k] * lam_q
             if u is not None and k > 0:  # d(kinetic + source)/d rho_k
                 v, r = u[k, :3], u[k, 3]
@@ -121,7 +124,7 @@ class UnbalancedProblem(LoopProblem):
     def jvp(self, x: np.ndarray, lin: Linearization) -> np.ndarray:
         delta = np.zeros(self.tr.n)
         for k in range(self.nt):
-            dq = lin.ms[k] * delta + self._on_active(self.dt * self.chi_l * lin.rhos[k][self.tr.local] * x[k, 3])
+            dq = lin.ms[k] * delta + self._on_active(self.dt * self.chi_l * lin.qs[k][self.tr.local] * x[k, 3])
             delta = self.tr.tangent_step(dq, lin.qs[k], lin.steps[k], x[k, :3])
         return delta
 
@@ -152,6 +155,6 @@ class UnbalancedProblem(LoopProblem):
                 diag[k, d] += self.gamma * self.dt * self.lap_diag
             w2 = bb[0] * bb[1] * bb[2]  # sum over the corners of W_o^2
             diag[k, 3] = 2.0 * self.alpha * self.dt * self.chi_l * rho \
-                + 2.0 * self.beta * (self.dt * self.chi_l * rho) ** 2 * w2
+                + 2.0 * self.beta * (self.dt * self.chi_l * q) ** 2 * w2
         floor = max(1e-10 * float(diag.max(initial=0.0)), 1e-300)
         return np.maximum(diag, floor)
