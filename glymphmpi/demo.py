@@ -17,6 +17,8 @@ import logging
 import time
 from pathlib import Path
 
+from glymphmpi.errors import EXIT_PREEMPTED
+
 log = logging.getLogger(__name__)
 
 #: demo settings per method. FEM runs its defaults: automatic regularisation, converged, with a 95%
@@ -153,6 +155,8 @@ def run_demo(out, quiet: bool = False) -> int:
         print(f"subject {d['id']}: {d['shape']} voxels, {d['mask_voxels']} in mask, "
               f"scans at {d['times_h']} h: OK")
     rc = run_cohort_demo(out, cohort, quiet=quiet)
+    if rc == EXIT_PREEMPTED:  # stopped by a signal: do not start the next part
+        return rc
     if importlib.util.find_spec("glymphmpi.bids.cli") is not None:  # the BIDS App path on a synthetic study
         from glymphmpi.bids.cli import run_bids_demo
 
