@@ -312,3 +312,23 @@ def test_no_unsafe_deserialisation_in_package():
             if "weights_only=True" not in call.split("\n\n")[0]:
                 found.append(f"{p.name}:{text[:m.start()].count(chr(10)) + 1}: torch.load without weights_only=True")
     assert not found, found
+
+
+def test_node_attrs_written_with_the_tree(tmp_path):
+    """Per-node attributes (e.g. units) go into the same atomic write; a wrong path writes nothing."""
+    import h5py
+
+    rd = RunDir(tmp_path / "o").prepare()
+    rd.write_results({"loops": {"000": {"velocity": np.ones((2, 3))}}, "D": 0.5},
+                     node_attrs={"loops/000/velocity": {"units": "mm/h", "factor": 2.5}, "D": {"units": "mm^2/h"}})
+    with h5py.File(rd.results) as fh:
+        assert fh["loops/000/velocity"].attrs["units"] == "mm/h" and fh["loops/000/velocity"].attrs["factor"] == 2.5
+        assert fh["D"].attrs["units"] == "mm^2/h"
+    tree, _ = read_h5_tree(rd.results)
+    assert tree["D"] == 0.5 and tree["loops"]["000"]["velocity"].shape == (2, 3)
+    with pytest.raises(ValueError, match="no node 'loops/001'"):
+        write_h5_tree(tmp_path / "x.h5", {"loops": {}}, node_attrs={"loops/001": {"units": "m"}})
+    with pytest.raises(TypeError, match="a string or a number"):
+        write_h5_tree(tmp_path / "x.h5", {"a": 1}, node_attrs={"a": {"units": ["m"]}})
+    assert not (tmp_path / "x.h5").exists()
+    rd.release()

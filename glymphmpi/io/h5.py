@@ -193,11 +193,13 @@ def create_h5(tmp, fill, nbytes: int) -> None:
         fill(fh)
 
 
-def write_h5_tree(path, tree: dict, attrs: dict | None = None) -> Path:
+def write_h5_tree(path, tree: dict, attrs: dict | None = None, node_attrs: dict | None = None) -> Path:
     """Write a nested dict to HDF5 atomically in the typed layout (:data:`KINDS`).
 
     Dicts become groups, arrays datasets (gzip when large), lists JSON. ``attrs``
-    go on the root (dicts and lists as JSON strings).
+    go on the root (dicts and lists as JSON strings). ``node_attrs`` maps a node's
+    path in the tree (``"loops/000/velocity"``) to attributes of that node (strings
+    and numbers, e.g. ``{"units": "mm/h"}``), written in the same atomic write.
 
     Raises:
         TypeError: a value outside the layout (nothing is written then).
@@ -210,6 +212,13 @@ def write_h5_tree(path, tree: dict, attrs: dict | None = None) -> Path:
             fh.attrs[k] = v if not isinstance(v, (dict, list)) else json.dumps(v, default=json_default)
         for k, v in tree.items():
             write_node(fh, str(k), v)
+        for where, extra in (node_attrs or {}).items():
+            if where not in fh:
+                raise ValueError(f"node_attrs: no node {where!r} in the tree")
+            for k, v in extra.items():
+                if not isinstance(v, (str, int, float, np.integer, np.floating)) or isinstance(v, bool):
+                    raise TypeError(f"node_attrs[{where!r}][{k!r}]: a string or a number, got {type(v).__name__}")
+                fh[where].attrs[k] = v
         fh.attrs["complete"] = True
 
     with atomic_path(path) as tmp:

@@ -223,14 +223,17 @@ class RunDir:
         return Checkpointer(self.root / name, every=every, comm=self.comm if comm is None else comm,
                             per_rank=per_rank, identity=self.identity)
 
-    def write_results(self, tree: dict, config=None, subject_id=None, extra_attrs=None) -> Path | None:
+    def write_results(self, tree: dict, config=None, subject_id=None, extra_attrs=None,
+                      node_attrs: dict | None = None) -> Path | None:
+        """results.h5 (rank 0): ``tree`` with the provenance and ``extra_attrs`` on the root and
+        ``node_attrs`` on nodes (e.g. ``{"loops/000/velocity": {"units": "mm/h"}}``)."""
         if self.rank != 0:
             return None
         attrs = provenance(config, subject_id, self.size)
         if self.identity is not None:
             attrs["identity"] = json.dumps(self.identity, sort_keys=True)
         attrs.update(extra_attrs or {})
-        return write_h5_tree(self.results, tree, attrs)  # a full disk: WriteError, one line
+        return write_h5_tree(self.results, tree, attrs, node_attrs)  # a full disk: WriteError, one line
 
     def write_map(self, name: str, data, affine) -> Path | None:
         if self.rank != 0:
