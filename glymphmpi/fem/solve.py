@@ -225,11 +225,13 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             if history["iteration"] and history["iteration"][-1] >= it_g:
                 for k in history:
                     history[k] = history[k][:-1]
-            for k, v in (("iteration", it_g), ("J", f * problem.J_scale), ("J_normalised", f), ("gnorm", gnorm),
-                         ("D", D), ("R", R), ("misfit", list(misfit)), ("wall_s", time.time() - t_start)):
+            s2 = scale ** 2  # history (and the checkpoint) in the input's units
+            for k, v in (("iteration", it_g), ("J", f * problem.J_scale * s2), ("J_normalised", f), ("gnorm", gnorm),
+                         ("D", D), ("R", R * s2), ("misfit", [m * s2 for m in misfit]),
+                         ("wall_s", time.time() - t_start)):
                 history[k].append(v)
             if not quiet or it_g % 10 == 0:
-                log.info("it %3d  J = %.6e  |grad| = %.3e  D = %.6f mm^2/h", it_g, f * problem.J_scale, gnorm, D)
+                log.info("it %3d  J = %.6e  |grad| = %.3e  D = %.6f mm^2/h", it_g, f * problem.J_scale * s2, gnorm, D)
             if checkpointer is not None:
                 checkpointer.step(it_g, state_fn(xv))
             w = stage_cfg.d_window
@@ -376,9 +378,6 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
         if comm.rank == 0:
             log.warning("%s", w)
     s2 = scale ** 2
-    for k in ("J", "R"):
-        history[k] = [v * s2 for v in history[k]]
-    history["misfit"] = [[v * s2 for v in m] for m in history["misfit"]]
     log.info("D = %.6f mm^2/h after %d iterations, %d evaluations, %.1f s%s", last["D"], total_its, n_eval, opt_s,
              "" if ci is None else f"; 95% interval [{ci[0]:.4f}, {ci[1]:.4f}]")
     reason = "CONVERGED" if converged else "NOT_CONVERGED"
