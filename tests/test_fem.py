@@ -417,8 +417,9 @@ def test_mesh_with_edge_and_corner_contacts(comm):
 def test_projection_resume_reproduces_uninterrupted_run(comm, mpi_tmp_path):
     """The checkpoint holds the outer search's memory (bracket, last step, inner tolerance) and the
     probed g scaling: a run stopped after 2 outer iterations and resumed ends at the D of the
-    uninterrupted run to 1e-8 (measured 3.4e-10: the checkpoint stores g in physical units, and the
-    round-off of re-scaling it is amplified by the inner CG), not only to the outer tolerance (1e-3)."""
+    uninterrupted run to 1e-7 (measured 3.4e-10 on 1 rank, 1.1e-8 on 2: the checkpoint stores g in
+    physical units, and the round-off of re-scaling it is amplified by the inner CG), not only to the
+    outer tolerance (1e-3)."""
     from glymphmpi.fem.solve import estimate
     from glymphmpi.store import Checkpointer
 
@@ -433,8 +434,8 @@ def test_projection_resume_reproduces_uninterrupted_run(comm, mpi_tmp_path):
     first.model.destroy()
     res = estimate(subj, cfg, comm, checkpointer=ck)
     assert res.iterations == whole.iterations > 2
-    assert res.D == pytest.approx(whole.D, rel=1e-8)
-    np.testing.assert_allclose(res.history["D"], whole.history["D"], rtol=1e-8)
+    assert res.D == pytest.approx(whole.D, rel=1e-7)
+    np.testing.assert_allclose(res.history["D"], whole.history["D"], rtol=1e-7)
     res.model.destroy()
 
 
