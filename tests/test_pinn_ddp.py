@@ -136,7 +136,8 @@ def test_ddp_in_process_under_mpirun(comm):
         scans, mask, affine, times = heat_kernel_box(n=6, D=0.5, tau=8.0)
         pb = build_problem(scans, mask, affine, times)
         cfg = PinnConfig(depth=2, width=16, batches=3, epochs=5, dtype="float64", pde_points=777,
-                         rar_epochs=(2,), rar_add=20, rar_pool=300, residual_times=5, checkpoint_every=0)
+                         rar_epochs=(2,), rar_add=20, rar_pool=300, residual_times=5, checkpoint_every=0,
+                         ensemble=1)
         (par,) = fit(pb, cfg, ctx, quiet=True)
         (ser,) = fit(pb, cfg, DistContext(), quiet=True)
         Ds = comm.allgather(par.D)
