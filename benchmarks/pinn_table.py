@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                              lr_end=lr1, p_schedule=p, delta0=delta0, rar_epochs=rar, rar_add=max(1, n_int // 2),
                              rar_pool=8 * n_int, checkpoint_every=0, log_every=10**9, seed=args.seed,
                              residual_voxels=0, residual_times=200, delta_freeze_epochs=freeze, w_r=args.w_r,
-                             maps=False, figures=False)
+                             maps=False, figures=False, ensemble=1)
             t0 = time.perf_counter()
             (res,) = fit(pb, cfg, quiet=True)
             row = {"p": {"1": "1", "2to1": "2->1", "2": "2"}[p], "lr": f"{lr0:g} -> {lr1:g}", "D": res.D,
