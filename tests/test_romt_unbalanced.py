@@ -20,7 +20,7 @@ def make(shape=(9, 10, 8), boundary="open", frac=0.7, nt=3, seed=0, sigma=0.05, 
     rho0, tgt = rng.random(n), rng.random(n)
     tr = Transport(shape, act, dt=0.4, sigma=sigma, boundary=boundary)
     lap = ActiveLaplacian(shape, act)
-    ub = UnbalancedProblem(tr, rho0, tgt, nt, 50.0, 3.0, lap, chi, alpha)
+    ub = UnbalancedProblem(tr, rho0, tgt, nt, 50.0, 3.0, lap, chi, alpha, rho_floor=0.05)
     bal = LoopProblem(tr, rho0, tgt, nt, 50.0, 3.0, lap)
     return ub, bal, rng
 

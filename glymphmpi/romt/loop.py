@@ -14,9 +14,12 @@ from glymphmpi.romt.crop import crop_box, mass_at_risk, uncrop
 from glymphmpi.romt.gn import GNState, LoopProblem, gauss_newton
 from glymphmpi.romt.grid import ActiveLaplacian, default_workers
 from glymphmpi.romt.runtime import single_threaded_blas, tune_malloc
+from glymphmpi.romt.scale import REFERENCE_INTENSITY
 from glymphmpi.romt.transport import Transport
 
 log = logging.getLogger(__name__)
+
+SOURCE_RHO_FLOOR = 1e-2  # unbalanced: r^2 weighted by rho + 1% of the reference intensity (see UnbalancedProblem)
 
 
 def active_set(mask: np.ndarray, dilation: int) -> np.ndarray:
@@ -141,7 +144,8 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
         from glymphmpi.romt.unbalanced import UnbalancedProblem
 
         prob = UnbalancedProblem(tr, rho0, target, cfg.nt, cfg.beta, cfg.gamma, lap,
-                                 chi.ravel()[act_flat].astype(np.float64), cfg.alpha)
+                                 chi.ravel()[act_flat].astype(np.float64), cfg.alpha,
+                                 rho_floor=SOURCE_RHO_FLOOR * REFERENCE_INTENSITY)
     ncomp = prob.u_shape[1]
     lo, hi = tr.pc.lo, tr.pc.hi
     if state is not None:

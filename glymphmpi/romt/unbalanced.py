@@ -33,14 +33,19 @@ class UnbalancedProblem(LoopProblem):
     Args:
         chi: (M,) weights of the source on the active set (1 inside the source region, 0 outside).
         alpha: weight of the source cost.
+        rho_floor: the source cost weighs r^2 by ``rho + rho_floor``: where there is almost no
+            mass the source has almost no effect, and without a floor Gauss-Newton's step in r
+            there is unbounded (measured on the rat data: exp(dt r) overflowed).
         (the others as :class:`LoopProblem`)
     """
 
-    def __init__(self, transport, rho0, target, nt, beta, gamma, lap, chi: np.ndarray, alpha: float):
+    def __init__(self, transport, rho0, target, nt, beta, gamma, lap, chi: np.ndarray, alpha: float,
+                 rho_floor: float = 0.0):
         super().__init__(transport, rho0, target, nt, beta, gamma, lap)
         self.chi = np.asarray(chi, dtype=np.float64)  # (M,) on the active set
         self.chi_l = self.chi[self.pc.lo:self.pc.hi]
         self.alpha = float(alpha)
+        self.rho_floor = float(rho_floor)
 
     @property
     def u_shape(self) -> tuple:
@@ -74,7 +79,7 @@ class UnbalancedProblem(LoopProblem):
             sd = self.tr.linearize(v)
             rl = rho[loc]
             kin += self.dt * float(np.dot(rl, (v ** 2).sum(axis=0)))
-            src += self.alpha * self.dt * float(np.dot(rl, self.chi_l * r ** 2))
+            src += self.alpha * self.dt * float(np.dot(rl + self.rho_floor, self.chi_l * r ** 2))
             m = self._factor(r)
             q = m * rho
             rho = self.tr.step(q, sd)
@@ -101,7 +106,6 @@ class UnbalancedProblem(LoopProblem):
         out = np.empty(self.u_shape)
         loc = self.tr.local
         for k in range(self.nt - 1, -1, -1):
-            rho_k = lin.rhos[k]
             lam_q, dv = self.tr.adjoint_step(lam, lin.qs[k], lin.steps[k])
             out[k, :3] = dv
             out[k, 3] = self.dt * self.chi_l * lin.qs[k][loc] * lam_q[loc]
@@ -117,7 +121,7 @@ class UnbalancedProblem(LoopProblem):
         for k in range(self.nt):
             rl = lin.rhos[k][loc]
             g[k, :3] += 2.0 * self.dt * rl * u[k, :3]
-            g[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * rl * u[k, 3]
+            g[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * u[k, 3]
         g += self.gamma * self.dt * self._lap_apply(u)
         return g
 
@@ -137,7 +141,7 @@ class UnbalancedProblem(LoopProblem):
         for k in range(self.nt):
             rl = lin.rhos[k][loc]
             out[k, :3] += 2.0 * self.dt * rl * x[k, :3]
-            out[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * rl * x[k, 3]
+            out[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * x[k, 3]
         out += self.gamma * self.dt * self._lap_apply(x)
         return out
 
@@ -154,7 +158,7 @@ class UnbalancedProblem(LoopProblem):
                 diag[k, d] = 2.0 * self.dt * rho + 2.0 * self.beta * (self.dt * q) ** 2 * 2.0 * bb[o[0]] * bb[o[1]]
                 diag[k, d] += self.gamma * self.dt * self.lap_diag
             w2 = bb[0] * bb[1] * bb[2]  # sum over the corners of W_o^2
-            diag[k, 3] = 2.0 * self.alpha * self.dt * self.chi_l * rho \
+            diag[k, 3] = 2.0 * self.alpha * self.dt * self.chi_l * (rho + self.rho_floor) \
                 + 2.0 * self.beta * (self.dt * self.chi_l * q) ** 2 * w2
         floor = max(1e-10 * float(diag.max(initial=0.0)), 1e-300)
         return np.maximum(diag, floor)
