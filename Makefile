@@ -25,7 +25,8 @@ demo: install
 	$(VENV)/bin/glymph demo --out demo-output
 
 test: install
-	$(MAKE) --no-print-directory test-serial
+	@bash scripts/install_bids_tools.sh --chromium
+	GLYMPH_REQUIRE_BIDS_TOOLS=1 $(MAKE) --no-print-directory test-serial
 	$(MAKE) --no-print-directory test-mpi
 	@if [ "$(SLURM)" != 0 ]; then $(MAKE) --no-print-directory test-slurm; else echo "SLURM=0: slurm tests skipped"; fi
 
