@@ -7,6 +7,7 @@ mpi4py comes from Debian and is always present in the venv.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -80,3 +81,26 @@ def _first_host(nodelist: str) -> str:
         first = rest.split("-")[0].split(",")[0].rstrip("]")
         return prefix + first
     return head or socket.gethostname()
+
+
+def available_memory_bytes() -> float:
+    """MemAvailable of this machine in bytes (``/proc/meminfo``); inf where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return math.inf
+
+
+def ranks_on_this_node(comm) -> int:
+    """How many ranks of ``comm`` share this node's memory (collective)."""
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return int(node.size)
+    finally:
+        node.Free()

@@ -331,3 +331,15 @@ def test_unconverged_loops_are_warnings_in_the_summary():
     loops, _ = solve_series(images, good, act)
     _, fields = build_results_tree(loops, subj, good)
     assert fields["converged"] == [True, True] and fields["warnings"] == []
+
+
+def test_memory_estimated_up_front():
+    """romt.nt = 1e6 on a small grid asks for hundreds of GiB: refused in one line naming romt.nt before
+    anything is allocated; the default nt on the same grid passes."""
+    from glymphmpi.errors import InputError
+    from glymphmpi.romt.config import RomtConfig
+    from glymphmpi.romt.solve import check_memory
+
+    with pytest.raises(InputError, match=r"^romt\.nt: nt = 1,000,000 time steps on 1,728 active voxels need about"):
+        check_memory(RomtConfig(nt=1_000_000), 1728, 1)
+    check_memory(RomtConfig(), 1728, 2)

@@ -46,6 +46,7 @@ import math
 import numpy as np
 
 from glymphmpi.errors import InputError
+from glymphmpi.parallel import available_memory_bytes
 
 PATH_SCALES = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
 #: shortest scan spacing / this = the automatic time step (1 h for the phantoms' 7 h spacing)
@@ -113,18 +114,6 @@ def memory_estimate_bytes(n_steps: int, n_nodes: int, n_boundary: int) -> float:
     return float(n_steps + 1) * (BYTES_PER_STEP_NODE * n_nodes + 8 * 8 * n_boundary)
 
 
-def available_bytes() -> float:
-    """MemAvailable of this machine (bytes); inf when unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024.0
-    except OSError:
-        pass
-    return math.inf
-
-
 def check_memory(times_h, dt_h: float, t_end_h, mask: np.ndarray, where="fem.dt_h") -> int:
     """Refuse settings whose time series would not fit in memory (before anything is allocated).
 
@@ -138,7 +127,7 @@ def check_memory(times_h, dt_h: float, t_end_h, mask: np.ndarray, where="fem.dt_
     n_nodes = int(m.sum())
     n_boundary = int((m & ~_erode(m)).sum())
     need = memory_estimate_bytes(n, n_nodes, n_boundary)
-    have = available_bytes()
+    have = available_memory_bytes()
     if need > 0.8 * have:
         raise InputError(f"dt_h = {dt_h:g} h gives {n:,} time steps on {n_nodes:,} nodes: the FEM needs about "
                          f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB available; "

@@ -18,6 +18,7 @@ import logging
 import numpy as np
 
 from glymphmpi.errors import InputError
+from glymphmpi.parallel import available_memory_bytes, ranks_on_this_node
 from glymphmpi.romt.config import RomtConfig
 from glymphmpi.romt.loop import active_set, check_images, smooth_images
 from glymphmpi.romt.loopstore import LoopStore, config_key
@@ -25,6 +26,26 @@ from glymphmpi.romt.results import RESULTS_ATTRS, build_results_tree
 from glymphmpi.romt.schedule import solve_series
 
 log = logging.getLogger(__name__)
+
+
+#: float64 values one loop keeps per time step and active voxel: the velocity and its Gauss-Newton/PCG
+#: copies (3 components each), the densities and the transport's step data; a rat loop (nt 10, about
+#: 1e5 active voxels) peaked at about 0.9 GB, which this bounds from above with the interpreter's share.
+VALUES_PER_STEP_VOXEL = 64
+
+
+def check_memory(cfg: RomtConfig, n_active: int, ranks_here: int) -> None:
+    """Refuse settings whose loop would not fit in this node's memory, before anything is allocated.
+
+    Raises:
+        InputError: one line with the estimate (``romt.nt`` named).
+    """
+    need = float(cfg.nt + 1) * n_active * VALUES_PER_STEP_VOXEL * 8.0
+    have = available_memory_bytes()
+    if need * ranks_here > 0.8 * have:
+        raise InputError(f"nt = {cfg.nt:,} time steps on {n_active:,} active voxels need about "
+                         f"{need / 2**30:,.1f} GiB per rank ({ranks_here} rank(s) on this node), more than the "
+                         f"{have / 2**30:,.1f} GiB available; use a smaller romt.nt", "romt.nt")
 
 
 def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
@@ -46,6 +67,7 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
     names = [str(p) for p in subject.scan_paths] if subject.scan_paths else None
     check_images(images, names)
     active = active_set(subject.mask, cfg.mask_dilation)
+    check_memory(cfg, int(active.sum()), ranks_on_this_node(comm))
     store = LoopStore(rundir, config_key(cfg), cfg.checkpoint_every)
     if getattr(rundir, "fresh", False) and rundir.rank == 0:  # --fresh/--force: no finished loops either
         store.forget_loops()
