@@ -136,7 +136,7 @@ def test_rendered_templates(tmp_path, small_phantom):
     assert array == "0-2"
     for d in ("--job-name=glymph-fem", "--ntasks=4", "--cpus-per-task=2", "--time=1-02:00:00", "--mem=8G",
               "--partition=compute", "--account=proj-x", "--qos=normal", "--array=0-2", "--requeue",
-              "--signal=TERM@120"):
+              "--signal=B:USR1@120"):
         assert f"#SBATCH {d}" in text, d
     assert "#SBATCH --ntasks=2\n" not in text  # the template's default block was replaced
     env = dict(re.findall(r"(?m)^export (GLYMPH\w*)=(.*)$", text))
@@ -519,3 +519,42 @@ def test_demo_prints_estimates_with_truth_interval_and_smoke_labels(tmp_path, sm
     pinn = next(ln for ln in lines if " pinn:" in ln)
     assert "D = 0.73 mm^2/h, 95% interval 0.7 – 0.76 (truth 0.72, +1.4%)" in fem and "--" not in fem
     assert "smoke test, not an estimate: 3 epochs" in pinn and "did not converge" in pinn
+
+
+@pytest.mark.parametrize("mpi,sig", [("mpirun", "USR1"), ("mpirun", "TERM"), ("srun", "USR1")])
+def test_template_stop_signal_reaches_the_launcher_and_requeues(tmp_path, mpi, sig):
+    """Issue 17 §6: SLURM sends `--signal=B:USR1@120` to the batch shell only (and TERM on scancel -b /
+    preemption); the template forwards USR1 to the launcher (mpirun exits 1 after TERM, 75 after USR1),
+    waits again after the trap, exits with the launcher's 75 and requeues."""
+    for n in ("run", "romt", "fem", "pinn"):
+        t = (ROOT / "jobs" / f"{n}.sbatch").read_text()
+        assert "#SBATCH --signal=B:USR1@120\n" in t and "--signal=TERM@120" not in t
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # the launcher stub: records its argv, exits 75 on USR1 (a checkpointed stop), 1 on TERM (mpirun's abort)
+    launcher = ('#!/bin/bash\necho "%s $*" >> "$LOG"\n'
+                'trap \'echo "%s got USR1" >> "$LOG"; exit 75\' USR1\n'
+                'trap \'echo "%s got TERM" >> "$LOG"; exit 1\' TERM\n'
+                'echo started >> "$LOG"\nwhile :; do /bin/sleep 0.05; done\n')
+    (fake / mpi).write_text(launcher % (mpi, mpi, mpi))
+    (fake / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$LOG"\n[ "$1" = requeue ] && exit 0\n')
+    (fake / "sleep").write_text("#!/bin/bash\nexit 0\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "LOG": str(log), "GLYMPH": "fakeglymph", "METHOD": "romt",
+           "KIND": "mpi", "GLYMPH_MPI": mpi, "SUBJECT": "/d/s.toml", "OUTDIR": "/o/r", "SLURM_JOB_ID": "77",
+           "SLURM_NTASKS": "2"}
+    proc = subprocess.Popen(["bash", str(ROOT / "jobs/romt.sbatch")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 30 and not (log.exists() and "started" in log.read_text()):
+        time.sleep(0.02)
+    time.sleep(0.2)
+    proc.send_signal(getattr(signal, f"SIG{sig}"))  # to the batch shell only, as SLURM's B: does
+    out, err = proc.communicate(timeout=30)
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 75, (out, err, lines)
+    assert f"{mpi} got USR1" in lines and f"{mpi} got TERM" not in lines
+    assert "scontrol requeue 77" in lines and "rc 75" in out
+    assert lines[0].startswith(f"{mpi} ") and "fakeglymph --quiet romt /d/s.toml --out /o/r" in lines[0]

@@ -187,7 +187,7 @@ def test_pinn_select_tasks_render_on_the_cohort_templates(tmp_path, small_phanto
     text = script.read_text()
     assert array == "0-3%2"
     for d in ("--array=0-3%2", "--partition=gpu", "--time=00:30:00", "--cpus-per-task=2", "--mem=3G",
-              "--requeue", "--signal=TERM@120", "--job-name=pinnsel-pinn"):
+              "--requeue", "--signal=B:USR1@120", "--job-name=pinnsel-pinn"):
         assert f"#SBATCH {d}" in text, d
     assert "B:TERM" not in text and "scontrol requeue" in text and "METHOD=pinn" in text
     folder = Path(shlex.split(re.search(r"(?m)^export GLYMPH_TASKS=(.*)$", text).group(1))[0])

@@ -1,7 +1,8 @@
 """The SLURM launcher: every run is an sbatch job rendered from ``jobs/``, watched until it ends.
 
 Runs that share a method and its resources go into one job array. A job that stops after a
-checkpoint (exit 75: ``--signal=TERM@120`` before the time limit, preemption) requeues itself
+checkpoint (exit 75: ``--signal=B:USR1@120`` before the time limit, forwarded by the job script to
+srun or mpirun; preemption) requeues itself
 (``scontrol requeue`` in the template, keeping its id; the launcher releases it at once); one
 that ended anyway with a checkpoint (time limit, node failure) is resubmitted; a failed one is
 resubmitted only within ``retries``. Row reports (``group_done``) run on dask-jobqueue
