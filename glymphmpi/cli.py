@@ -171,6 +171,10 @@ def _cmd_subject_check(args) -> int:
         print(f"  scans       {len(d['times_h'])} at t = {', '.join(f'{t:g}' for t in d['times_h'])} h")
         print(f"  mask        {d['mask_voxels']} voxels, {d['mask_volume_ml']:.3f} mL")
         print("  mass/scan   " + ", ".join(f"{m:.4g}" for m in d["mass_per_scan"]) + " (conc x mm^3)")
+        print("  mass change " + ", ".join("n/a (from 0)" if c is None else f"{c:+.1f}%"
+                                           for c in d["mass_change_pct"]) + " (scan to scan)")
+        if d["mass_warning"]:
+            print(f"  warning: {d['mass_warning']}")
     return 0
 
 

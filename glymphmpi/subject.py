@@ -37,6 +37,9 @@ ID_WHAT = f"1-{ID_MAX} letters, digits, '.', '_' and '-'"
 #: and nonzero in float64 (data outside is refused up front, never silently rescaled)
 MAX_ABS_VALUE = 1e100
 MIN_PEAK_VALUE = 1e-100
+# `glymph subject check` warns when the mass inside the mask changes by more than this (percent of the
+# earlier scan) between consecutive scans: the balanced rOMT model conserves mass.
+MASS_CHANGE_LIMIT_PCT = 5.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,25 @@ class Subject:
             ijk = np.argwhere(self.mask)
         return apply_affine(self.affine, ijk)
 
+    def mass_change_pct(self) -> list[float | None]:
+        """(p-1,) change of the mass inside the mask from each scan to the next, in percent of the
+        earlier scan's mass (None where that mass is not positive)."""
+        m = self.mass_per_scan()
+        return [float(100.0 * (b - a) / a) if a > 0 else None for a, b in zip(m[:-1], m[1:])]
+
+    def mass_balance_warning(self, limit_pct: float = MASS_CHANGE_LIMIT_PCT) -> str | None:
+        """A plain-words warning when the mass changes by more than ``limit_pct`` between
+        consecutive scans (the balanced rOMT model conserves it), else None."""
+        bad = [(k, c) for k, c in enumerate(self.mass_change_pct()) if c is None or abs(c) > limit_pct]
+        if not bad:
+            return None
+        t = self.times_h
+        steps = ", ".join(f"t = {t[k]:g} -> {t[k + 1]:g} h: " + ("from 0" if c is None else f"{c:+.1f}%")
+                          for k, c in bad)
+        return (f"the mass inside the mask changes by more than {limit_pct:g}% between scans ({steps}); "
+                f"the balanced model cannot explain this: tracer enters or leaves the mask: "
+                f'use romt.model = "unbalanced"')
+
     def describe(self) -> dict:
         return {
             "id": self.id,
@@ -153,6 +175,8 @@ class Subject:
             "mask_voxels": int(self.mask.sum()),
             "mask_volume_ml": round(self.mask_volume_ml, 6),
             "mass_per_scan": [float(m) for m in self.mass_per_scan()],
+            "mass_change_pct": self.mass_change_pct(),
+            "mass_warning": self.mass_balance_warning(),
         }
 
 

@@ -307,3 +307,36 @@ def test_qform_and_sform_disagreeing(tmp_path, capsys, caplog):
     q[0, 3] = 2.5
     _nifti_with_forms(tmp_path / "conc_01.nii.gz", scans[1], AFF, q)
     check_cli_error(capsys, toml, "qform and sform disagree by up to", "conc_01.nii.gz")
+
+
+def test_check_reports_mass_change_and_says_when_balanced_cannot_explain_it(tmp_path, capsys):
+    """Issue 15 §2: mass (sum in the mask x voxel volume) change between consecutive scans in percent;
+    a change over 5% says the balanced model cannot explain it and names romt.model = "unbalanced"."""
+    import json
+
+    shape = (6, 5, 4)
+    mask = np.zeros(shape, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    base = np.random.default_rng(1).uniform(0.5, 1.0, shape)
+    # conserved to 1%: no warning; then the mass grows by 20% (tracer enters the mask)
+    scans = np.stack([base, base * 1.01, base * 1.01 * 1.2])
+    toml = write_subject(tmp_path / "grow", "sub-grow", [0.0, 1.0, 2.0], scans, mask, AFF)
+    d = load_subject(toml).describe()
+    np.testing.assert_allclose(d["mass_change_pct"], [1.0, 20.0], rtol=1e-5)
+    vol = 0.5 * 0.5 * 0.8
+    np.testing.assert_allclose(d["mass_per_scan"][0], (base * mask).sum() * vol, rtol=1e-6)
+    assert main(["subject", "check", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "mass change +1.0%, +20.0%" in out
+    warn = [ln for ln in out.splitlines() if "warning:" in ln]
+    assert len(warn) == 1 and "t = 1 -> 2 h: +20.0%" in warn[0] and "t = 0 -> 1 h" not in warn[0]
+    assert "tracer enters or leaves the mask" in warn[0] and 'romt.model = "unbalanced"' in warn[0]
+    assert main(["subject", "check", str(toml), "--json"]) == 0
+    js = json.loads(capsys.readouterr().out)
+    assert js["mass_change_pct"] == pytest.approx([1.0, 20.0], rel=1e-5) and "unbalanced" in js["mass_warning"]
+    # a conserved series (within 5%, here -4%): no warning
+    ok = write_subject(tmp_path / "ok", "sub-ok", [0.0, 1.0], np.stack([base, base * 0.96]), mask, AFF)
+    assert main(["subject", "check", str(ok)]) == 0
+    out = capsys.readouterr().out
+    assert "mass change -4.0%" in out and "warning" not in out
+    assert load_subject(ok).describe()["mass_warning"] is None
