@@ -260,6 +260,42 @@ def test_cli_writes_results_contract(glymph, gauss12, tmp_path):
     assert not (out / "romt_loops").exists() and not list(out.glob("checkpoint*.h5"))
 
 
+def test_results_datasets_say_their_units(glymph, gauss12, tmp_path):
+    """Issue 15 §5: every dataset of results.h5 (root, params/, loops/) has a non-empty `units` attribute;
+    loops/NNN/velocity says its unit and its factor to mm/h, and that factor turns the stored velocity
+    into the run's reported speed in mm/h."""
+    import h5py
+
+    out = tmp_path / "run"
+    r = glymph("romt", gauss12, "--out", out, "--no-post", *FAST)
+    assert r.returncode == 0, r.stderr
+    summ = json.loads((out / "summary.json").read_text())
+    datasets = []
+    with h5py.File(out / "results.h5") as fh:
+        fh.visititems(lambda name, obj: datasets.append(name) if isinstance(obj, h5py.Dataset) else None)
+        assert {"mask", "params/times_h", "loops/000/velocity", "loops/001/density"} <= set(datasets)
+        for name in datasets:
+            u = fh[name].attrs.get("units")
+            assert isinstance(u, str) and u.strip(), name
+        assert fh["params/times_h"].attrs["units"] == "h" and fh["loops/000/t1_h"].attrs["units"] == "h"
+        assert fh["loops/000/speed_max_mm_per_h"].attrs["units"] == "mm/h"
+        for k in ("000", "001"):
+            v = fh[f"loops/{k}/velocity"]
+            assert v.attrs["units"].startswith("voxel/model time") and "mm_per_h" in v.attrs["to_mm_per_h"]
+            f = np.array([v.attrs[f"mm_per_h_factor_{a}"] for a in "ijk"])
+            # 1 h per loop over nt * dt = 4 model time, 1 mm voxels: 4 mm/h per voxel/model time
+            np.testing.assert_allclose(f, 4.0)
+            np.testing.assert_allclose(f, fh[f"loops/{k}/velocity_mm_per_h_factor"][()])
+            vel = v[()].astype(np.float64) * f.reshape(1, 3, 1, 1, 1)
+            rho = fh[f"loops/{k}/density"][()][:-1].astype(np.float64)
+            sp = np.sqrt((vel ** 2).sum(axis=1))[rho > 0.01 * rho.max()]
+            assert sp.max() == pytest.approx(summ["speed_max_mm_per_h_per_loop"][int(k)], rel=1e-4)
+    from glymphmpi.io import read_h5_tree
+
+    tree, _ = read_h5_tree(out / "results.h5")  # the attributes keep the file readable in the typed layout
+    assert tree["loops"]["000"]["velocity"].shape == (10, 3, 12, 12, 12)
+
+
 def test_cli_bad_inputs(glymph, tmp_path):
     from glymphmpi.subject import write_subject
 

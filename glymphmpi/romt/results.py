@@ -119,3 +119,62 @@ RESULTS_ATTRS = {
                     "density-weighted mean in 1/h",
     "speed_fields": "speed_*_mm_per_h over voxels with density > 1% of the loop's max; mean weighted by density",
 }
+
+
+#: the ``units`` attribute of every dataset of results.h5, by its name (under loops/NNN/, params/ or the root);
+#: "solver units": the objective's terms on the images rescaled by params/intensity_factor (glymphmpi.romt.scale)
+UNITS = {
+    # loops/NNN
+    "velocity": "voxel/model time (index axes i, j, k)",
+    "density": "the scans' units (rho_0..rho_nt of the loop)",
+    "t0_h": "h", "t1_h": "h",
+    "hours_per_model_time": "h/model time",
+    "velocity_mm_per_h_factor": "(mm/h)/(voxel/model time), per index axis i, j, k",
+    "objective_history": "solver units (objective per Gauss-Newton iteration)",
+    "gn_iterations": "count", "pcg_iterations": "count",
+    "kinetic": "solver units", "fit": "solver units", "smooth": "solver units", "objective": "solver units",
+    "mass_error": "1 (relative: mass change of the loop / start mass)",
+    "misfit_rel": "1 (relative: ||rho_nt - target|| / ||target||)",
+    "stop_reason": "text", "runtime_s": "s",
+    "speed_max_mm_per_h": "mm/h", "speed_mean_mm_per_h": "mm/h",
+    "source": "1/model time (relative source r)", "source_rate_per_h": "1/h", "source_cost": "solver units",
+    # params
+    "nt": "count (time steps per loop)", "dt": "model time (per step)", "sigma": "voxel^2/model time",
+    "beta": "1 (weight)", "gamma": "1 (weight)", "alpha": "1 (weight)",
+    "mode": "text", "boundary": "text", "model": "text",
+    "voxel_size_mm": "mm", "affine": "mm (voxel index -> world mm)", "shape": "voxels", "times_h": "h",
+    "n_loops": "count",
+    "intensity_scale": "the scans' units (robust intensity of the series)",
+    "intensity_factor": "1/(the scans' units) (images x factor = solver intensities)",
+    # root
+    "mask": "1 (0/1 mask)",
+}
+
+
+def results_node_attrs(tree: dict) -> dict:
+    """``node_attrs`` for :func:`glymphmpi.io.write_h5_tree`: a ``units`` attribute on every dataset of
+    the rOMT results tree (names from :data:`UNITS`), and on each loop's velocity its conversion to mm/h
+    (``mm_per_h_factor_i/j/k``: v_mm_per_h[:, d] = v[:, d] * factor_d = voxel_size_mm[d] / hours_per_model_time).
+
+    Raises:
+        KeyError: a dataset with no entry in :data:`UNITS` (a new field must say its unit).
+    """
+    out = {}
+
+    def walk(node: dict, where: str) -> None:
+        for k, v in node.items():
+            path = f"{where}/{k}" if where else str(k)
+            if isinstance(v, dict):
+                walk(v, path)
+            elif v is not None:
+                if k not in UNITS:
+                    raise KeyError(f"results.h5 {path}: no unit in glymphmpi.romt.results.UNITS")
+                out[path] = {"units": UNITS[k]}
+
+    walk(tree, "")
+    for name, lp in tree.get("loops", {}).items():
+        f = np.asarray(lp["velocity_mm_per_h_factor"], dtype=np.float64)
+        out[f"loops/{name}/velocity"].update(
+            {f"mm_per_h_factor_{a}": float(x) for a, x in zip("ijk", f)},
+            to_mm_per_h="v_mm_per_h[:, d] = v[:, d] * mm_per_h_factor_d (voxel_size_mm[d] / hours_per_model_time)")
+    return out

@@ -22,7 +22,7 @@ from glymphmpi.parallel import available_memory_bytes, ranks_on_this_node
 from glymphmpi.romt.config import RomtConfig
 from glymphmpi.romt.loop import active_set, check_images, smooth_images
 from glymphmpi.romt.loopstore import LoopStore, config_key
-from glymphmpi.romt.results import RESULTS_ATTRS, build_results_tree
+from glymphmpi.romt.results import RESULTS_ATTRS, build_results_tree, results_node_attrs
 from glymphmpi.romt.schedule import solve_series
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
             log.info("relative source per loop (1/h): %s", p)
         tree["params"]["intensity_scale"] = info["intensity_scale"]
         tree["params"]["intensity_factor"] = info["intensity_factor"]
-        rundir.write_results(tree, config=cfg, subject_id=subject.id, extra_attrs=RESULTS_ATTRS)
+        rundir.write_results(tree, config=cfg, subject_id=subject.id, extra_attrs=RESULTS_ATTRS,
+                             node_attrs=results_node_attrs(tree))
         fields["n_groups"] = info["n_groups"]
         fields["solve_s"] = round(info["solve_s"], 3)
         fields["intensity_scale"] = info["intensity_scale"]
