@@ -128,3 +128,41 @@ def test_mpirun_parallel_stop_exits_75(gauss14, tmp_path, how):
     assert proc.returncode == 75, err[-2000:]
     assert list(out.glob("checkpoint*.h5"))
     assert not (out / "summary.json").exists() or '"complete"' not in (out / "summary.json").read_text()
+
+
+@pytest.mark.parametrize("sig", ["USR1", "TERM"])
+def test_job_template_with_mpirun_stops_with_75_and_requeues(gauss14, tmp_path, sig):
+    """Issue 17 §6 end to end: jobs/romt.sbatch with GLYMPH_MPI=mpirun running `mpirun -n 2 glymph romt
+    --mode parallel`; the signal SLURM sends to the batch shell (USR1 from --signal=B:USR1@120, TERM
+    from scancel -b / preemption) goes to mpirun as USR1: the ranks checkpoint, the job exits 75
+    and requeues itself (stub scontrol)."""
+    import shlex
+    import shutil
+    from pathlib import Path
+
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed")
+    root = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text('#!/bin/bash\necho "scontrol $*" >> "$LOG"\n')
+    (fake / "sleep").write_text("#!/bin/bash\nexit 0\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    out = tmp_path / "cut"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMIX_", "SLURM_"))}
+    env.update(OMPI_MCA_rmaps_base_oversubscribe="1", PATH=f"{fake}:{env['PATH']}", LOG=str(tmp_path / "log"),
+               GLYMPH=f"{shlex.quote(sys.executable)} -m glymphmpi", GLYMPH_MPI="mpirun", KIND="mpi",
+               METHOD="romt", SUBJECT=str(gauss14), OUTDIR=str(out), SLURM_NTASKS="2", SLURM_JOB_ID="77",
+               GLYMPH_ARGS=shlex.join(["--mode", "parallel", *ARGS]))
+    proc = subprocess.Popen(["bash", str(root / "jobs/romt.sbatch")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 120 and proc.poll() is None and not list(out.glob("checkpoint*.h5")):
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(getattr(signal, f"SIG{sig}"))  # to the batch shell only
+    so, err = proc.communicate(timeout=120)
+    assert proc.returncode == 75, (so[-1000:], err[-2000:])
+    assert "rc 75" in so and "scontrol requeue 77" in (tmp_path / "log").read_text()
+    assert list(out.glob("checkpoint*.h5"))
