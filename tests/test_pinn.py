@@ -499,7 +499,7 @@ def test_cli_cuda_absent_is_exit_2(glymph, hk_subject, tmp_path):
 def test_cli_sigterm_then_resume_matches_uninterrupted(hk_subject, tmp_path, glymph):
     """SIGTERM -> checkpoint, exit 75, summary 'preempted'; a rerun resumes to the same D."""
     args = ["pinn", str(hk_subject), *CLI_SET, "--set", "pinn.epochs=200", "--set", "pinn.checkpoint_every=50",
-            "--set", "pinn.figures=false", "--set", "pinn.maps=false"]
+            "--set", "pinn.figures=false", "--set", "pinn.maps=false", "--set", "pinn.ensemble=1"]  # "member 1/1"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for k in list(env):
         if k.startswith(("OMPI_COMM_WORLD", "PMIX_")):
