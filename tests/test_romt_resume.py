@@ -135,7 +135,7 @@ def test_job_template_with_mpirun_stops_with_75_and_requeues(gauss14, tmp_path, 
     """Issue 17 §6 end to end: jobs/romt.sbatch with GLYMPH_MPI=mpirun running `mpirun -n 2 glymph romt
     --mode parallel`; the signal SLURM sends to the batch shell (USR1 from --signal=B:USR1@120, TERM
     from scancel -b / preemption) goes to mpirun as USR1: the ranks checkpoint, the job exits 75
-    and requeues itself (stub scontrol)."""
+    and requeues itself after USR1 (stub scontrol); after TERM (a cancellation) it does not requeue."""
     import shlex
     import shutil
     from pathlib import Path
@@ -164,5 +164,7 @@ def test_job_template_with_mpirun_stops_with_75_and_requeues(gauss14, tmp_path, 
     proc.send_signal(getattr(signal, f"SIG{sig}"))  # to the batch shell only
     so, err = proc.communicate(timeout=120)
     assert proc.returncode == 75, (so[-1000:], err[-2000:])
-    assert "rc 75" in so and "scontrol requeue 77" in (tmp_path / "log").read_text()
+    assert "rc 75" in so
+    requeued = (tmp_path / "log").exists() and "scontrol requeue 77" in (tmp_path / "log").read_text()
+    assert requeued == (sig == "USR1")  # TERM is a cancellation: checkpoint, but no requeue
     assert list(out.glob("checkpoint*.h5"))
