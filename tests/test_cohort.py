@@ -549,8 +549,9 @@ def test_template_stop_signal_reaches_the_launcher_and_requeues(tmp_path, mpi, s
     proc = subprocess.Popen(["bash", str(ROOT / "jobs/romt.sbatch")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     t0 = time.time()
-    while time.time() - t0 < 30 and not (log.exists() and "started" in log.read_text()):
+    while time.time() - t0 < 60 and not (log.exists() and "started" in log.read_text()):
         time.sleep(0.02)
+    assert log.exists() and "started" in log.read_text(), "the launcher stub never started"
     time.sleep(0.2)
     proc.send_signal(getattr(signal, f"SIG{sig}"))  # to the batch shell only, as SLURM's B: does
     out, err = proc.communicate(timeout=30)
