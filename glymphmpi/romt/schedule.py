@@ -106,6 +106,21 @@ def to_image_units(res: dict, factor: float, scale: float) -> dict:
     return res
 
 
+def _checkpoint_each_iteration(ck, store, k: int):
+    """The ``on_iteration`` callback of loop ``k``: a checkpoint of its Gauss-Newton state (tagged
+    with the loop and the store's config key) when the checkpointer is due; nothing without one."""
+    def on_it(state_fn, it):
+        if ck is None:
+            return
+
+        def full_state():
+            st = state_fn()
+            st.update(loop=k, config_key=store.key)
+            return st
+        ck.step(it, full_state)
+    return on_it
+
+
 def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_arrays,
                  source_region=None) -> dict:
     """This group's loops, in order; raises Preempted on every rank when any rank was stopped."""
@@ -137,14 +152,7 @@ def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_
                 if st is not None:
                     log.info("loop %d: resuming after GN iteration %d", k, int(st["iterations"]))
 
-                def on_it(state_fn, it, k=k):
-                    if ck is not None:
-                        def full_state():
-                            s = state_fn()
-                            s.update(loop=k, config_key=store.key)
-                            return s
-                        ck.step(it, full_state)
-
+                on_it = _checkpoint_each_iteration(ck, store, k)
                 res = solve_loop(rho0, images[k + 1], cfg, active, comm=gcomm, state=st, on_iteration=on_it,
                                  label=f"loop {k}: ", workers=workers, source_region=source_region)
                 if store is not None:
@@ -201,14 +209,7 @@ def _solve_coupled(images, cfg, active, comm, gcomm, group, n_groups, store, kee
                     warm = {"velocity": results[k]["velocity"], "source": results[k].get("source"),
                             "g0_norm": results[k]["g0_norm"]}
 
-                def on_it(state_fn, it, k=k):
-                    if ck is not None:
-                        def full_state():
-                            st = state_fn()
-                            st.update(loop=k, config_key=store.key)
-                            return st
-                        ck.step(it, full_state)
-
+                on_it = _checkpoint_each_iteration(ck, store, k)
                 res = solve_loop(starts[k], images[k + 1], cfg, active, comm=gcomm, on_iteration=on_it,
                                  label=f"sweep {sweep} loop {k}: ", workers=workers, source_region=source_region,
                                  warm=warm)
