@@ -72,9 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("subject")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=_cmd_subject_check)
-    i = ss.add_parser("init", help="subject.toml from a 4D NIfTI and its times")
-    i.add_argument("series", help="4D NIfTI (x, y, z, time)")
-    i.add_argument("--times", required=True, help="hours, comma-separated, one per volume")
+    i = ss.add_parser("init", help="subject.toml from a 4D NIfTI and its times, or from rOMT/urOMT .mat frames",
+                      description="SERIES is one 4D NIfTI (x, y, z, time), or the MATLAB .mat volumes of the "
+                                  "rOMT/urOMT codes in time order (one 3D array each, variable --variable; "
+                                  "they need --voxel-size and --mask, and --times or --frame-interval-h).")
+    i.add_argument("series", nargs="+", help="4D NIfTI, or .mat frames in time order")
+    i.add_argument("--times", help="hours, comma-separated, one per volume")
+    i.add_argument("--frame-interval-h", type=float, metavar="H",
+                   help=".mat frames: hours between consecutive frames (the first at 0 h)")
+    i.add_argument("--voxel-size", type=float, nargs="+", metavar="MM",
+                   help=".mat frames: voxel size in mm (one number, or three)")
+    i.add_argument("--variable", default="rho_n",
+                   help=".mat frames: the variable holding the volume (default rho_n; '' = the only 3D array)")
+    i.add_argument("--anatomy", help=".mat frames: optional anatomical .mat volume for display")
     i.add_argument("--out", required=True, help="directory for subject.toml and 3D scans")
     i.add_argument("--id", required=True)
     m = i.add_mutually_exclusive_group(required=True)
@@ -179,10 +189,46 @@ def _cmd_subject_check(args) -> int:
 
 
 def _cmd_subject_init(args) -> int:
+    mats = [p for p in args.series if p.lower().endswith(".mat")]
+    if mats:
+        return _init_from_mat(args)
+    if len(args.series) != 1:
+        raise InputError(f"expected one 4D NIfTI or .mat frames, got {len(args.series)} files", args.series[0])
+    if args.times is None:
+        raise InputError("--times is required for a 4D NIfTI (hours, one per volume)")
     from glymphmpi.subject import init_from_4d
 
-    path = init_from_4d(args.series, _parse_times(args.times), args.out, args.id,
+    path = init_from_4d(args.series[0], _parse_times(args.times), args.out, args.id,
                         mask_path=args.mask, auto_mask_fraction=args.auto_mask)
+    print(path)
+    return 0
+
+
+def _init_from_mat(args) -> int:
+    """``glymph subject init f1.mat f2.mat ...``: the rOMT/urOMT authors' frame files."""
+    from glymphmpi.romt.matlab import init_from_mat
+
+    other = [p for p in args.series if not p.lower().endswith(".mat")]
+    if other:
+        raise InputError("mixes .mat frames with other files", other[0])
+    if args.mask is None:
+        raise InputError("--mask is required with .mat frames (a .mat or NIfTI volume, nonzero = inside)")
+    if args.voxel_size is None or len(args.voxel_size) not in (1, 3):
+        raise InputError("--voxel-size is required with .mat frames: one number or three (mm)")
+    if (args.times is None) == (args.frame_interval_h is None):
+        raise InputError("with .mat frames give either --times or --frame-interval-h")
+    if args.times is not None:
+        times = _parse_times(args.times)
+        if len(times) != len(args.series):
+            raise InputError(f"--times has {len(times)} values for {len(args.series)} frames")
+        if any(b <= a for a, b in zip(times, times[1:])):
+            raise InputError(f"--times must increase, got {args.times!r}")
+        interval, t0 = None, times[0]
+    else:
+        interval, t0, times = args.frame_interval_h, 0.0, None
+    path = init_from_mat(args.series, args.out, args.id, args.voxel_size, interval if interval else 1.0,
+                         args.mask, variable=args.variable or None, anatomy_path=args.anatomy, t0_h=t0,
+                         times_h=times)
     print(path)
     return 0
 

@@ -48,7 +48,8 @@ def read_mat_array(path, variable: str | None = None) -> np.ndarray:
 
 
 def init_from_mat(mat_paths, out_dir, sid: str, voxel_size_mm, frame_interval_h: float, mask_path,
-                  variable: str | None = "rho_n", anatomy_path=None, t0_h: float = 0.0) -> Path:
+                  variable: str | None = "rho_n", anatomy_path=None, t0_h: float = 0.0,
+                  times_h=None) -> Path:
     """Write a subject from a series of .mat volumes (``glymph subject init`` for rOMT/urOMT data).
 
     Args:
@@ -58,6 +59,7 @@ def init_from_mat(mat_paths, out_dir, sid: str, voxel_size_mm, frame_interval_h:
         mask_path: a .mat (its only 3D array, nonzero = inside) or a NIfTI.
         variable: the frames' variable name (None: the only 3D array of each file).
         anatomy_path: optional .mat display image.
+        times_h: the frames' times in hours (overrides frame_interval_h and t0_h).
     Returns:
         the subject.toml path.
     """
@@ -84,6 +86,11 @@ def init_from_mat(mat_paths, out_dir, sid: str, voxel_size_mm, frame_interval_h:
         raise InputError(f"mask shape {mask.shape} differs from the frames' {shape}", mp)
     anatomy = read_mat_array(anatomy_path) if anatomy_path is not None else None
     affine = np.diag([*vox, 1.0])
-    times = [t0_h + i * frame_interval_h for i in range(len(paths))]
+    if times_h is not None:
+        times = [float(t) for t in times_h]
+        if len(times) != len(paths) or not all(np.isfinite(times)):
+            raise InputError(f"{len(times)} times for {len(paths)} frames (or a non-finite time)")
+    else:
+        times = [t0_h + i * frame_interval_h for i in range(len(paths))]
     return write_subject(out_dir, sid, times, scans, mask, affine, anatomy=anatomy,
                          description=f"converted from {len(paths)} MATLAB frames ({paths[0].name} ...)")
