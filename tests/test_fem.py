@@ -488,7 +488,7 @@ def test_auto_regularisation_discrepancy_and_interval(comm):
     peak = float(clean.scans.max())
     noisy = dataclasses.replace(clean, scans=np.maximum(
         clean.scans + 0.03 * peak * rng.standard_normal(clean.scans.shape) * clean.mask, 0.0))
-    res = estimate(noisy, FemConfig(dt_h=0.5), comm)
+    res = estimate(noisy, FemConfig(dt_h=0.5, regularization_rule="discrepancy"), comm)
     sel = res.selection
     assert "Morozov" in sel["rule"] and sel["noise_sigma"] == pytest.approx(0.03 * peak, rel=0.25)
     scales = [r["scale"] for r in sel["path"]]
@@ -500,6 +500,33 @@ def test_auto_regularisation_discrepancy_and_interval(comm):
     res.model.destroy()
 
 
+@pytest.mark.mpi
+def test_auto_regularisation_noise_rule_default(comm):
+    """The default rule on model-made data with 3% noise: scale = SCALE_PER_SIGMA2 x sigma^2 (sigma from the
+    pre-contrast scan, relative to the robust intensity), solved after the scale one decade stronger; D within
+    5% of the truth and inside its interval, whose regularisation part is half the change of D over that
+    decade; the interval is not wider than +-25%."""
+    from glymphmpi.fem import auto as A
+    from glymphmpi.fem.solve import estimate
+
+    clean = _synthetic_subject(comm, D=0.45)
+    rng = np.random.default_rng(8)
+    peak = float(clean.scans.max())
+    noisy = dataclasses.replace(clean, scans=np.maximum(
+        clean.scans + 0.03 * peak * rng.standard_normal(clean.scans.shape) * clean.mask, 0.0))
+    res = estimate(noisy, FemConfig(dt_h=0.5), comm)
+    sel = res.selection
+    s_rule = A.noise_scale(sel["noise_sigma"] / res.data_scale)
+    assert "noise rule" in sel["rule"] and "pre-contrast" in sel["rule"]
+    assert [r["scale"] for r in sel["path"]] == pytest.approx([10 * s_rule, s_rule], rel=1e-12)
+    assert sel["scale"] == pytest.approx(s_rule, rel=1e-12) and 1e-4 < s_rule < 1.0
+    assert sel["bias_regularisation"] == pytest.approx(0.5 * abs(sel["path"][0]["D"] - res.D), rel=1e-9)
+    assert res.converged and res.D == pytest.approx(0.45, rel=0.05)
+    lo, hi = res.ci95
+    assert lo <= 0.45 <= hi and hi - lo < 0.5 * 0.45 and sel["D_sd_noise"] > 0
+    res.model.destroy()
+
+
 @pytest.mark.slow
 def test_auto_regularisation_noise_free(comm):
     """Noise-free data (pre-contrast scan exactly zero) go to the weakest scale of the path and
@@ -508,7 +535,7 @@ def test_auto_regularisation_noise_free(comm):
     from glymphmpi.fem.solve import estimate
 
     clean = _synthetic_subject(comm, D=0.45)
-    res = estimate(clean, FemConfig(dt_h=0.5), comm)
+    res = estimate(clean, FemConfig(dt_h=0.5, regularization_rule="discrepancy", noise_sigma=0.0), comm)
     assert "noise level zero" in res.selection["rule"] and res.selection["scale"] == A.PATH_SCALES[-1]
     assert res.D == pytest.approx(0.45, rel=0.01) and res.ci95[0] <= res.D <= res.ci95[1]
     res.model.destroy()
@@ -526,9 +553,10 @@ def test_auto_regularisation_lcurve_without_pre_contrast_scan(comm):
     peak = float(subj.scans.max())
     later = dataclasses.replace(subj, times_h=subj.times_h + 1.0, scans=np.maximum(
         subj.scans + 0.03 * peak * rng.standard_normal(subj.scans.shape) * subj.mask, 0.0))
-    res = estimate(later, FemConfig(dt_h=0.5), comm)
+    res = estimate(later, FemConfig(dt_h=0.5, regularization_rule="l-curve"), comm)
     sel = res.selection
-    assert "L-curve" in sel["rule"] and sel["noise_sigma"] is None
+    # (the noise level now comes from the scans' high-pass residual; it no longer decides the rule)
+    assert "L-curve" in sel["rule"] and "high-pass" in sel["rule"]
     assert [r["scale"] for r in sel["path"]] == list(A.PATH_SCALES)
     assert sel["scale"] in A.PATH_SCALES[1:-1]
     assert res.D == pytest.approx(0.45, rel=0.05) and res.ci95[0] <= 0.45 <= res.ci95[1]

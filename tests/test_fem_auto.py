@@ -21,10 +21,40 @@ def test_noise_level_from_pre_contrast_scan():
     assert sigma == pytest.approx(0.3 / 2.0, rel=0.05) and "pre-contrast" in rule
     clipped = np.maximum(scans, 0.0)
     assert A.noise_level([0.0, 2.0], clipped, mask, None, scale=2.0)[0] == pytest.approx(sigma, rel=1e-12)
-    sigma, rule = A.noise_level([0.5, 2.0], scans, mask, None, scale=2.0)
+    same = np.stack([0.3 * rng.standard_normal(mask.shape), 5 + 0.3 * rng.standard_normal(mask.shape)])
+    sigma, rule = A.noise_level([0.5, 2.0], same, mask, None, scale=2.0)
+    assert sigma == pytest.approx(0.3 / 2.0, rel=0.05) and "high-pass" in rule  # no pre-contrast: the scans'
+    thin = np.zeros((20, 20, 20), dtype=bool)
+    thin[:, :, 5] = True  # one voxel thick: no voxel has all six neighbours
+    sigma, rule = A.noise_level([0.5, 2.0], scans, thin, None, scale=2.0)
     assert sigma is None and "unknown" in rule
     sigma, _ = A.noise_level([0.5, 2.0], scans, mask, 0.4, scale=2.0)
     assert sigma == pytest.approx(0.2)
+
+
+def _smooth_field(shape, t):
+    x, y, z = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+    return np.exp(-((x - 12) ** 2 + (y - 10) ** 2 + (z - 11) ** 2) / (4.0 * 0.7 * t + 30.0))
+
+
+def test_highpass_noise_estimate_on_smooth_fields_clipped_or_zero_baseline():
+    """sigma from the scans' high-pass residual: within 5% of the true sigma on smooth (diffusion-like) fields
+    with noise, also after negatives were clipped to 0; a baseline-subtracted (all-zero) pre-contrast scan is
+    not taken as 'noise-free' but falls back to it, and says so."""
+    rng = np.random.default_rng(3)
+    shape = (24, 22, 22)
+    mask = np.zeros(shape, dtype=bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    clean = np.stack([np.zeros(shape)] + [_smooth_field(shape, t) for t in (7.0, 24.0, 46.0)])
+    sig = 0.05 * clean.max()
+    noisy = np.maximum(clean + sig * rng.standard_normal(clean.shape), 0.0)
+    assert A.highpass_sigma(noisy, mask) == pytest.approx(sig, rel=0.05)
+    assert A.highpass_sigma(clean, mask) < 0.2 * sig  # a smooth field alone is (nearly) noise-free
+    based = noisy.copy()
+    based[0] = 0.0  # signal relative to the baseline scan: exactly zero
+    sigma, rule = A.noise_level([0.0, 7.0, 24.0, 46.0], based, mask, None, scale=1.0)
+    assert sigma == pytest.approx(sig, rel=0.05)
+    assert "exactly zero" in rule and "high-pass" in rule
 
 
 def test_data_scale_is_robust_and_refuses_bad_data():
@@ -74,7 +104,26 @@ def test_lcurve_corner():
     assert A.lcurve_pick(recs) == 2
 
 
+def test_noise_scale_rule():
+    """s = 30 sigma^2 within [1e-4, 1]: 5% noise -> 0.075, noise-free -> the weakest scale, huge noise -> 1."""
+    assert A.noise_scale(0.05) == pytest.approx(0.075)
+    assert A.noise_scale(0.0) == A.PATH_SCALES[-1]
+    assert A.noise_scale(1.0) == 1.0
+
+
 def test_interval():
     lo, hi = A.interval(0.7, 0.01, 0.005)
     assert lo == pytest.approx(0.7 - 0.0246) and hi == pytest.approx(0.7 + 0.0246)
     assert math.isclose(sum(A.interval(1.0, 0.0, 0.0)), 2.0)
+
+
+def test_figure_title_shows_interval_and_flags():
+    """The FEM figure's title carries D's 95% interval, and says NOT CONVERGED and how many warnings."""
+    from glymphmpi.report.fem_figures import figure_title
+
+    t = figure_title("s1", {"D_mm2_per_h": 0.71234, "D_ci95_mm2_per_h": [0.65, 0.77], "converged": True,
+                            "warnings": []}, "boundary-control")
+    assert "D = 0.7123" in t and "[0.6500, 0.7700]" in t and "NOT" not in t and "warning" not in t
+    t = figure_title("s1", {"D_mm2_per_h": 0.7, "D_ci95_mm2_per_h": None, "converged": False,
+                            "warnings": ["a", "b"]}, "boundary-control")
+    assert "NOT CONVERGED" in t and "2 warning(s)" in t and "95%" not in t

@@ -46,11 +46,15 @@ class FemConfig:
         lumped_mass: row-sum lumped mass matrix in the state equation and
             misfit (the Q1 scheme is then close to the voxel finite differences).
         regularization: "auto" (default): keep the ratios of (alpha, beta, gamma) and choose their
-            common scale from the data (discrepancy principle with the noise of the pre-contrast scan,
-            or the L-curve without one; variable projection at every scale; see fem/auto.py), with a
-            95% interval for D and a check of the time step; "fixed": use the weights as given.
-        noise_sigma: noise standard deviation in the data's units for the discrepancy principle;
-            unset = estimated from the pre-contrast scan (time <= 0 h).
+            common scale from the data by ``regularization_rule`` (variable projection at every
+            scale; see fem/auto.py), with a 95% interval for D and a check of the time step;
+            "fixed": use the weights as given.
+        regularization_rule: with "auto": "noise" (default: scale = fem.auto.SCALE_PER_SIGMA2 x
+            sigma^2, sigma relative to the data's robust intensity), "discrepancy" (Morozov; the
+            L-curve when no noise level is known) or "l-curve".
+        noise_sigma: noise standard deviation in the data's units; unset = estimated from the
+            pre-contrast scan (time <= 0 h), or from the scans' high-pass residual when that scan is
+            missing or exactly zero (baseline-subtracted).
         check_dt: with regularization "auto": re-estimate D with half the time step and widen the
             interval by the change.
         alpha, beta, gamma: regularisation weights of g^2, (dg/dt)^2 and
@@ -101,6 +105,7 @@ class FemConfig:
     theta: Annotated[float, Range(ge=0.5, le=1.0)] = 0.5
     lumped_mass: bool = True
     regularization: Literal["auto", "fixed"] = "auto"
+    regularization_rule: Literal["noise", "discrepancy", "l-curve"] = "noise"
     noise_sigma: NonNegative | None = None
     check_dt: bool = True
     alpha: NonNegative = 1e-6

@@ -271,9 +271,20 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
         target = None if sigma is None else sigma ** 2 * m_int * (n_obs - 1)
         records = meta["records"]
 
+        rule_name = cfg.regularization_rule
+        if rule_name == "noise" and sigma is None:
+            rule_name = "l-curve"
+        if rule_name == "discrepancy" and sigma is None:
+            rule_name = "l-curve"
+        s_noise = A.noise_scale(sigma) if rule_name == "noise" else None
+
         def next_scale():
             done = [r["scale"] for r in records]
-            if sigma is None:  # L-curve: every decade
+            if rule_name == "noise":  # one decade stronger (warm start and the bias term), then the rule's scale
+                rest = [v for v in (10.0 * s_noise, s_noise)
+                        if not any(math.isclose(v, d, rel_tol=1e-9) for d in done)]
+                return rest[0] if rest else None
+            if rule_name == "l-curve":  # L-curve: every decade
                 rest = [s for s in A.PATH_SCALES if s not in done]
                 return rest[0] if rest else None
             if sigma == 0.0:  # noise-free: one warm-up decade, then the weakest scale
@@ -317,7 +328,11 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             meta["scale"] = None
         # choose
         if meta["phase"] == "path":
-            if sigma is None:
+            if rule_name == "noise":
+                kc = len(records) - 1
+                rule = (f"noise rule: scale = {A.SCALE_PER_SIGMA2:g} x (sigma / robust intensity)^2 = "
+                        f"{s_noise:.3g} (clipped to [{A.PATH_SCALES[-1]:g}, 1]); " + noise_rule)
+            elif rule_name == "l-curve":
                 kc = A.lcurve_pick(records)
                 rule = "L-curve corner (" + noise_rule + ")"
             elif sigma == 0.0:
@@ -358,6 +373,8 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
                               checkpointer, state_fn, history, dt, warnings)
         if sigma is None:
             extra["noise_sigma_from_residual"] = sigma_ci * scale
+        if target is not None and rule_name == "noise" and target > 0:
+            extra["misfit_over_noise_level"] = chosen["misfit"] / target
         selection = {"rule": meta["rule"], "scale": chosen["scale"],
                      "weights": [final_cfg.alpha, final_cfg.beta, final_cfg.gamma],
                      "weight_ratios_from": [cfg.alpha, cfg.beta, cfg.gamma],

@@ -69,4 +69,19 @@ def figures(rundir, subject, cfg, fields) -> Path:
     tree, _ = read_h5_tree(rundir.results)
     fit = np.asarray(tree["fit_at_scans"], dtype=np.float64)
     return plot_fem(Path(rundir.figures) / "fem.png", tree["history"], subject.scans, fit, subject.mask,
-                    subject.times_h, title=f"{subject.id}: D = {fields['D_mm2_per_h']:.4f} mm$^2$/h ({cfg.mode})")
+                    subject.times_h, title=figure_title(subject.id, fields, cfg.mode))
+
+
+def figure_title(sid: str, fields: dict, mode: str) -> str:
+    """D with its 95% interval, and NOT CONVERGED / the number of warnings where they apply."""
+    t = f"{sid}: D = {fields['D_mm2_per_h']:.4f} mm$^2$/h"
+    ci = fields.get("D_ci95_mm2_per_h")
+    if ci is not None and len(ci) == 2 and all(np.isfinite(ci)):
+        t += f", 95% [{ci[0]:.4f}, {ci[1]:.4f}]"
+    t += f" ({mode})"
+    if fields.get("converged") is False:
+        t += " - NOT CONVERGED: not an estimate"
+    n = len(fields.get("warnings") or [])
+    if n:
+        t += f" - {n} warning(s), see summary.json"
+    return t
