@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help="extra pinn settings (default: none)")
     ap.add_argument("--json", help="write the rows to this JSON file")
     ap.add_argument("--out", help="keep the subjects and runs here (default: a temporary directory)")
+    ap.add_argument("--only", type=int, nargs="*", help="run only these phantom indices (draws stay the same)")
     args = ap.parse_args(argv)
 
     import numpy as np
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
         scans, _, mask, affine, _truth = bd.make_phantom(spec, prob, taff)
         scans = np.clip(scans, 0, None)  # negative noise clipped, as subject loading does
         sid = f"ph{k}"
+        if args.only is not None and k not in args.only:
+            continue
         subj = write_subject(work / sid, sid, spec.times_h, scans, mask, affine)
         out = work / f"run_{sid}"
         cmd = [sys.executable, "-m", "glymphmpi", "--quiet", "pinn", str(subj), "--out", str(out), "--force"]

@@ -77,6 +77,46 @@ def test_parameter_gradients_match_autograd():
     assert max(float(a.abs().max()) for a in g1) > 1e-6
 
 
+def test_residual_stream_matches_autograd_with_D_gradient():
+    """The five-stream path (one stream R = c_t - D lap c) gives the residual and the gradients of a loss
+    w.r.t. every weight AND delta that reverse-mode autograd gives (float64), with scaled inputs."""
+    from glymphmpi.pinn.network import PinnModel
+
+    torch.manual_seed(4)
+    net = PinnNet(4, 10, "tanh", [-2, 0, 1, 0], [3, 5, 6, 3], out_scale=1.7, x_scale=2.5, t_scale=0.7).double()
+    model = PinnModel(net, DiffusionCoefficient("sigmoid", 0.3)).double()
+    x_pde = torch.rand(80, 4, dtype=torch.float64) * torch.tensor([5, 5, 5, 3.0]) + torch.tensor([-2, 0, 1, 0.0])
+    x_dat = torch.rand(30, 4, dtype=torch.float64) * torch.tensor([5, 5, 5, 3.0]) + torch.tensor([-2, 0, 1, 0.0])
+    params = list(model.parameters())
+    c, r = model(x_dat, x_pde)
+    g1 = torch.autograd.grad((c ** 2).sum() + (r ** 2).sum() + r.sum(), params)
+    D = model.dcoef()
+    _, ct, lap = derivatives_autograd(net, x_pde)
+    r2 = ct - D * lap
+    g2 = torch.autograd.grad((net(x_dat) ** 2).sum() + (r2 ** 2).sum() + r2.sum(), params)
+    assert float((r - r2).abs().max()) <= 1e-10 * float(r2.abs().max())
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12 * float(b.abs().max()))
+    names = [n for n, _ in model.named_parameters()]
+    assert float(g1[names.index("dcoef.delta")].abs()) > 1e-6  # D's gradient was compared
+
+
+def test_lean_elementwise_kernels_equal_the_reference():
+    """The eager in-place kernels of the fused layer equal the plain reference expressions."""
+    from glymphmpi.pinn import network
+
+    torch.manual_seed(5)
+    Z = torch.randn(6, 33, 7, dtype=torch.float64)
+    b, G = torch.randn(7, dtype=torch.float64), torch.randn(6, 33, 7, dtype=torch.float64)
+    ref = network._tanh_fwd_elem(Z.clone(), b)
+    Zl = Z.clone()
+    lean = network._tanh_fwd_lean(Zl, b)
+    for x, y in zip(lean, ref):
+        assert torch.allclose(x, y, rtol=1e-13, atol=1e-13)
+    assert torch.allclose(network._tanh_bwd_lean(G, Zl, lean[1], lean[2]),
+                          network._tanh_bwd_elem(G, Z, ref[1], ref[2]), rtol=1e-13, atol=1e-12)
+
+
 COMPILED_CHECK = """
 import torch
 from glymphmpi.pinn.network import PinnNet

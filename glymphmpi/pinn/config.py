@@ -36,6 +36,9 @@ class PinnConfig:
             (an error when no GPU is present).
         compile: ``torch.compile`` the elementwise work of the fused tanh
             layers (faster steps after a one-off compile of tens of seconds).
+        x_scale, t_scale: the input box is mapped to [-x_scale, x_scale] in space and
+            [-t_scale, t_scale] in time (larger: the network starts with, and learns faster,
+            sharper features along that axis).
         d_param: ``sigmoid``: D = d_min + sigmoid(delta) * d_max;
             ``direct``: D = delta.
         d_min, d_max: bounds of the sigmoid parametrisation (mm^2/h).
@@ -99,6 +102,8 @@ class PinnConfig:
     dtype: Literal["float32", "float64"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = False
+    x_scale: Positive = 1.0
+    t_scale: Positive = 1.0
     d_param: Literal["sigmoid", "direct"] = "sigmoid"
     d_min: NonNegative = 0.1
     d_max: Positive = 1.2

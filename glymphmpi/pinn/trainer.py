@@ -263,11 +263,12 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             net = PinnNet(cfg.depth, cfg.width, cfg.activation, problem.lo, problem.hi, problem.out_scale,
-                          compiled=cfg.compile)
+                          compiled=cfg.compile, x_scale=cfg.x_scale, t_scale=cfg.t_scale)
         dcoef = DiffusionCoefficient(cfg.d_param, cfg.delta0, cfg.d_min, cfg.d_max)
         self.model = PinnModel(net, dcoef).to(device=dev, dtype=self.dtype)
         self.ddp = self.ctx.data_parallel(self.model)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr_start)
+        # fused Adam: one kernel per parameter instead of about a dozen ops (on CPU and CUDA alike)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr_start, fused=True)
         gamma = (cfg.lr_end / cfg.lr_start) ** (1.0 / cfg.epochs)
         self.sched = torch.optim.lr_scheduler.ExponentialLR(self.opt, gamma=gamma)
         self.data_xt = torch.as_tensor(problem.data_xt, dtype=self.dtype, device=dev)
