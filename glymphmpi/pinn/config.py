@@ -8,8 +8,8 @@ sigmoid(delta) * Dmax with Dmin = 0.1 and Dmax = 1.2 mm^2/h, started at D0 =
 network fits, loss J + w_r L_r with the p = 1 residual norm, residual-based
 adaptive refinement (RAR) at 1/3 and 2/3 of the epochs, PDE points only in the
 interior of the mask, Adam with exponential learning-rate decay from 5e-3 to
-5e-4, and an automatic schedule: about 9000 optimizer steps of minibatches of
-about 256 data points, whatever the data size (pinn/trainer.py
+5e-4, and an automatic schedule: about 11000 optimizer steps of minibatches of
+about 512 data points, whatever the data size (pinn/trainer.py
 resolve_schedule); an ensemble of 2 seeds gives D's spread.
 """
 
@@ -49,10 +49,10 @@ class PinnConfig:
         p_switch_epoch: epoch of the 2 -> 1 switch (default: half the epochs).
         w_r: weight of the PDE loss L_r.
         epochs: training epochs (each sees every data and PDE point once); 0 =
-            automatic: about 9000 optimizer steps whatever the data size, and RAR
+            automatic: about 11000 optimizer steps whatever the data size, and RAR
             at 1/3 and 2/3 of the epochs unless ``rar_epochs`` is given.
         batches: minibatches per epoch (data and PDE points alike); 0 = about
-            256 data points per minibatch.
+            512 data points per minibatch.
         lr_start, lr_end: Adam learning rate decays exponentially from
             ``lr_start`` to ``lr_end`` over the epochs.
         delta_freeze_epochs: delta is held at ``delta0`` for this many epochs

@@ -47,12 +47,13 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # The automatic schedule (``epochs = 0``): about AUTO_STEPS optimizer steps of minibatches of about
 # AUTO_BATCH data points (and as many PDE points), whatever the data size, so the cost of a member is
 # nearly fixed; epochs = steps / batches within [AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS].
-AUTO_STEPS = 9000
-AUTO_BATCH = 256
+AUTO_STEPS = 11000
+AUTO_BATCH = 512
 AUTO_MIN_EPOCHS = 12
 AUTO_MAX_EPOCHS = 3000
 SMOKE_STEPS = 1000  # fewer optimizer steps with D free than this: a smoke test, not an estimate
 CONVERGED_D_CHANGE = 0.02  # D moving by more than this (relative) over the last 10% of the epochs: not converged
+CONVERGED_RESIDUAL_FALL = 0.05  # residual norm still falling by more than this over the last 10%: not converged
 
 
 class TrainingFailed(GlymphError):
@@ -459,6 +460,11 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, checkpoint
             _require_finite(rec, m)
             if callback is not None:
                 callback(tr, rec)
+            if tr.epoch == _late_epoch(cfg) and "late" not in tr.residual_checks:
+                _, norm = _residual_check(tr, problem, cfg, quick=True)  # 90% of the epochs: still falling?
+                tr.residual_checks["late"] = [norm]
+                tr.residual_checks["epoch"].append(tr.epoch)
+                tr.residual_checks["residual_norm"].append(norm)
             if tr.epoch == _baseline_epoch(cfg) and "baseline" not in tr.residual_checks:
                 _, norm = _residual_check(tr, problem, cfg, quick=True)  # when D starts to move
                 tr.residual_checks["baseline"] = [norm]
@@ -518,6 +524,12 @@ def fit(problem: Problem, cfg: PinnConfig, ctx: DistContext = SERIAL, checkpoint
     return results
 
 
+def _late_epoch(cfg: PinnConfig) -> int:
+    """The epoch of the residual check that tells whether the residual norm is still falling at the end:
+    the last 10% of the epochs begin there."""
+    return cfg.epochs - max(1, math.ceil(0.1 * cfg.epochs))
+
+
 def _baseline_epoch(cfg: PinnConfig) -> int:
     """The epoch after which the reference residual norm is taken: the first one with delta free."""
     return cfg.delta_freeze_epochs + 1
@@ -555,8 +567,10 @@ def _hopeless(tr: Trainer, problem: Problem, cfg: PinnConfig) -> str:
 
 def _convergence(tr: Trainer, problem: Problem, cfg: PinnConfig) -> list[str]:
     """Non-convergence warnings of a finished member: D still moving over the last 10% of the epochs
-    (by more than CONVERGED_D_CHANGE relative), or the residual norm not fallen by
-    ``early_stop_min_drop`` since delta was released."""
+    (by more than CONVERGED_D_CHANGE relative), the residual norm not fallen by
+    ``early_stop_min_drop`` since delta was released, or the residual norm still falling by more than
+    CONVERGED_RESIDUAL_FALL over the last 10% of the epochs (the network still training: a settled D
+    is not yet a converged one)."""
     out = []
     D = tr.history["D"]
     free = len(D) - cfg.delta_freeze_epochs
@@ -575,6 +589,11 @@ def _convergence(tr: Trainer, problem: Problem, cfg: PinnConfig) -> list[str]:
         if norm > (1.0 - cfg.early_stop_min_drop) * base:
             out.append(f"not converged: the PDE residual norm did not fall since D was released "
                        f"({norm / base:.2f} x its value at epoch {_baseline_epoch(cfg)})")
+        late = checks.get("late", [None])[0]
+        if late is not None and _late_epoch(cfg) > _baseline_epoch(cfg) and norm < (1.0 - CONVERGED_RESIDUAL_FALL) * late:
+            out.append(f"not converged: the PDE residual norm still fell by {1 - norm / late:.1%} over the last "
+                       f"{tr.epoch - _late_epoch(cfg)} epochs ({late:.3g} -> {norm:.3g}; more than "
+                       f"{CONVERGED_RESIDUAL_FALL:.0%}): the network was still training, D may still change")
     return out
 
 
