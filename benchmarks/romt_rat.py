@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FRAMES = list(range(7, 20, 2))
 RUN = """import resource, subprocess, sys
 rc = subprocess.call(sys.argv[1:])
-print("PEAK_RSS_MIB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0, flush=True)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print("PEAK_RSS_MIB", ru.ru_maxrss / 1024.0, flush=True)
+print("CPU_S", ru.ru_utime + ru.ru_stime, flush=True)
 sys.exit(rc)
 """
 
@@ -53,9 +55,11 @@ def convert(uromt: Path, out: Path) -> Path:
                          d / "mask1.mat", anatomy_path=d / "C1217_anatomy.mat")
 
 
-def run(subject: Path, out: Path, ranks: int, mode: str, model: str, sets: list[str]) -> dict:
+def run(subject: Path, out: Path, ranks: int, mode: str, model: str, sets: list[str], post: bool = False) -> dict:
     cmd = [sys.executable, "-m", "glymphmpi", "--quiet", "romt", str(subject), "--out", str(out), "--fresh",
-           "--no-post", "--set", f"romt.mode={mode}", "--set", f"romt.model={model}"]
+           "--set", f"romt.mode={mode}", "--set", f"romt.model={model}"]
+    if not post:
+        cmd.append("--no-post")
     for s in sets:
         cmd += ["--set", s]
     if ranks > 1:
@@ -66,10 +70,48 @@ def run(subject: Path, out: Path, ranks: int, mode: str, model: str, sets: list[
     r = subprocess.run([sys.executable, "-c", RUN, *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     peak = [float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("PEAK_RSS_MIB")]
+    cpu = [float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("CPU_S")]
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
     if r.returncode != 0 or summary.get("status") != "complete":
         print(f"  {mode}/{model}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:] }")
-    return {"wall_s": wall, "peak_mib": peak[0] if peak else float("nan"), "summary": summary, "rc": r.returncode}
+    return {"wall_s": wall, "peak_mib": peak[0] if peak else float("nan"), "cpu_s": cpu[0] if cpu else float("nan"),
+            "summary": summary, "rc": r.returncode}
+
+
+AUTHORS = ("RatBrainsCAA3M/C1217/diff_2e3_tj_2_dt_0.4_nt_10_ti_7_tf_33_beta_50_alpha_10000_smooth1_dtri1_rreinit0_pcg60")
+AUTHOR_PNGS = [("LPPA_set001_031623/Pathlines/C1217_LagSpdlines_E07_35.png", "authors: speed-lines, frames 7-35"),
+               ("EULA_set001_031623/Speed/C1217_EulAveSpeed_E07_11.png", "authors: Eulerian speed, 7-11"),
+               ("EULA_set001_031623/Speed/C1217_EulAveSpeed_E15_19.png", "authors: Eulerian speed, 15-19"),
+               ("EULA_set001_031623/Speed/C1217_EulAveR_E07_11.png", "authors: relative source, 7-11")]
+OURS = [("figures/pathlines_speed.png", "glymphmpi: speed-lines, frames 7-19"),
+        ("figures/speed_map.png", "glymphmpi: speed map (pathline points), 7-19"),
+        ("figures/relative_source.png", "glymphmpi: relative source (mean of loops), 7-19")]
+
+
+def compare_figure(uromt: Path, run_dir: Path, path: Path) -> Path | None:
+    """One PNG with the authors' published rat figures (their repository's README images) above ours."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [[(uromt / AUTHORS / p, t) for p, t in AUTHOR_PNGS], [(run_dir / p, t) for p, t in OURS]]
+    rows = [[(p, t) for p, t in r if p.exists()] for r in rows]
+    if not rows[1]:
+        return None
+    ncol = max(len(r) for r in rows)
+    fig, axes = plt.subplots(2, ncol, figsize=(5 * ncol, 9), squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(ncol):
+            ax = axes[i][j]
+            ax.axis("off")
+            if j < len(r):
+                ax.imshow(plt.imread(str(r[j][0])))
+                ax.set_title(r[j][1], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def velocities(out: Path) -> list[np.ndarray]:
@@ -87,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["unbalanced", "balanced"])
     ap.add_argument("--set", action="append", default=[], metavar="romt.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=Path("/tmp/romt_rat"))
+    ap.add_argument("--post", action="store_true",
+                    help="post-process the first sequential run (pathlines, maps, figures) and draw the authors' "
+                         "published rat figures beside ours (OUT/compare_authors.png)")
     args = ap.parse_args(argv)
     subject = convert(args.uromt, args.out / "subject")
     from glymphmpi.subject import load_subject
@@ -96,15 +141,21 @@ def main(argv=None) -> int:
     print(f"rat C1217 frames {FRAMES}: grid {s.shape}, mask {int(s.mask.sum())} voxels, {len(FRAMES) - 1} loops, "
           f"{args.ranks} rank(s); settings {args.set or 'default'}")
     print("mass inside the mask per scan: " + ", ".join(f"{m:.4g}" for m in masses))
-    done = {}
+    done, results = {}, {}
     for model in args.models:
         for mode in args.modes:
             out = args.out / f"{mode}-{model}"
-            res = run(subject, out, args.ranks, mode, model, args.set)
+            post = args.post and mode == "sequential" and not any(k[0] == "sequential" for k in done)
+            res = run(subject, out, args.ranks, mode, model, args.set, post=post)
             done[(mode, model)] = out
             sm = res["summary"]
-            print(f"\n{mode} / {model}: wall {res['wall_s']:.1f} s, peak memory {res['peak_mib']:.0f} MiB per rank"
-                  f", solve {sm.get('solve_s', float('nan'))} s")
+            results[(mode, model)] = sm
+            print(f"\n{mode} / {model}: wall {res['wall_s']:.1f} s, CPU {res['cpu_s']:.0f} s (all ranks; wall under "
+                  f"load is longer than CPU / ranks), peak memory {res['peak_mib']:.0f} MiB per rank"
+                  f", solve {sm.get('solve_s', float('nan'))} s", flush=True)
+            if post:
+                cmp = compare_figure(args.uromt, out, args.out / "compare_authors.png")
+                print(f" figures beside the authors': {cmp}")
             if not sm:
                 continue
             print(" loop  misfit   GN  limit  mass change (scans / model)  seconds")
@@ -124,9 +175,38 @@ def main(argv=None) -> int:
                                               for w in sm["coupled_sweeps"]))
                 seq = done.get(("sequential", model))
                 if seq is not None and (seq / "results.h5").exists():
-                    d = [np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(velocities(out), velocities(seq))]
-                    print(" velocity vs sequential (rel. L2) per loop: " + ", ".join(f"{x:.4f}" for x in d))
+                    vc, vs = velocities(out), velocities(seq)
+                    d = [np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(vc, vs)]
+                    allv = np.linalg.norm(np.concatenate([(a - b).ravel() for a, b in zip(vc, vs)])) / \
+                        np.linalg.norm(np.concatenate([b.ravel() for b in vs]))
+                    print(" velocity vs sequential (rel. L2) per loop: " + ", ".join(f"{x:.4f}" for x in d)
+                          + f"; all loops {allv:.4f}")
+                    seq_s = results[("sequential", model)].get("solve_s")
+                    if seq_s:
+                        print(f" coupled vs sequential solve time: {seq_s / sm['solve_s']:.2f}x faster")
+                    estimate_14(sm, results[("sequential", model)], results.get(("parallel", model)))
     return 0
+
+
+def estimate_14(coupled: dict, sequential: dict, parallel: dict | None, loops: int = 14) -> None:
+    """The authors' 14 loops on 14 ranks, from the measured costs: sweep 0 solves every loop at once
+    (one loop per rank: the slowest measured parallel-mode loop), each further sweep re-solves, at most
+    one loop per rank, warm-started (the slowest measured re-solve); the sweeps needed grow with the
+    chain, bounded by loops - 1 (assumed here: as many as measured on the 6 loops, and the bound)."""
+    src = parallel or coupled
+    t0 = max(src["seconds_per_loop"]) if src.get("seconds_per_loop") else None
+    sweeps = coupled.get("coupled_sweeps") or []
+    if t0 is None or not sweeps or not sequential.get("seconds_per_loop"):
+        return
+    per_sweep = [w["seconds"] for w in sweeps[1:]] or [0.0]
+    resolve = max(per_sweep)
+    seq_per_loop = float(np.mean(sequential["seconds_per_loop"]))
+    t_seq = loops * seq_per_loop
+    for s in sorted({len(sweeps) - 1, loops - 1}):
+        t_c = t0 + s * resolve
+        print(f" estimate, {loops} loops on {loops} ranks with {s} correction sweep(s): coupled {t_c:.0f} s vs "
+              f"sequential {t_seq:.0f} s ({t_seq / t_c:.1f}x); from the slowest loop {t0:.0f} s, slowest sweep "
+              f"{resolve:.0f} s, sequential {seq_per_loop:.0f} s per loop")
 
 
 if __name__ == "__main__":

@@ -252,11 +252,16 @@ def test_cli_writes_results_contract(glymph, gauss12, tmp_path):
         for key in ("kinetic", "fit", "smooth", "mass_error", "pcg_iterations"):
             assert key in lp
         assert "velocity_to_mm_per_h" in fh.attrs
-        # parallel mode: each loop starts from its measured image
+        # parallel mode: each loop starts from its measured image (smoothed by the default 1 voxel Gaussian)
+        from glymphmpi.romt.loop import smooth_images
+        from glymphmpi.subject import load_subject
         from glymphmpi.synth.gaussian_spheres import gaussian_spheres
 
         imgs, _ = gaussian_spheres(12, 3)
-        assert np.allclose(lp["density"][0], imgs[1].astype(np.float32))
+        mask = load_subject(gauss12).mask
+        sm = smooth_images(imgs * mask, mask, 1.0)
+        assert np.allclose(lp["density"][0], sm[1].astype(np.float32), rtol=1e-5, atol=1e-7)
+        assert not np.allclose(lp["density"][0], imgs[1].astype(np.float32))  # the smoothing did act
     assert not (out / "romt_loops").exists() and not list(out.glob("checkpoint*.h5"))
 
 

@@ -127,7 +127,7 @@ def test_coupled_mode_reaches_the_sequential_chain(comm, model):
             prev_end, start = cpl[k - 1]["density"][-1].astype(np.float64), cpl[k]["density"][0]
             assert np.linalg.norm(start - prev_end) <= 2e-4 * np.linalg.norm(prev_end)  # float32 storage
         for a, b in zip(cpl, seq):
-            assert "tolerance" in a["stop_reason"], a["stop_reason"]
+            assert "tolerance" in a["stop_reason"] or a["stop_reason"].startswith("converged"), a["stop_reason"]
             dv = np.linalg.norm(a["velocity"].astype(np.float64) - b["velocity"]) / np.linalg.norm(b["velocity"])
             assert dv < 0.08, dv
             assert a["misfit_rel"] < 2 * b["misfit_rel"] + 1e-3

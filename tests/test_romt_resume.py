@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-ARGS = ["--no-post", "--set", "romt.max_iterations=5", "--set", "romt.gn_gtol=0.0",
+ARGS = ["--no-post", "--set", "romt.max_iterations=5", "--set", "romt.gn_gtol=0.0", "--set", "romt.gn_tol=0.0",
         "--set", "romt.gn_ftol=0.0", "--set", "romt.pcg_max_iterations=15"]
 
 

@@ -107,8 +107,14 @@ def map_slices(path, data, has_data, background, voxel_size_mm, title, label, ki
         centre = np.rint(idx.mean(axis=0)).astype(int) if idx.size else np.array(data.shape) // 2
     ci, cj, ck = (int(c) for c in centre)
     vals = data[has_data]
-    norm = _pe_norm(vals) if kind == "peclet" else _speed_norm(vals)
-    cmap = "RdBu_r" if kind == "peclet" else "plasma"  # no black at 0: stands out of the grey
+    if kind == "source":  # signed: symmetric around 0 (blue: loss, red: gain)
+        from matplotlib.colors import Normalize
+
+        m = float(np.percentile(np.abs(vals), 99)) if vals.size else 1.0
+        norm = Normalize(-(m or 1.0), m or 1.0)
+    else:
+        norm = _pe_norm(vals) if kind == "peclet" else _speed_norm(vals)
+    cmap = "RdBu_r" if kind in ("peclet", "source") else "plasma"  # no black at 0: stands out of the grey
     bg = np.asarray(background, dtype=np.float64)
     bg_hi = float(np.percentile(bg, 99.5)) or 1.0
     vx = np.asarray(voxel_size_mm, dtype=np.float64)
@@ -236,9 +242,16 @@ def figures(rundir, subject, cfg, fields) -> None:
         cfg: the :class:`glymphmpi.romt.config.RomtConfig` (figure settings in ``cfg.post``).
     """
     post = getattr(cfg, "post", cfg)
-    if not getattr(post, "write_figures", True) or not getattr(cfg, "postprocess", True):
+    if not getattr(post, "write_figures", True):
         return
     root = Path(rundir.root)
+    src = root / "maps" / "relative_source.nii.gz"
+    if src.exists():  # unbalanced model: urOMT's Eulerian relative source, with or without post-processing
+        out = source_figure(rundir, subject, src, post.figure_dpi)
+        if isinstance(fields.get("romt_post"), dict):
+            fields["romt_post"].setdefault("outputs", []).append(out)
+    if not getattr(cfg, "postprocess", True):
+        return
     need = [root / "maps" / f"{n}.nii.gz" for n in ("speed", "peclet", "pathline_points")]
     need += [root / "vtk" / "pathlines.vtp", root / "vtk" / "flux_vectors.vtp"]
     missing = [str(p.relative_to(root)) for p in need if not p.exists()]
@@ -256,6 +269,24 @@ def figures(rundir, subject, cfg, fields) -> None:
     outputs = all_figures(rundir, subject, lines, maps, flux, mask, post)
     if isinstance(fields.get("romt_post"), dict):
         fields["romt_post"].setdefault("outputs", []).extend(outputs)
+
+
+def source_figure(rundir, subject, path, dpi: int) -> str:
+    """``figures/relative_source.png``: the relative source r (1/h) of the unbalanced model, mean
+    over the loops, on three slices (red: tracer appears, blue: it disappears); returns the path
+    relative to the run directory."""
+    import nibabel as nib
+
+    r = np.asarray(nib.load(str(path)).dataobj, dtype=np.float64)  # (ni, nj, nk, n_loops), 1/h
+    mean = r.mean(axis=-1) if r.ndim == 4 else r
+    mask = np.asarray(subject.mask, dtype=bool)
+    fig_dir = Path(rundir.figures)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    n = r.shape[-1] if r.ndim == 4 else 1
+    out = map_slices(fig_dir / "relative_source.png", mean, mask, background_image(subject), subject.voxel_size_mm,
+                     f"{subject.id}: relative source r of the unbalanced model (mean over {n} loop(s))",
+                     "relative source r (1/h)", "source", dpi=dpi)
+    return str(Path(out).relative_to(rundir.root))
 
 
 def _line_segments(vtp: dict, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

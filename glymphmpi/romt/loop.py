@@ -155,7 +155,8 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
                              f"{(cfg.nt, ncomp, act_flat.size)}; run with --fresh")
         gs = GNState(u=u_full[:, :, lo:hi].copy(), history=list(state["history"]),
                      iterations=int(state["iterations"]), pcg_iterations=int(state["pcg_iterations"]),
-                     g0_norm=float(state["g0_norm"]), done=bool(state["done"]), reason=str(state["reason"]))
+                     g0_norm=float(state["g0_norm"]), done=bool(state["done"]), reason=str(state["reason"]),
+                     step_rel=float(state.get("step_rel", float("inf"))))
     elif warm is not None:  # the stopping test keeps the first solve's gradient scale
         gs = GNState(u=prob.zeros(), g0_norm=warm["g0_norm"])
         gs.u[:, :3] = np.asarray(warm["velocity"]).reshape(cfg.nt, 3, -1)[:, :, act_flat[lo:hi]]
@@ -173,11 +174,12 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
         if on_iteration is not None:
             on_iteration(lambda: {"u": full_u(st.u), "history": np.asarray(st.history),
                                   "iterations": st.iterations, "pcg_iterations": st.pcg_iterations,
-                                  "g0_norm": st.g0_norm, "done": st.done, "reason": st.reason},
+                                  "g0_norm": st.g0_norm, "done": st.done, "reason": st.reason,
+                                  "step_rel": st.step_rel},
                          st.iterations)
 
     gs = gauss_newton(prob, gs, cfg.max_iterations, cfg.gn_gtol, cfg.gn_ftol, cfg.pcg_max_iterations, cfg.pcg_rtol,
-                      cfg.ls_max_halvings, cfg.armijo_c, on_iteration=callback, label=label)
+                      cfg.ls_max_halvings, cfg.armijo_c, on_iteration=callback, label=label, tau=cfg.gn_tol)
     lin = prob.forward(gs.u)
     u = full_u(gs.u)
     n = int(np.prod(shape))
@@ -199,6 +201,7 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
         "smooth": lin.terms.smooth,
         "objective": lin.terms.total,
         "mass_error": float((rho_end.sum() - m0) / m0),
+        "target_mass_change": float((prob.target.sum() - m0) / m0),
         "misfit_rel": float(np.linalg.norm(rho_end - prob.target) / tn) if tn > 0 else 0.0,
         "stop_reason": gs.reason,
         "g0_norm": float(gs.g0_norm),

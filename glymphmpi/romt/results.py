@@ -35,10 +35,17 @@ def loop_warnings(loops: list, cfg: RomtConfig) -> list[str]:
             out.append(f"loop {k}: stopped on its iteration limit ({int(res['gn_iterations'])} Gauss-Newton "
                        f"iterations, relative misfit {m:.3g}): not converged; raise romt.max_iterations")
         if m > MISFIT_WARN:
-            out.append(f"loop {k}: relative misfit {m:.3g} > {MISFIT_WARN} (the end density does not match the "
-                       f"next scan): raise romt.beta (now {cfg.beta:g}) or romt.max_iterations; a mass change "
-                       f"between the scans (mass_error {float(res['mass_error']):+.2g}) cannot be fitted by "
-                       "balanced rOMT")
+            head = (f"loop {k}: relative misfit {m:.3g} > {MISFIT_WARN} (the end density does not match the "
+                    f"next scan): ")
+            change = res.get("target_mass_change")
+            if cfg.model == "unbalanced":
+                out.append(head + f"raise romt.beta (now {cfg.beta:g}) or lower romt.alpha (now {cfg.alpha:g}), "
+                                  "the cost of the source")
+            elif change is not None and abs(float(change)) > 0.05:
+                out.append(head + f"the mass changes by {100 * float(change):+.0f}% between the scans, which "
+                                  "balanced rOMT cannot create or remove: use romt.model=unbalanced")
+            else:
+                out.append(head + f"raise romt.beta (now {cfg.beta:g}) or romt.max_iterations")
     return out
 
 

@@ -135,7 +135,7 @@ def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_
     preempted = None
     workers = cfg.fft_workers or default_workers(comm.size)
     try:
-        prev_end = None
+        prev_end = prev = None
         for k in my_loops:
             done = store.load_loop(k) if store is not None else None
             if done is not None:
@@ -152,16 +152,25 @@ def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_
                 if st is not None:
                     log.info("loop %d: resuming after GN iteration %d", k, int(st["iterations"]))
 
+                warm = None
+                if cfg.mode == "sequential" and cfg.warm_start and prev is not None:
+                    # the flow changes slowly between consecutive loops (the authors' consecutive runs
+                    # carry u and r over, too): start from the predecessor's velocity and source
+                    warm = {"velocity": prev["velocity"], "source": prev.get("source"),
+                            "g0_norm": float(prev["g0_norm"])}
                 on_it = _checkpoint_each_iteration(ck, store, k)
                 res = solve_loop(rho0, images[k + 1], cfg, active, comm=gcomm, state=st, on_iteration=on_it,
-                                 label=f"loop {k}: ", workers=workers, source_region=source_region)
+                                 label=f"loop {k}: ", workers=workers, source_region=source_region, warm=warm)
                 if store is not None:
                     store.save_loop(k, res, writer=gcomm.rank == 0)
                     gcomm.Barrier()
-                log.info("loop %d: %d GN / %d PCG iterations, misfit %.3g, mass error %.2e, %.1f s (%s)",
-                         k, res["gn_iterations"], res["pcg_iterations"], res["misfit_rel"],
-                         res["mass_error"], res["runtime_s"], res["stop_reason"])
+                log.info("loop %d: %d GN / %d PCG iterations, misfit %.3g, mass change %+.1f%% (scans %+.1f%%), "
+                         "%.1f s (%s)", k, res["gn_iterations"], res["pcg_iterations"], res["misfit_rel"],
+                         100 * res["mass_error"], 100 * res["target_mass_change"], res["runtime_s"],
+                         res["stop_reason"])
             prev_end = np.asarray(res["rho_end"], dtype=np.float64)
+            prev = {key: res[key] for key in ("velocity", "source", "g0_norm") if key in res} \
+                if cfg.mode == "sequential" and cfg.warm_start else None
             if store is None or not keep_arrays:
                 results[k] = res if keep_arrays else scalars(res)
             del res

@@ -145,20 +145,32 @@ class UnbalancedProblem(LoopProblem):
         out += self.gamma * self.dt * self._lap_apply(x)
         return out
 
-    def preconditioner(self, lin: Linearization) -> np.ndarray:
+    def energy_norm2(self, x: np.ndarray, lin: Linearization) -> float:
+        """Kinetic metric of the velocity plus the source cost's metric of r:
+        ``sum_k dt [rho_k |x_v|^2 + alpha chi (rho_k + floor) x_r^2]``."""
         loc = self.tr.local
-        diag = np.empty(self.u_shape)
+        tot = 0.0
+        for k in range(self.nt):
+            rl = lin.rhos[k][loc]
+            tot += self.dt * float(np.dot(rl, (x[k, :3] ** 2).sum(axis=0)))
+            tot += self.alpha * self.dt * float(np.dot(rl + self.rho_floor, self.chi_l * x[k, 3] ** 2))
+        return self.pc.sum(tot)
+
+    def preconditioner_parts(self, lin: Linearization) -> tuple[np.ndarray, np.ndarray]:
+        """(b, a) as :meth:`LoopProblem.preconditioner_parts`, with q_k = exp(dt chi r) rho_k
+        in the transport's derivatives and the source component: b = 2 alpha dt chi (rho + floor),
+        a = 2 beta (dt chi q)^2 sum_o W_o^2."""
+        loc = self.tr.local
+        b_out = np.empty(self.u_shape)
+        a_out = np.empty(self.u_shape)
         for k in range(self.nt):
             rho = lin.rhos[k][loc]
             q = lin.qs[k][loc]
-            b = lin.steps[k].b
-            bb = (b ** 2).sum(axis=1)  # (3, Ml)
+            bb = (lin.steps[k].b ** 2).sum(axis=1)  # (3, Ml)
             for d in range(3):
                 o = [e for e in range(3) if e != d]
-                diag[k, d] = 2.0 * self.dt * rho + 2.0 * self.beta * (self.dt * q) ** 2 * 2.0 * bb[o[0]] * bb[o[1]]
-                diag[k, d] += self.gamma * self.dt * self.lap_diag
-            w2 = bb[0] * bb[1] * bb[2]  # sum over the corners of W_o^2
-            diag[k, 3] = 2.0 * self.alpha * self.dt * self.chi_l * (rho + self.rho_floor) \
-                + 2.0 * self.beta * (self.dt * self.chi_l * q) ** 2 * w2
-        floor = max(1e-10 * float(diag.max(initial=0.0)), 1e-300)
-        return np.maximum(diag, floor)
+                a_out[k, d] = 2.0 * self.beta * (self.dt * q) ** 2 * 2.0 * bb[o[0]] * bb[o[1]]
+                b_out[k, d] = 2.0 * self.dt * rho + self.gamma * self.dt * self.lap_diag
+            a_out[k, 3] = 2.0 * self.beta * (self.dt * self.chi_l * q) ** 2 * (bb[0] * bb[1] * bb[2])
+            b_out[k, 3] = 2.0 * self.alpha * self.dt * self.chi_l * (rho + self.rho_floor)
+        return b_out, a_out
