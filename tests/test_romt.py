@@ -384,3 +384,20 @@ def test_memory_estimated_up_front():
     with pytest.raises(InputError, match=r"^romt\.nt: nt = 1,000,000 time steps on 1,728 active voxels need about"):
         check_memory(RomtConfig(nt=1_000_000), 1728, 1)
     check_memory(RomtConfig(), 1728, 2)
+
+
+def test_large_displacement_warning_names_the_margin_that_fixes_it():
+    """Issue 15 §5: the share of mass that may have left the cropped box, and the one crop_margin that avoids it
+    (longest jump of a particle carrying mass + 1); jumps where there is no mass do not count."""
+    from glymphmpi.romt.crop import mass_at_risk
+
+    vel = np.zeros((2, 3, 6, 5, 4))
+    dens = np.zeros((3, 6, 5, 4))
+    dens[:, 1, 1, 1] = 3.0
+    dens[:, 4, 3, 2] = 1.0
+    vel[1, 0, 1, 1, 1] = 7.5  # carries 3/4 of the mass, jumps 7.5 voxels at dt = 1
+    vel[0, 2, 0, 0, 0] = 40.0  # no mass there
+    share, need = mass_at_risk(vel, dens, 1.0, 6)
+    assert share == pytest.approx(0.75) and need == 9
+    share, need = mass_at_risk(vel, dens, 1.0, 9)
+    assert share == 0.0 and need == 9

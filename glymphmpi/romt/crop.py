@@ -63,12 +63,17 @@ def uncrop(res: dict, box: tuple, shape: tuple, nt: int, margin: int) -> dict:
     return out
 
 
-def mass_at_risk(velocity: np.ndarray, density: np.ndarray, dt: float, margin: int) -> float:
-    """Share of the mass carried by particles that jump further than ``margin - 1`` voxels
-    in one step (they could reach the crop edge)."""
-    at_risk = 0.0
+def mass_at_risk(velocity: np.ndarray, density: np.ndarray, dt: float, margin: int) -> tuple[float, int]:
+    """(share, margin needed): the share of the mass carried by particles that jump further than
+    ``margin - 1`` voxels in one step (they could reach the crop edge), and the smallest
+    ``crop_margin`` under which no particle carrying mass would (its longest jump + 1, rounded up)."""
+    at_risk, longest = 0.0, 0.0
     for k in range(velocity.shape[0]):
-        fast = dt * np.abs(velocity[k]).max(axis=0) > margin - 1
+        jump = dt * np.abs(velocity[k]).max(axis=0)
+        fast = jump > margin - 1
         at_risk += float(density[k][fast].sum(dtype=np.float64))
+        carrying = density[k] > 0
+        if carrying.any():
+            longest = max(longest, float(jump[carrying].max()))
     total = float(density[0].sum(dtype=np.float64))
-    return at_risk / total if total > 0 else 0.0
+    return (at_risk / total if total > 0 else 0.0), int(np.ceil(longest)) + 1

@@ -122,10 +122,11 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
         res = _solve_box(np.ascontiguousarray(rho0[box]), np.ascontiguousarray(target[box]), cfg,
                          np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers, chi, warm)
     if tuple(res["density"].shape[1:]) != tuple(full_shape):
-        risk = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin)
+        risk, need = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin)
         if risk > 1e-10:
-            log.warning("particles carrying %.2e of the mass moved more than %d voxels in one step: "
-                        "raise romt.crop_margin or set it to -1", risk, cfg.crop_margin - 1)
+            log.warning("particles carrying %.2e of the mass moved more than %d voxels in one step, so mass may "
+                        "have reached the edge of the cropped box: set romt.crop_margin=%d", risk,
+                        cfg.crop_margin - 1, need)
         res = uncrop(res, box, full_shape, cfg.nt, cfg.crop_margin)
     return res
 
