@@ -203,3 +203,29 @@ def test_misfit_warning_names_the_model_to_use():
     w = loop_warnings([bal], RomtConfig(model="unbalanced", alpha=300.0))
     assert len(w) == 1 and "romt.alpha (now 300)" in w[0]
     assert loop_warnings([dict(bal, misfit_rel=0.01)], RomtConfig()) == []
+
+
+def test_warm_start_falls_back_when_the_previous_source_does_not_fit():
+    """Sequential warm starts take the candidate with the lowest objective: a previous source that would
+    triple the mass is not used; the drift start is (the same first objective as a cold solve)."""
+    from glymphmpi.romt.config import RomtConfig
+    from glymphmpi.romt.loop import solve_loop
+
+    shape = (16, 12, 12)
+    g = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
+
+    def blob(c, a):
+        return a * np.exp(-sum((gi - ci) ** 2 for gi, ci in zip(g, c)) / 8.0)
+
+    r0, r1 = blob((5.0, 5.5, 5.5), 10.0), blob((6.5, 5.5, 5.5), 10.5)
+    mask = np.zeros(shape, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    cfg = RomtConfig(model="unbalanced", max_iterations=1)
+    cold = solve_loop(r0, r1, cfg, mask)
+    bad = {"velocity": np.zeros((cfg.nt, 3) + shape), "source": np.full((cfg.nt,) + shape, 3.0),
+           "g0_norm": cold["g0_norm"]}
+    warm = solve_loop(r0, r1, cfg, mask, warm=bad)
+    assert warm["objective_history"][0] == pytest.approx(cold["objective_history"][0], rel=1e-12)
+    good = {"velocity": cold["velocity"], "source": cold["source"], "g0_norm": cold["g0_norm"]}
+    again = solve_loop(r0, r1, cfg, mask, warm=good)  # the previous solution is better than any fresh start
+    assert again["objective_history"][0] < 0.9 * cold["objective_history"][0]

@@ -42,9 +42,10 @@ class RomtConfig:
             coupled_rtol: the sequential chain at a fraction of its time;
             :func:`glymphmpi.romt.schedule._solve_coupled`).
         warm_start: sequential mode: loop k's Gauss-Newton starts from loop k-1's velocity
-            (and source) instead of ``init``, as the authors' consecutive runs do (the flow
-            changes slowly from one pair of scans to the next); the gradient tolerance stays
-            relative to the first loop's initial gradient.
+            (and source), as the authors' consecutive runs do (the flow changes slowly from one
+            pair of scans to the next), or from that velocity without the source, or from
+            ``init``, whichever has the lowest objective; the gradient tolerance stays relative
+            to the first loop's initial gradient.
         coupled_rtol: relative L2 change of a loop's start density below which
             coupled mode does not solve it again.
         model: ``balanced`` (rho_t + div(rho v) = sigma lap rho) or ``unbalanced``
