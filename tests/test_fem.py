@@ -521,6 +521,8 @@ def test_auto_regularisation_noise_rule_default(comm):
     assert [r["scale"] for r in sel["path"]] == pytest.approx([10 * s_rule, s_rule], rel=1e-12)
     assert sel["scale"] == pytest.approx(s_rule, rel=1e-12) and 1e-4 < s_rule < 1.0
     assert sel["bias_regularisation"] == pytest.approx(0.5 * abs(sel["path"][0]["D"] - res.D), rel=1e-9)
+    warned = any("depends on the regularisation scale" in w for w in res.warnings)
+    assert warned == (sel["bias_regularisation"] > A.REG_SENSITIVITY_WARN * res.D)
     assert res.converged and res.D == pytest.approx(0.45, rel=0.05)
     lo, hi = res.ci95
     assert lo <= 0.45 <= hi and hi - lo < 0.5 * 0.45 and sel["D_sd_noise"] > 0

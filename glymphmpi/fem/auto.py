@@ -54,6 +54,8 @@ PATH_SCALES = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
 #: brain-diffusion --block 20 20 20 --dt-h 0.1 --noise 0.05 --seed 1`, sigma = 0.0567 of the robust
 #: intensity): D = 0.822 at scale 1, 0.7126 at 0.1, 0.627 at 0.01 (truth 0.72) -> 30 x 0.0567^2 = 0.096.
 SCALE_PER_SIGMA2 = 30.0
+#: a regularisation part of the interval above this fraction of D is a warning in the summary
+REG_SENSITIVITY_WARN = 0.05
 #: shortest scan spacing / this = the automatic time step (1 h for the phantoms' 7 h spacing)
 STEPS_PER_SPACING = 7
 #: bytes per (time step x mesh node) held at once: the states of the forward solve, the last

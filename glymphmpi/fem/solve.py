@@ -451,6 +451,10 @@ def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data
             warnings.append(f"halving the time step changes D by {b_dt:.3g} mm^2/h, more than the noise "
                             f"interval's half-width {1.96 * sd:.3g}: the interval includes it")
     bias = max(b_reg, b_dt)
+    if b_reg > A.REG_SENSITIVITY_WARN * abs(D):
+        warnings.append(f"D depends on the regularisation scale: half its change over the decade to the next "
+                        f"stronger scale is {b_reg:.3g} mm^2/h ({100 * b_reg / abs(D):.1f}% of D); the interval "
+                        f"includes it, and D itself may be off by that much")
     ci = A.interval(D, sd if math.isfinite(sd) else 0.0, bias)
     out.update(D_sd_noise=sd, bias_regularisation=b_reg, bias_time_step=b_dt,
                interval_rule="D -+ (1.96 sd_Laplace + max(|D(dt/2) - D|, dD per half decade of scale))")
