@@ -78,7 +78,8 @@ def run(subject: Path, out: Path, ranks: int, mode: str, model: str, sets: list[
             "summary": summary, "rc": r.returncode}
 
 
-AUTHORS = ("RatBrainsCAA3M/C1217/diff_2e3_tj_2_dt_0.4_nt_10_ti_7_tf_33_beta_50_alpha_10000_smooth1_dtri1_rreinit0_pcg60")
+AUTHORS = ("RatBrainsCAA3M/C1217/"
+           "diff_2e3_tj_2_dt_0.4_nt_10_ti_7_tf_33_beta_50_alpha_10000_smooth1_dtri1_rreinit0_pcg60")
 AUTHOR_PNGS = [("LPPA_set001_031623/Pathlines/C1217_LagSpdlines_E07_35.png", "authors: speed-lines, frames 7-35"),
                ("EULA_set001_031623/Speed/C1217_EulAveSpeed_E07_11.png", "authors: Eulerian speed, 7-11"),
                ("EULA_set001_031623/Speed/C1217_EulAveSpeed_E15_19.png", "authors: Eulerian speed, 15-19"),

@@ -11,6 +11,20 @@ from glymphmpi.romt.grid import ActiveLaplacian
 from glymphmpi.romt.transport import Transport
 from glymphmpi.romt.unbalanced import UnbalancedProblem
 
+SHAPE = (16, 12, 12)
+
+
+def _blob(c, a):
+    """A Gaussian of amplitude a centred at c (voxels) on SHAPE."""
+    g = np.meshgrid(*[np.arange(n, dtype=float) for n in SHAPE], indexing="ij")
+    return a * np.exp(-sum((gi - ci) ** 2 for gi, ci in zip(g, c)) / 8.0)
+
+
+def _inner_mask():
+    """SHAPE without its outermost layer of voxels."""
+    mask = np.zeros(SHAPE, bool)
+    mask[1:-1, 1:-1, 1:-1] = True
+    return mask
 
 def make(shape=(9, 10, 8), boundary="open", frac=0.7, nt=3, seed=0, sigma=0.05, alpha=7.0):
     rng = np.random.default_rng(seed)
@@ -131,15 +145,9 @@ def test_solve_loop_unbalanced_fits_a_growing_series_that_balanced_cannot():
     from glymphmpi.romt.config import RomtConfig
     from glymphmpi.romt.loop import solve_loop
 
-    shape = (16, 12, 12)
-    g = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
-
-    def blob(c, a):
-        return a * np.exp(-sum((gi - ci) ** 2 for gi, ci in zip(g, c)) / 8.0)
-
+    shape, blob = SHAPE, _blob
     r0, r1 = blob((5.0, 5.5, 5.5), 10.0), blob((6.0, 5.5, 5.5), 12.0)
-    mask = np.zeros(shape, bool)
-    mask[1:-1, 1:-1, 1:-1] = True
+    mask = _inner_mask()
     ub = solve_loop(r0, r1, RomtConfig(model="unbalanced"), mask)
     bal = solve_loop(r0, r1, RomtConfig(model="balanced"), mask)
     assert ub["misfit_rel"] < 0.02 and bal["misfit_rel"] > 5 * ub["misfit_rel"], (ub["misfit_rel"], bal["misfit_rel"])
@@ -161,15 +169,9 @@ def test_cli_unbalanced_writes_relative_source_map_and_figure(glymph, tmp_path):
 
     from glymphmpi.subject import write_subject
 
-    shape = (16, 12, 12)
-    g = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
-
-    def blob(c, a):
-        return a * np.exp(-sum((gi - ci) ** 2 for gi, ci in zip(g, c)) / 8.0)
-
+    shape, blob = SHAPE, _blob
     scans = [blob((5.0, 5.5, 5.5), 10.0), blob((6.0, 5.5, 5.5), 12.0), blob((7.0, 5.5, 5.5), 14.4)]
-    mask = np.zeros(shape, bool)
-    mask[1:-1, 1:-1, 1:-1] = True
+    mask = _inner_mask()
     subj = write_subject(tmp_path / "s", "grow", [0.0, 0.5, 1.0], scans, mask, np.diag([0.5, 0.5, 0.5, 1.0]))
     out = tmp_path / "run"
     r = glymph("romt", subj, "--out", out, "--no-post", "--mode", "parallel", "--set", "romt.model=unbalanced",
@@ -211,15 +213,9 @@ def test_warm_start_falls_back_when_the_previous_source_does_not_fit():
     from glymphmpi.romt.config import RomtConfig
     from glymphmpi.romt.loop import solve_loop
 
-    shape = (16, 12, 12)
-    g = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
-
-    def blob(c, a):
-        return a * np.exp(-sum((gi - ci) ** 2 for gi, ci in zip(g, c)) / 8.0)
-
+    shape, blob = SHAPE, _blob
     r0, r1 = blob((5.0, 5.5, 5.5), 10.0), blob((6.5, 5.5, 5.5), 10.5)
-    mask = np.zeros(shape, bool)
-    mask[1:-1, 1:-1, 1:-1] = True
+    mask = _inner_mask()
     cfg = RomtConfig(model="unbalanced", max_iterations=1)
     cold = solve_loop(r0, r1, cfg, mask)
     bad = {"velocity": np.zeros((cfg.nt, 3) + shape), "source": np.full((cfg.nt,) + shape, 3.0),

@@ -303,7 +303,8 @@ def gauss_newton(prob: LoopProblem, state: GNState, max_iter: int, gtol: float, 
             break
         if gmw_converged(state, gnorm, tau):
             state.done = True
-            state.reason = (f"converged (objective change {(state.history[-2] - state.history[-1]) / (1 + abs(state.history[0])):.1e}"
+            change = (state.history[-2] - state.history[-1]) / (1 + abs(state.history[0]))
+            state.reason = (f"converged (objective change {change:.1e}"
                             f" of the start, step {state.step_rel:.1e} of |u|, tol {tau:g})")
             break
         s, pit = prob.pcg(g, lin, pcg_max_iter, pcg_rtol)
