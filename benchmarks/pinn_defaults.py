@@ -98,7 +98,8 @@ def main(argv=None) -> int:
         print(f"  {sid}: {row['mask_voxels']} voxels, D_true {D_true:.4f}, D {D:.4f} +- {sd:.4f} "
               f"(members {', '.join(f'{x:.4f}' for x in row['D_members'] or [])}), error {row['rel_error']:+.1%}, "
               f"residual {row['residual_norm']}, converged {row['converged']}, {row['epochs']} epochs x "
-              f"{row['batches']} batches, {wall:.0f} s wall, {cpu:.0f} s CPU (load {load0:.1f} -> {row['load_after']:.1f})"
+              f"{row['batches']} batches, {wall:.0f} s wall, {cpu:.0f} s CPU "
+              f"(load {load0:.1f} -> {row['load_after']:.1f})"
               + (f"; warnings: {row['warnings']}" if row["warnings"] else ""), flush=True)
     errs = np.array([abs(r["rel_error"]) for r in rows])
     print(f"\nmax |error| {errs.max():.1%}, mean |error| {errs.mean():.1%}, within 10%: "

@@ -590,7 +590,8 @@ def _convergence(tr: Trainer, problem: Problem, cfg: PinnConfig) -> list[str]:
             out.append(f"not converged: the PDE residual norm did not fall since D was released "
                        f"({norm / base:.2f} x its value at epoch {_baseline_epoch(cfg)})")
         late = checks.get("late", [None])[0]
-        if late is not None and _late_epoch(cfg) > _baseline_epoch(cfg) and norm < (1.0 - CONVERGED_RESIDUAL_FALL) * late:
+        still_falling = late is not None and norm < (1.0 - CONVERGED_RESIDUAL_FALL) * late
+        if still_falling and _late_epoch(cfg) > _baseline_epoch(cfg):
             out.append(f"not converged: the PDE residual norm still fell by {1 - norm / late:.1%} over the last "
                        f"{tr.epoch - _late_epoch(cfg)} epochs ({late:.3g} -> {norm:.3g}; more than "
                        f"{CONVERGED_RESIDUAL_FALL:.0%}): the network was still training, D may still change")
