@@ -225,3 +225,20 @@ def test_warm_start_falls_back_when_the_previous_source_does_not_fit():
     good = {"velocity": cold["velocity"], "source": cold["source"], "g0_norm": cold["g0_norm"]}
     again = solve_loop(r0, r1, cfg, mask, warm=good)  # the previous solution is better than any fresh start
     assert again["objective_history"][0] < 0.9 * cold["objective_history"][0]
+
+
+def test_gmw_stop_is_relative_to_the_reference_objective():
+    """The Gill-Murray-Wright test: an objective change below tau times the reference objective, a small step
+    and a small gradient; a warm start passes its cold start's objective as the reference (phi_ref), so a
+    good start does not tighten the tolerance."""
+    from glymphmpi.romt.gn import GNState, gmw_converged
+
+    st = GNState(u=np.zeros(1), history=[1.0, 0.5, 0.49], step_rel=0.01)
+    assert not gmw_converged(st, gnorm=0.01, tau=1e-3)  # change 0.01 > 1e-3 x (1 + 1)
+    st.phi_ref = 10.0
+    assert gmw_converged(st, gnorm=0.01, tau=1e-3)  # 0.01 <= 1e-3 x (1 + 10)
+    st.step_rel = 0.05  # > sqrt(1e-3): the unknowns still move
+    assert not gmw_converged(st, gnorm=0.01, tau=1e-3)
+    st.step_rel = 0.01
+    assert not gmw_converged(st, gnorm=5.0, tau=1e-3)  # gradient above 1e-3^(1/3) x 11
+    assert not gmw_converged(st, gnorm=0.01, tau=0.0)  # tau = 0: off

@@ -158,7 +158,8 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
         gs = GNState(u=u_full[:, :, lo:hi].copy(), history=list(state["history"]),
                      iterations=int(state["iterations"]), pcg_iterations=int(state["pcg_iterations"]),
                      g0_norm=float(state["g0_norm"]), done=bool(state["done"]), reason=str(state["reason"]),
-                     step_rel=float(state.get("step_rel", float("inf"))))
+                     step_rel=float(state.get("step_rel", float("inf"))),
+                     phi_ref=float(state.get("phi_ref", 0.0)))
     else:
         cold = prob.zeros()
         if cfg.init == "drift":
@@ -183,7 +184,7 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
             best = int(np.argmin(vals))
             log.info("%sstarting from %s (objective %.4g; candidates %s)", label, cands[best][0], vals[best],
                      ", ".join(f"{v:.4g}" for v in vals))
-            gs = GNState(u=cands[best][1], g0_norm=warm["g0_norm"])
+            gs = GNState(u=cands[best][1], g0_norm=warm["g0_norm"], phi_ref=vals[-1])
 
     def full_u(u):
         return tr.pc.allgather(u.reshape(-1, u.shape[-1])).reshape(cfg.nt, ncomp, act_flat.size)
@@ -193,7 +194,7 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
             on_iteration(lambda: {"u": full_u(st.u), "history": np.asarray(st.history),
                                   "iterations": st.iterations, "pcg_iterations": st.pcg_iterations,
                                   "g0_norm": st.g0_norm, "done": st.done, "reason": st.reason,
-                                  "step_rel": st.step_rel},
+                                  "step_rel": st.step_rel, "phi_ref": st.phi_ref},
                          st.iterations)
 
     gs = gauss_newton(prob, gs, cfg.max_iterations, cfg.gn_gtol, cfg.gn_ftol, cfg.pcg_max_iterations, cfg.pcg_rtol,
