@@ -30,12 +30,12 @@ def worker(args) -> None:
 
     from mpi4py import MPI
 
-    from glymphmpi.methods import load_config
     from glymphmpi.fem.forward import DiffusionModel, TimeGrid
     from glymphmpi.fem.mesh import build_mesh
     from glymphmpi.fem.problem import ControlProblem
     from glymphmpi.fem.solve import estimate
     from glymphmpi.fem.transfer import sample
+    from glymphmpi.methods import load_config
     from glymphmpi.subject import load_subject
 
     comm = MPI.COMM_WORLD

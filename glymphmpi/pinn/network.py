@@ -224,10 +224,7 @@ class _TanhResidualLayer(torch.autograd.Function):
         t = torch.mul(a3, Q).mul_(-Dv)
         d0.addcmul_(G[4], t)
         gD = -(torch.mul(G[4], a2).mul_(Q)).sum() if ctx.needs_input_grad[3] else None
-        w_out, w_in = weight.shape
-        dZ2 = dZ.view(-1, w_out)
-        dS = torch.mm(dZ2, weight).view(S.shape) if ctx.needs_input_grad[0] else None
-        dW = torch.mm(dZ2.T, S.reshape(-1, w_in))
+        dS, dW = _affine_backward(dZ, S, weight, ctx.needs_input_grad[0])
         return dS, dW, dZ[0].sum(0), gD
 
 
@@ -261,11 +258,16 @@ class _TanhLaplacianLayer(torch.autograd.Function):
         S, weight, Z, a, Q = ctx.saved_tensors
         _, bwd = _elementwise(ctx.compiled)
         dZ = bwd(G.contiguous(), Z, a, Q)
-        w_out, w_in = weight.shape
-        dZ2 = dZ.view(-1, w_out)
-        dS = torch.mm(dZ2, weight).view(S.shape) if ctx.needs_input_grad[0] else None
-        dW = torch.mm(dZ2.T, S.reshape(-1, w_in))
+        dS, dW = _affine_backward(dZ, S, weight, ctx.needs_input_grad[0])
         return dS, dW, dZ[0].sum(0), None
+
+
+def _affine_backward(dZ, S, weight, want_dS: bool):
+    """Gradients of ``Z = S W^T`` over all stacked streams: (dS = dZ W or None, dW = dZ^T S)."""
+    w_out, w_in = weight.shape
+    dZ2 = dZ.view(-1, w_out)
+    dS = torch.mm(dZ2, weight).view(S.shape) if want_dS else None
+    return dS, torch.mm(dZ2.T, S.reshape(-1, w_in))
 
 
 def _tanh_fwd_elem(Z, bias):
