@@ -102,6 +102,13 @@ class RomtConfig:
             is linear, scale-free and has one parameter. Default 1 voxel, on for
             every series: both images of a loop are smoothed alike, so a pure
             transport stays a pure transport.
+        backend: ``numpy`` (scipy/numba kernels) or ``torch`` (the same operators on torch
+            tensors, :mod:`glymphmpi.romt.backend_torch`; equal to numpy to round-off in float64;
+            Gauss-Newton's iterates stay on the host, the recursions and PCG run on ``device``).
+        device: torch backend: ``auto`` (CUDA when torch sees a GPU, else the CPU), ``cpu``,
+            ``cuda`` (MPI ranks take cuda:(local rank % GPUs)) or ``cuda:N``; a CUDA request
+            without a GPU is an error.
+        precision: torch backend: ``float64`` or ``float32`` tensors on the device.
         fft_workers: threads of scipy.fft (0: all cores, divided by the
             number of MPI ranks on the node).
         tune_malloc: raise glibc's mmap/trim thresholds (process-wide) so that
@@ -143,6 +150,9 @@ class RomtConfig:
     crop_margin: int = 6
     mask_images: bool = True
     smooth_sigma_voxels: NonNegative = 1.0
+    backend: Literal["numpy", "torch"] = "numpy"
+    device: str = "auto"
+    precision: Literal["float64", "float32"] = "float64"
     fft_workers: NonNegativeInt = 0
     tune_malloc: bool = True
     checkpoint_every: PositiveInt = 1

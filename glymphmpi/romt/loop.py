@@ -148,6 +148,10 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
         prob = UnbalancedProblem(tr, rho0, target, cfg.nt, cfg.beta, cfg.gamma, lap,
                                  chi.ravel()[act_flat].astype(np.float64), cfg.alpha,
                                  rho_floor=SOURCE_RHO_FLOOR * REFERENCE_INTENSITY)
+    if cfg.backend == "torch":  # the same problem on torch tensors (glymphmpi.romt.backend_torch)
+        from glymphmpi.romt.backend_torch import torch_problem
+
+        prob = torch_problem(prob, cfg.device, cfg.precision, threads=workers)
     ncomp = prob.u_shape[1]
     lo, hi = tr.pc.lo, tr.pc.hi
     if state is not None:
