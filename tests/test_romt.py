@@ -65,6 +65,74 @@ def test_active_laplacian_is_dirichlet_energy_of_zero_extended_field():
     assert np.allclose(rows[0], (lap @ v.ravel()[act])[5:40], atol=1e-13)
 
 
+@pytest.mark.parametrize("dt_sigma", [8e-4, 0.005])
+def test_diffusion_series_inverts_neumann_operator_like_the_dct(dt_sigma):
+    """The Neumann series (small dt sigma, the default) is the same operator as the DCT to its
+    truncation bound, inverts L = I - a Lap_N, is symmetric and conserves mass."""
+    from glymphmpi.romt import kernels
+
+    rng = np.random.default_rng(2)
+    shape = (9, 7, 11)
+    x = rng.standard_normal(shape)
+    ser = DiffusionSolver(shape, dt_sigma=dt_sigma)
+    assert ser.method == "series" and ser.terms == kernels.series_terms(dt_sigma) > 0
+    dct = DiffusionSolver(shape, dt_sigma=dt_sigma, method="dct")
+    y = ser.apply(x)
+    bound = (12 * dt_sigma) ** (ser.terms + 1) / (1 - 12 * dt_sigma)
+    assert bound <= 1e-12
+    assert np.linalg.norm(y - dct.apply(x)) <= (bound + 1e-14) * np.linalg.norm(x)
+    assert np.abs(ser.matrix_free_L(y) - x).max() < 1e-11 * np.abs(x).max()
+    z = rng.standard_normal(shape)
+    assert abs(np.vdot(ser.apply(z), x) - np.vdot(z, y)) < 1e-13 * np.abs(z).sum() * np.abs(x).max()
+    assert abs(y.sum() - x.sum()) < 1e-12 * np.abs(x).sum()
+    # flat input, and a large dt sigma goes to the DCT
+    assert np.array_equal(ser.apply(x.ravel()), y.ravel())
+    assert DiffusionSolver(shape, dt_sigma=0.7).method == "dct"
+    with pytest.raises(ValueError):
+        DiffusionSolver(shape, dt_sigma=0.7, method="series")
+
+
+@pytest.mark.parametrize("boundary", ["open", "closed"])
+def test_fused_kernels_equal_the_per_axis_factor_formulas(boundary):
+    """push, tangent and gather (numba) against the trilinear factors written out in numpy,
+    with particles that leave the box (open: corners lost; closed: whole particles lost)."""
+    rng = np.random.default_rng(4)
+    shape = (12, 10, 9)
+    act = np.flatnonzero(rng.random(shape).ravel() > 0.3)
+    tr = Transport(shape, act, dt=0.4, sigma=0.002, boundary=boundary)
+    v = rng.uniform(-6.0, 6.0, (3, act.size))  # up to 2.4 voxels per step: many leave the box
+    sd = tr.linearize(v)
+    idx, b, s = sd.factors()
+    y = sd.y
+    left = ~np.all((y >= 0) & (y <= np.array(shape)[:, None] - 1), axis=0)
+    assert left.sum() > 20
+    rho = rng.random(tr.n)
+    r = rho[tr.local]
+    w = np.einsum("ai,bi,ci->abci", b[0], b[1], b[2])
+    got = tr.push(rho, sd)
+    assert np.abs(got - (np.bincount(idx, w.reshape(-1) * np.tile(r, 8), tr.n) + rho * tr.keep)).max() < 1e-14
+    q = rng.random(act.size)
+    x = rng.standard_normal((3, act.size))
+    dw = [np.einsum("ai,bi,ci->abci", s[0], b[1], b[2]), np.einsum("ai,bi,ci->abci", b[0], s[1], b[2]),
+          np.einsum("ai,bi,ci->abci", b[0], b[1], s[2])]
+    wt = w * r + q * (dw[0] * x[0] + dw[1] * x[1] + dw[2] * x[2])
+    out = np.zeros(tr.n)
+    sd.push_tangent(r, q, x, out)
+    assert np.abs(out - np.bincount(idx, wt.reshape(-1), tr.n)).max() < 1e-13
+    mu = rng.standard_normal(tr.n)
+    g = mu[idx].reshape(2, 2, 2, -1)
+    st, dv = sd.gather(mu, q)
+    assert np.abs(st - (g * w).sum(axis=(0, 1, 2))).max() < 1e-13
+    for d in range(3):
+        assert np.abs(dv[d] - q * (g * dw[d]).sum(axis=(0, 1, 2))).max() < 1e-13
+    assert np.array_equal(sd.gather(mu, q, want_dv=False)[0], st)
+    fsq = sd.factor_squares
+    if boundary == "closed":  # a particle that leaves has no factors at all
+        assert np.all(fsq[:, left[tr.pc.lo:tr.pc.hi]] == 0)
+        b = b * ~left  # the reference zeroes only b[0]; the preconditioner wants all three
+    assert np.abs(fsq - (b ** 2).sum(axis=1)).max() < 1e-15
+
+
 def test_push_conserves_mass_and_moves_centre_exactly_in_open_mode():
     """Away from the edges the trilinear scatter conserves mass and the first moment."""
     rng = np.random.default_rng(3)

@@ -186,7 +186,7 @@ class LoopProblem:
         a_out = np.empty(self.u_shape)
         for k in range(self.nt):
             rho = lin.rhos[k][loc]
-            q = (lin.steps[k].b ** 2).sum(axis=1)  # (3, Ml): sum over the two sides of b_d^2
+            q = lin.steps[k].factor_squares  # (3, Ml): sum over the two sides of b_d^2
             for d in range(3):
                 others = [e for e in range(3) if e != d]
                 # sum_o (dW_o/dw_d)^2 = 2 * prod_{e != d} q_e (when both sides are inside)

@@ -25,11 +25,10 @@ everything is local.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from mpi4py import MPI
 
+from glymphmpi.romt import kernels
 from glymphmpi.romt.grid import DiffusionSolver
 
 
@@ -84,36 +83,66 @@ class ParticleComm:
         return recv.T.reshape(*lead, self.m_total)
 
 
-@dataclass
 class StepData:
-    """A linearisation of S(v_k) for this rank's particles (Ml of them).
+    """A linearisation of S(v_k) for this rank's particles (Ml of them): their end
+    positions ``y = x + dt v`` (3, Ml); the fused kernels of :mod:`glymphmpi.romt.kernels`
+    recompute the trilinear factors from them on every pass.
 
     Attributes:
-        idx: (8 * Ml,) int64 flat corner indices (clipped into the box; an
-            outside corner has zero factors), corner-major order (o0, o1, o2).
-        b: (3, 2, Ml) trilinear factors per axis and corner side (0 weight
-            for an outside corner; closed mode also zeroes a leaving particle).
-        s: (3, 2, Ml) derivatives of the factors w.r.t. w_d (+-1 or 0).
+        y: (3, Ml) float64 positions after the push (index space).
+        shape: the grid.
+        closed: the boundary mode is ``closed``.
     """
 
-    idx: np.ndarray
-    b: np.ndarray
-    s: np.ndarray
+    def __init__(self, y: np.ndarray, shape, closed: bool):
+        self.y = np.ascontiguousarray(y, dtype=np.float64)
+        self.shape = tuple(int(n) for n in shape)
+        self.closed = bool(closed)
 
-    def weights(self, r: np.ndarray) -> np.ndarray:
-        """(8 * Ml,) corner weights times the particle values r (Ml,)."""
-        b = self.b
-        w = (b[0] * r)[:, None, None, :] * b[1][None, :, None, :] * b[2][None, None, :, :]
-        return w.reshape(-1)
+    @property
+    def factor_squares(self) -> np.ndarray:
+        """(3, Ml) ``sum_o b_{d,o}^2`` per axis (for the preconditioner)."""
+        out = np.empty_like(self.y)
+        kernels.factor_squares(self.y, *self.shape, self.closed, out)
+        return out
 
-    def tangent_weights(self, r: np.ndarray, q: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """(8 * Ml,) weights of ``S delta + dS[x]``: r = delta (Ml,), q = dt rho (Ml,), x (3, Ml)."""
-        b, s = self.b, self.s
-        bx = [s[d] * (q * x[d]) for d in range(3)]  # (2, Ml) each: q x_d dW/dw_d factors
-        p01 = (b[0] * r + bx[0])[:, None, :] * b[1][None, :, :] + b[0][:, None, :] * bx[1][None, :, :]
-        q01 = b[0][:, None, :] * b[1][None, :, :]
-        w = p01[:, :, None, :] * b[2][None, None, :, :] + q01[:, :, None, :] * bx[2][None, None, :, :]
-        return w.reshape(-1)
+    def factors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """numpy reference of the per-axis factors (for tests): (idx (8 Ml,) corner-major
+        flat indices, b (3, 2, Ml) factors, s (3, 2, Ml) their derivatives in w_d)."""
+        y = self.y
+        f = np.floor(y)
+        w = y - f
+        f = f.astype(np.int64)
+        strides = (self.shape[1] * self.shape[2], self.shape[2], 1)
+        b = np.empty((3, 2, y.shape[1]))
+        s = np.empty((3, 2, y.shape[1]))
+        cc = np.empty((3, 2, y.shape[1]), dtype=np.int64)
+        for d in range(3):
+            nd = self.shape[d]
+            for o in (0, 1):
+                c = f[d] + o
+                valid = (c >= 0) & (c < nd)
+                b[d, o] = (w[d] if o else 1.0 - w[d]) * valid
+                s[d, o] = (1.0 if o else -1.0) * valid
+                cc[d, o] = np.clip(c, 0, nd - 1) * strides[d]
+        if self.closed:
+            inside = np.all((y >= 0) & (y <= np.array(self.shape)[:, None] - 1), axis=0)
+            b[0] *= inside
+            s[0] *= inside
+        idx = (cc[0][:, None, None, :] + cc[1][None, :, None, :] + cc[2][None, None, :, :]).reshape(-1)
+        return idx, b, s
+
+    def push(self, r: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out[corner] += W_o r_i`` (out (N,) float64, accumulated in place)."""
+        kernels.push(self.y, *self.shape, self.closed, np.ascontiguousarray(r, dtype=np.float64), out)
+        return out
+
+    def push_tangent(self, r: np.ndarray, q: np.ndarray, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out[corner] += W_o r_i + q_i sum_d x_{d,i} dW_o/dw_d``: the push of r plus the
+        derivative of the push along x (3, Ml), q = dt rho at the particles."""
+        kernels.tangent(self.y, *self.shape, self.closed, np.ascontiguousarray(r, dtype=np.float64),
+                        np.ascontiguousarray(q, dtype=np.float64), np.ascontiguousarray(x, dtype=np.float64), out)
+        return out
 
     def gather(self, mu: np.ndarray, q: np.ndarray, want_dv: bool = True):
         """Adjoint of the particle push for the values mu (N,) on the grid.
@@ -122,21 +151,12 @@ class StepData:
             st: (Ml,) ``(S^T mu)`` at this rank's particles.
             dv: (3, Ml) ``(dS^T mu)_d = q sum_o dW_o/dw_d mu_o`` (q = dt rho), or None.
         """
-        b, s = self.b, self.s
-        g = mu[self.idx].reshape(2, 2, 2, -1)
-        gb = g[:, :, 0] * b[2][0] + g[:, :, 1] * b[2][1]  # (2, 2, Ml)
-        gbb = gb[:, 0] * b[1][0] + gb[:, 1] * b[1][1]  # (2, Ml)
-        st = gbb[0] * b[0][0] + gbb[1] * b[0][1]
-        if not want_dv:
-            return st, None
-        gs = g[:, :, 0] * s[2][0] + g[:, :, 1] * s[2][1]
-        gsb = gb[:, 0] * s[1][0] + gb[:, 1] * s[1][1]
-        gbs = gs[:, 0] * b[1][0] + gs[:, 1] * b[1][1]
-        dv = np.empty((3,) + st.shape)
-        dv[0] = (gbb[0] * s[0][0] + gbb[1] * s[0][1]) * q
-        dv[1] = (gsb[0] * b[0][0] + gsb[1] * b[0][1]) * q
-        dv[2] = (gbs[0] * b[0][0] + gbs[1] * b[0][1]) * q
-        return st, dv
+        ml = self.y.shape[1]
+        st = np.empty(ml)
+        dv = np.empty((3, ml)) if want_dv else np.empty((3, 0))
+        kernels.gather(self.y, *self.shape, self.closed, np.ascontiguousarray(mu, dtype=np.float64),
+                       np.ascontiguousarray(q, dtype=np.float64), st, dv, want_dv)
+        return st, (dv if want_dv else None)
 
 
 class Transport:
@@ -175,40 +195,28 @@ class Transport:
 
     # ------------------------------------------------------------ linearise
     def linearize(self, v: np.ndarray) -> StepData:
-        """Corner indices and trilinear factors of this rank's particles for v (3, Ml)."""
-        y = self.x + self.dt * v
-        f = np.floor(y)
-        w = y - f
-        f = f.astype(np.int64)
-        b = np.empty((3, 2, y.shape[1]))
-        s = np.empty((3, 2, y.shape[1]))
-        cc = np.empty((3, 2, y.shape[1]), dtype=np.int64)
-        for d in range(3):
-            nd = self.shape[d]
-            for o in (0, 1):
-                c = f[d] + o
-                valid = (c >= 0) & (c < nd)
-                b[d, o] = (w[d] if o else 1.0 - w[d]) * valid
-                s[d, o] = (1.0 if o else -1.0) * valid
-                cc[d, o] = np.clip(c, 0, nd - 1) * self.strides[d]
-        if self.boundary == "closed":
-            inside = np.all((y >= 0) & (y <= np.array(self.shape)[:, None] - 1), axis=0)
-            b[0] *= inside
-            s[0] *= inside
-        idx = (cc[0][:, None, None, :] + cc[1][None, :, None, :] + cc[2][None, None, :, :]).reshape(-1)
-        return StepData(idx=idx, b=b, s=s)
+        """End positions of this rank's particles for v (3, Ml)."""
+        return StepData(self.x + self.dt * v, self.shape, self.boundary == "closed")
 
     # ------------------------------------------------------------ operators
-    def scatter(self, sd: StepData, weights: np.ndarray, base: np.ndarray) -> np.ndarray:
-        """``base * keep + sum over ranks of the particle scatter`` (N,)."""
-        out = np.bincount(sd.idx, weights=weights, minlength=self.n)
-        self.pc.allreduce_(out)
-        out += base * self.keep
+    def _start(self, base: np.ndarray) -> np.ndarray:
+        """The array the particles are scattered into: ``base * keep`` on one rank (the cells
+        that do not move keep their mass), zeros on several (added after the reduction)."""
+        if self.pc.serial:
+            return base * self.keep
+        return np.zeros(self.n)
+
+    def _finish(self, out: np.ndarray, base: np.ndarray) -> np.ndarray:
+        if not self.pc.serial:
+            self.pc.allreduce_(out)
+            out += base * self.keep
         return out
 
     def push(self, rho: np.ndarray, sd: StepData) -> np.ndarray:
         """``S(v) rho`` (N,) without diffusion."""
-        return self.scatter(sd, sd.weights(rho[self.local]), rho)
+        out = self._start(rho)
+        sd.push(rho[self.local], out)
+        return self._finish(out, rho)
 
     def step(self, rho: np.ndarray, sd: StepData) -> np.ndarray:
         """``L^{-1} S(v) rho`` (N,)."""
@@ -216,8 +224,9 @@ class Transport:
 
     def tangent_step(self, delta: np.ndarray, rho: np.ndarray, sd: StepData, x: np.ndarray) -> np.ndarray:
         """``L^{-1} (S(v) delta + dS(v)[x] rho)`` (N,), x (3, Ml) the velocity perturbation."""
-        w = sd.tangent_weights(delta[self.local], self.dt * rho[self.local], x)
-        return self.diffusion.apply(self.scatter(sd, w, delta))
+        out = self._start(delta)
+        sd.push_tangent(delta[self.local], self.dt * rho[self.local], x, out)
+        return self.diffusion.apply(self._finish(out, delta))
 
     def adjoint_step(self, lam: np.ndarray, rho: np.ndarray, sd: StepData, extra: np.ndarray | None = None,
                      want_dv: bool = True):

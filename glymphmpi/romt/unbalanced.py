@@ -166,7 +166,7 @@ class UnbalancedProblem(LoopProblem):
         for k in range(self.nt):
             rho = lin.rhos[k][loc]
             q = lin.qs[k][loc]
-            bb = (lin.steps[k].b ** 2).sum(axis=1)  # (3, Ml)
+            bb = lin.steps[k].factor_squares  # (3, Ml)
             for d in range(3):
                 o = [e for e in range(3) if e != d]
                 a_out[k, d] = 2.0 * self.beta * (self.dt * q) ** 2 * 2.0 * bb[o[0]] * bb[o[1]]
