@@ -8,8 +8,9 @@ one forward + backward per repetition, the three interleaved, after a
 warm-up; best and median of ``--reps`` (best is the robust figure on a
 machine shared with other work).
 
-* glymphmpi: forward propagation of value, gradient and Laplacian
-  (:meth:`glymphmpi.pinn.network.PinnNet.derivatives`);
+* glymphmpi: forward propagation of value, gradient and the residual stream
+  (:meth:`glymphmpi.pinn.network.PinnNet.residual_streams`, what the trainer runs; the
+  ``glymphmpi_six`` variant propagates c_t and the Laplacian separately, ``derivatives``);
 * glymphmpi-autograd: the reverse-mode reference (``derivatives_autograd``);
 * DeepXDE (``DDE_BACKEND=pytorch``): ``dde.nn.FNN`` with
   ``dde.grad.jacobian``/``dde.grad.hessian`` as in its PDE examples.
@@ -175,8 +176,9 @@ def epoch_benchmark(args, dev, dtype, sync) -> dict:
     DeepXDE's network, derivatives and optimizer.
 
     glymphmpi: :meth:`glymphmpi.pinn.trainer.Trainer.run_epoch` with the default ``PinnConfig`` (automatic
-    minibatches of about 256 data points and as many PDE points, p = 1, fused Adam, learning-rate
-    decay), on a ball-shaped mask of ``--epoch-block``^3 voxels (1 mm) at 4 scan times.
+    minibatches of about 512 data points and as many PDE points, p = 1, fused Adam, learning-rate
+    decay; the data and the PDE points in one pass through the network), on a ball-shaped mask of
+    ``--epoch-block``^3 voxels (1 mm) at 4 scan times.
     DeepXDE: the same minibatches (same permutations), ``dde.nn.FNN`` with the same input scaling,
     ``dde.grad.jacobian`` / ``dde.grad.hessian`` for c_t and the Laplacian, D = 0.1 + 1.2 sigmoid(delta)
     trainable, loss mean squared data misfit + mean |residual|, DeepXDE's Adam

@@ -101,6 +101,48 @@ def test_residual_stream_matches_autograd_with_D_gradient():
     assert float(g1[names.index("dcoef.delta")].abs()) > 1e-6  # D's gradient was compared
 
 
+def test_fused_data_and_residual_pass_matches_autograd():
+    """The one-pass path of a training step (data points as extra value rows beside the PDE points'
+    five streams, hand-written first and hidden layers) gives c at both point sets, the residual, and
+    the gradients of a loss using all three w.r.t. every weight and D, as reverse-mode autograd does
+    (float64, scaled inputs, unequal point counts)."""
+    torch.manual_seed(6)
+    net = PinnNet(4, 9, "tanh", [-2, 0, 1, 0], [3, 5, 6, 3], out_scale=1.3, x_scale=1.8, t_scale=0.6).double()
+    lo, span = torch.tensor([-2, 0, 1, 0.0]), torch.tensor([5, 5, 5, 3.0])
+    x_pde = torch.rand(41, 4, dtype=torch.float64) * span + lo
+    x_dat = torch.rand(17, 4, dtype=torch.float64) * span + lo
+    D = torch.tensor(0.63, dtype=torch.float64, requires_grad=True)
+    params = list(net.parameters()) + [D]
+    assert net.fused_ok
+    cp, cd, r = net.fused_data_residual(x_pde, x_dat, D)
+    loss = (cp ** 2).sum() + (cd ** 3).sum() + (r ** 2).sum() + 0.7 * r.sum()
+    g1 = torch.autograd.grad(loss, params)
+    cp2, ct, lap = derivatives_autograd(net, x_pde)
+    r2 = ct - D * lap
+    cd2 = net(x_dat)
+    loss2 = (cp2 ** 2).sum() + (cd2 ** 3).sum() + (r2 ** 2).sum() + 0.7 * r2.sum()
+    g2 = torch.autograd.grad(loss2, params)
+    for a, b in ((cp, cp2), (cd, cd2), (r, r2)):
+        assert float((a - b).abs().max()) <= 1e-10 * float(b.abs().max())
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12 * float(b.abs().max()))
+    assert float(g1[-1].abs()) > 1e-6 and float(g1[0].abs().max()) > 1e-6  # D and the first layer compared
+    # the residual alone (no data rows) through the same layers
+    _, r3 = net.residual_streams(x_pde, D)
+    assert float((r3 - r2).abs().max()) <= 1e-10 * float(r2.abs().max())
+
+
+def test_tanh_from_sigmoid_equals_tanh():
+    """The fused layers' tanh (2 sigmoid(2 z) - 1) equals torch.tanh to a few ulp of 1."""
+    from glymphmpi.pinn.network import _tanh_into
+
+    for dtype, tol in ((torch.float64, 1e-15), (torch.float32, 3e-7)):
+        z = torch.linspace(-30, 30, 20001, dtype=dtype)
+        out = torch.empty_like(z)
+        _tanh_into(2.0 * z, out)
+        assert float((out - torch.tanh(z)).abs().max()) <= tol
+
+
 def test_lean_elementwise_kernels_equal_the_reference():
     """The eager in-place kernels of the fused layer equal the plain reference expressions."""
     from glymphmpi.pinn import network

@@ -349,11 +349,14 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64, device=dev)
         self.ddp.train()
         for db, pb in zip(torch.tensor_split(dperm, cfg.batches), torch.tensor_split(pperm, cfg.batches)):
-            di = torch.tensor_split(db, ctx.size)[ctx.rank].to(dev)
-            xp = self.pde[torch.tensor_split(pb, ctx.size)[ctx.rank]].to(dev)
+            nb_d, nb_p = db.numel(), pb.numel()  # global minibatch sizes
+            if ctx.size > 1:
+                db, pb = torch.tensor_split(db, ctx.size)[ctx.rank], torch.tensor_split(pb, ctx.size)[ctx.rank]
+            di = db.to(dev)
+            xp = self.pde.index_select(0, pb).to(dev)  # index_select: the fast path of a row gather
             self.opt.zero_grad(set_to_none=True)
-            c_pred, res = self.ddp(self.data_xt[di], xp)
-            J, L, sq, rp = shard_losses(c_pred, self.data_c[di], res, p, db.numel(), pb.numel(), ctx.size)
+            c_pred, res = self.ddp(self.data_xt.index_select(0, di), xp)
+            J, L, sq, rp = shard_losses(c_pred, self.data_c.index_select(0, di), res, p, nb_d, nb_p, ctx.size)
             (J + cfg.w_r * L).backward()
             if self.epoch < cfg.delta_freeze_epochs:
                 self.model.dcoef.delta.grad = None  # Adam leaves a parameter without gradient untouched
