@@ -24,6 +24,7 @@ torch is imported by this module only; :mod:`glymphmpi.romt` imports it only for
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 
@@ -37,6 +38,8 @@ from glymphmpi.errors import InputError  # noqa: E402
 from glymphmpi.romt.gn import LoopProblem, Terms  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
+log = logging.getLogger(__name__)
+_ANNOUNCED: set = set()
 
 
 # ---------------------------------------------------------------- device
@@ -688,4 +691,9 @@ def torch_problem(ref: LoopProblem, device: str = "auto", precision: str = "floa
     if dev.type == "cpu" and threads:
         torch.set_num_threads(int(threads))
     cls = TorchUnbalancedProblem if isinstance(ref, UnbalancedProblem) else TorchLoopProblem
-    return cls(ref, dev, DTYPES[precision])
+    prob = cls(ref, dev, DTYPES[precision])
+    desc = prob.describe()
+    if desc not in _ANNOUNCED:  # once per process and device
+        _ANNOUNCED.add(desc)
+        log.info("rOMT backend: %s", desc)
+    return prob
