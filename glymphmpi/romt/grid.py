@@ -143,9 +143,9 @@ def default_workers(ranks_on_node: int = 1) -> int:
 class ActiveLaplacian:
     """``G^T G`` on the active set: this rank's rows of :func:`active_laplacian`.
 
-    Applied one right-hand side at a time (CSR matvecs on contiguous rows),
-    which measured faster than a multi-vector sparse product or a stencil on
-    the zero-extended grid.
+    Applied to all components at once by a fused kernel over a neighbour table
+    (:func:`glymphmpi.romt.kernels.graph_laplacian_rows`; a CSR matvec per component
+    before, 17% of a Gauss-Newton loop on the 50^3 spheres).
 
     Args:
         shape: (ni, nj, nk).
@@ -154,16 +154,33 @@ class ActiveLaplacian:
     """
 
     def __init__(self, shape, active_flat: np.ndarray, lo: int = 0, hi: int | None = None):
+        shape = tuple(int(s) for s in shape)
         active_flat = np.asarray(active_flat, dtype=np.int64)
         self.lo = int(lo)
         self.hi = active_flat.size if hi is None else int(hi)
-        full = active_laplacian(shape, active_flat)
-        self.rows = full[self.lo:self.hi].tocsr()
-        self.diagonal = np.asarray(full.diagonal()[self.lo:self.hi]).copy()
+        n = int(np.prod(shape))
+        pos = np.full(n, -1, dtype=np.int64)
+        pos[active_flat] = np.arange(active_flat.size)
+        mine = active_flat[self.lo:self.hi]
+        ijk = np.unravel_index(mine, shape)
+        strides = (shape[1] * shape[2], shape[2], 1)
+        nb = np.full((mine.size, 6), -1, dtype=np.int64)
+        deg = np.zeros(mine.size)
+        e = 0
+        for d in range(3):
+            for s in (-1, 1):
+                inside = (ijk[d] + s >= 0) & (ijk[d] + s < shape[d])
+                deg += inside
+                nb[inside, e] = pos[mine[inside] + s * strides[d]]
+                e += 1
+        self.nb = nb
+        self.diagonal = deg
 
     def apply(self, full: np.ndarray) -> np.ndarray:
         """(R, M) values on all active voxels -> (R, hi - lo) ``G^T G`` rows of this rank."""
+        from glymphmpi.romt import kernels
+
+        full = np.ascontiguousarray(full, dtype=np.float64)
         out = np.empty((full.shape[0], self.hi - self.lo))
-        for i in range(full.shape[0]):
-            out[i] = self.rows @ full[i]
+        kernels.graph_laplacian_rows(full, self.lo, self.nb, self.diagonal, out)
         return out

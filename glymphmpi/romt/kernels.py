@@ -207,6 +207,23 @@ def neumann_series(x, a, terms, out, work):
     return out
 
 
+@numba.njit(**_JIT)
+def graph_laplacian_rows(full, lo, nb, deg, out):
+    """``out[c, i] = deg[i] full[c, lo + i] - sum_{j in nb[i], j >= 0} full[c, j]``: rows lo..lo+Ml
+    of the active-set graph Laplacian G^T G for every component c (full (R, M), nb (Ml, 6)
+    neighbour positions or -1, deg (Ml,), out (R, Ml))."""
+    for c in range(full.shape[0]):
+        f = full[c]
+        o = out[c]
+        for i in range(nb.shape[0]):
+            acc = deg[i] * f[lo + i]
+            for e in range(6):
+                j = nb[i, e]
+                if j >= 0:
+                    acc -= f[j]
+            o[i] = acc
+
+
 def series_terms(dt_sigma: float, tol: float = 1e-12, max_terms: int = 16) -> int:
     """Terms K of the Neumann series of ``(I - a Lap_N)^{-1}`` whose truncation is below
     ``tol`` in the 2-norm (relative): ``(12 a)^(K+1) / (1 - 12 a) <= tol`` (the 7-point
@@ -233,5 +250,6 @@ def warm_up() -> None:
         tangent(y, 3, 3, 3, closed, r, r, y, out)
         gather(y, 3, 3, 3, closed, out, r, np.zeros(1), np.zeros((3, 1)), True)
         factor_squares(y, 3, 3, 3, closed, np.zeros((3, 1)))
+    graph_laplacian_rows(np.ones((1, 2)), 0, np.array([[1, -1, -1, -1, -1, -1]]), np.ones(1), np.empty((1, 1)))
     x = np.ones((3, 3, 3))
     neumann_series(x, 0.01, 2, np.empty_like(x), np.empty_like(x))
