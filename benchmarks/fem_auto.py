@@ -10,11 +10,12 @@ Each phantom (``glymphmpi.synth.brain_diffusion``) gets a fresh random D
 smaller ones run first), a random block centre in dense left-hemisphere white
 matter and a random noise seed; ``--noisy`` phantoms have 5% noise (of the
 peak), ``--clean`` ones none. Every phantom is fitted by ``glymph fem`` with
-the default settings (regularization "auto": discrepancy principle with the
-pre-contrast scan's noise, interval for D, time-step check). Prints, per
-phantom, the true D, the estimate, its error, the 95% interval and whether
-the truth lies inside, and writes ``fem_auto.json`` after every phantom (a
-partial run keeps what finished). Targets (issue 16): |error| <= 3%
+the default settings (regularization "auto" with the default rule, interval
+for D, time-step check; see glymphmpi/fem/README.md). Prints, per phantom,
+the true D, the estimate, its error, the 95% interval, whether the truth lies
+inside, the wall and the CPU time (children's user + system: the machine is
+shared, so wall time alone says little), and writes ``fem_auto.json`` after
+every phantom (a partial run keeps what finished). Targets (issue 16): |error| <= 3%
 noise-free, <= 7% at 5% noise, truth inside the interval in >= 9 of 10
 noisy phantoms.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -74,14 +76,18 @@ def fit(subject: Path, run: Path, ranks: int) -> dict:
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
     t = time.time()
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu0 = ru.ru_utime + ru.ru_stime
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = ru.ru_utime + ru.ru_stime - cpu0
     if r.returncode != 0:
         return {"failed": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}",
                 "wall_s": time.time() - t}
     s = json.loads((run / "summary.json").read_text())
     return {"D_est": s["D_mm2_per_h"], "ci95": s.get("D_ci95_mm2_per_h"), "converged": s.get("converged"),
             "warnings": s.get("warnings", []), "rule": s.get("regularization", {}).get("rule"),
-            "scale": s.get("regularization", {}).get("scale"), "wall_s": time.time() - t,
+            "scale": s.get("regularization", {}).get("scale"), "wall_s": time.time() - t, "cpu_s": cpu,
             "D_sd_noise": s.get("regularization", {}).get("D_sd_noise"),
             "D_half_dt": s.get("regularization", {}).get("D_half_dt")}
 
@@ -103,7 +109,7 @@ def main() -> None:
         phantoms = [p for p in phantoms if p["id"] in args.only]
     rows = []
     print(f"{'id':>4} {'block':>5} {'noise':>5} {'D true':>7} {'D est':>7} {'error':>7} {'95% interval':>17} "
-          f"{'inside':>6} {'conv':>5} {'min':>5}", flush=True)
+          f"{'inside':>6} {'conv':>5} {'min':>5} {'cpu min':>7}", flush=True)
     for p in phantoms:
         subj = make(p, out)
         r = {**p, **fit(subj, out / f"run_{p['id']}", args.ranks)}
@@ -113,7 +119,7 @@ def main() -> None:
             r["inside"] = bool(ci is not None and ci[0] <= p["D"] <= ci[1])
             print(f"{p['id']:>4} {p['block']:>5} {p['noise']:>5.2f} {p['D']:>7.4f} {r['D_est']:>7.4f} "
                   f"{100 * r['error']:>+6.1f}% [{ci[0]:.4f}, {ci[1]:.4f}] {str(r['inside']):>6} "
-                  f"{str(r['converged']):>5} {r['wall_s'] / 60:>5.1f}", flush=True)
+                  f"{str(r['converged']):>5} {r['wall_s'] / 60:>5.1f} {r['cpu_s'] / 60:>7.1f}", flush=True)
         else:
             print(f"{p['id']:>4} {p['block']:>5} {p['noise']:>5.2f} {p['D']:>7.4f} failed: {r['failed']}", flush=True)
         rows.append(r)
