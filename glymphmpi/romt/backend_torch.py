@@ -96,6 +96,11 @@ def deterministic(on: bool):
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
+def _at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` for a 1-D index (index_select: 2.7x faster than advanced indexing on the CPU)."""
+    return torch.index_select(x, 0, idx)
+
+
 # ---------------------------------------------------------------- grid operators
 def neumann_laplacian(x: torch.Tensor) -> torch.Tensor:
     """7-point Laplacian with zero-flux (replicate) boundaries of x (ni, nj, nk)."""
@@ -153,7 +158,7 @@ class TorchDiffusion:
         else:
             out = a.clone()  # sum_{k=0}^{K} (a Lap)^k x by Horner: K stencil passes
             for _ in range(self.terms):
-                out = a + self.dt_sigma * neumann_laplacian(out)
+                out = torch.add(a, neumann_laplacian(out), alpha=self.dt_sigma)
         return out.reshape(x.shape)
 
 
@@ -189,7 +194,7 @@ class TorchLaplacian:
         ext = torch.cat([full, full.new_zeros(full.shape[0], 1)], dim=1)
         out = full[:, self.lo:self.hi] * self.diagonal
         for j in range(6):
-            out = out - ext[:, self.nbr[j]]
+            out = out - torch.index_select(ext, 1, self.nbr[j])
         return out
 
 
@@ -217,7 +222,7 @@ class TorchStepData:
 
     def gather(self, mu, q, want_dv: bool = True):
         b, s = self.b, self.s
-        g = mu[self.idx].reshape(2, 2, 2, -1)
+        g = _at(mu, self.idx).reshape(2, 2, 2, -1)
         gb = g[:, :, 0] * b[2][0] + g[:, :, 1] * b[2][1]
         gbb = gb[:, 0] * b[1][0] + gb[:, 1] * b[1][1]
         st = gbb[0] * b[0][0] + gbb[1] * b[0][1]
@@ -302,22 +307,22 @@ class TorchTransport:
         return out
 
     def push(self, rho, sd):
-        return self.scatter(sd, sd.weights(rho[self.local_t]), rho)
+        return self.scatter(sd, sd.weights(_at(rho, self.local_t)), rho)
 
     def step(self, rho, sd):
         return self.diffusion.apply(self.push(rho, sd))
 
     def tangent_step(self, delta, rho, sd, x):
-        w = sd.tangent_weights(delta[self.local_t], self.dt * rho[self.local_t], x)
+        w = sd.tangent_weights(_at(delta, self.local_t), self.dt * _at(rho, self.local_t), x)
         return self.diffusion.apply(self.scatter(sd, w, delta))
 
     def adjoint_step(self, lam, rho, sd, extra=None, want_dv: bool = True):
         mu = self.diffusion.apply(lam)
-        st, dv = sd.gather(mu, self.dt * rho[self.local_t], want_dv)
+        st, dv = sd.gather(mu, self.dt * _at(rho, self.local_t), want_dv)
         if extra is not None:
             st = st + extra
         out = mu * self.keep
-        out[self.active_t] = self.allgather(st)
+        out.index_copy_(0, self.active_t, self.allgather(st))
         return out, dv
 
 
@@ -407,7 +412,7 @@ class TorchLoopProblem:
         kin = []
         for k in range(self.nt):
             sd = self.tr.linearize(u[k])
-            kin.append(self._ldot(rho[loc], (u[k] ** 2).sum(dim=0)))
+            kin.append(self._ldot(_at(rho, loc), (u[k] ** 2).sum(dim=0)))
             rho = self.tr.step(rho, sd)
             if store:
                 rhos.append(rho)
@@ -437,7 +442,7 @@ class TorchLoopProblem:
             rho_k = lin.rhos_t[k]
             extra = self.dt * (u[k] ** 2).sum(dim=0) if k > 0 else None
             lam, dv = self.tr.adjoint_step(lam, rho_k, lin.steps[k], extra)
-            g[k] = dv + 2.0 * self.dt * rho_k[loc] * u[k]
+            g[k] = dv + 2.0 * self.dt * _at(rho_k, loc) * u[k]
         g += self.gamma * self.dt * self._lap_apply_t(u)
         return g
 
@@ -458,7 +463,7 @@ class TorchLoopProblem:
         loc = self.tr.local_t
         out = 2.0 * self.beta * self.vjp_t(self.jvp_t(x, lin), lin)
         for k in range(self.nt):
-            out[k] += 2.0 * self.dt * lin.rhos_t[k][loc] * x[k]
+            out[k] += 2.0 * self.dt * _at(lin.rhos_t[k], loc) * x[k]
         out += self.gamma * self.dt * self._lap_apply_t(x)
         return out
 
@@ -467,7 +472,7 @@ class TorchLoopProblem:
         b_out = torch.empty(self.u_shape, dtype=self.dtype, device=self.device)
         a_out = torch.empty_like(b_out)
         for k in range(self.nt):
-            rho = lin.rhos_t[k][loc]
+            rho = _at(lin.rhos_t[k], loc)
             q = (lin.steps[k].b ** 2).sum(dim=1)
             for d in range(3):
                 others = [e for e in range(3) if e != d]
@@ -484,7 +489,7 @@ class TorchLoopProblem:
 
     def energy_norm2_t(self, x, lin) -> float:
         loc = self.tr.local_t
-        parts = [self._ldot(lin.rhos_t[k][loc], (x[k, :3] ** 2).sum(dim=0)) for k in range(self.nt)]
+        parts = [self._ldot(_at(lin.rhos_t[k], loc), (x[k, :3] ** 2).sum(dim=0)) for k in range(self.nt)]
         return self.pc.sum(self.dt * float(torch.stack(parts).sum()))
 
     # ------------------------------------------------------------ numpy interface
@@ -556,7 +561,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
 
     def _factor(self, r_local):
         m = torch.ones(self.tr.n, dtype=self.dtype, device=self.device)
-        m[self.tr.active_t] = torch.exp(self.dt * self._chi_all() * self.tr.allgather(r_local))
+        m.index_copy_(0, self.tr.active_t, torch.exp(self.dt * self._chi_all() * self.tr.allgather(r_local)))
         return m
 
     def _chi_all(self):
@@ -566,7 +571,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
 
     def _on_active(self, local):
         out = torch.zeros(self.tr.n, dtype=self.dtype, device=self.device)
-        out[self.tr.active_t] = self.tr.allgather(local)
+        out.index_copy_(0, self.tr.active_t, self.tr.allgather(local))
         return out
 
     def forward_t(self, u, store: bool = True):
@@ -577,7 +582,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
         for k in range(self.nt):
             v, r = u[k, :3], u[k, 3]
             sd = self.tr.linearize(v)
-            rl = rho[loc]
+            rl = _at(rho, loc)
             kin.append(self._ldot(rl, (v ** 2).sum(dim=0)))
             src.append(self._ldot(rl + self.rho_floor, self.chi_l * r ** 2))
             m = self._factor(r)
@@ -607,7 +612,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
         for k in range(self.nt - 1, -1, -1):
             lam_q, dv = self.tr.adjoint_step(lam, lin.qs[k], lin.steps[k])
             out[k, :3] = dv
-            out[k, 3] = self.dt * self.chi_l * lin.qs[k][loc] * lam_q[loc]
+            out[k, 3] = self.dt * self.chi_l * _at(lin.qs[k], loc) * _at(lam_q, loc)
             lam = lin.ms[k] * lam_q
             if u is not None and k > 0:
                 v, r = u[k, :3], u[k, 3]
@@ -618,7 +623,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
         g = self._adjoint(2.0 * self.beta * (lin.rhos_t[-1] - self.target_t), u, lin)
         loc = self.tr.local_t
         for k in range(self.nt):
-            rl = lin.rhos_t[k][loc]
+            rl = _at(lin.rhos_t[k], loc)
             g[k, :3] += 2.0 * self.dt * rl * u[k, :3]
             g[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * u[k, 3]
         g += self.gamma * self.dt * self._lap_apply_t(u)
@@ -628,7 +633,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
         delta = torch.zeros(self.tr.n, dtype=self.dtype, device=self.device)
         loc = self.tr.local_t
         for k in range(self.nt):
-            dq = lin.ms[k] * delta + self._on_active(self.dt * self.chi_l * lin.qs[k][loc] * x[k, 3])
+            dq = lin.ms[k] * delta + self._on_active(self.dt * self.chi_l * _at(lin.qs[k], loc) * x[k, 3])
             delta = self.tr.tangent_step(dq, lin.qs[k], lin.steps[k], x[k, :3])
         return delta
 
@@ -639,7 +644,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
         loc = self.tr.local_t
         out = 2.0 * self.beta * self.vjp_t(self.jvp_t(x, lin), lin)
         for k in range(self.nt):
-            rl = lin.rhos_t[k][loc]
+            rl = _at(lin.rhos_t[k], loc)
             out[k, :3] += 2.0 * self.dt * rl * x[k, :3]
             out[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * x[k, 3]
         out += self.gamma * self.dt * self._lap_apply_t(x)
@@ -649,7 +654,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
         loc = self.tr.local_t
         parts = []
         for k in range(self.nt):
-            rl = lin.rhos_t[k][loc]
+            rl = _at(lin.rhos_t[k], loc)
             parts.append(self.dt * self._ldot(rl, (x[k, :3] ** 2).sum(dim=0)))
             parts.append(self.alpha * self.dt * self._ldot(rl + self.rho_floor, self.chi_l * x[k, 3] ** 2))
         return self.pc.sum(float(torch.stack(parts).sum()))
@@ -659,8 +664,8 @@ class TorchUnbalancedProblem(TorchLoopProblem):
         b_out = torch.empty(self.u_shape, dtype=self.dtype, device=self.device)
         a_out = torch.empty_like(b_out)
         for k in range(self.nt):
-            rho = lin.rhos_t[k][loc]
-            q = lin.qs[k][loc]
+            rho = _at(lin.rhos_t[k], loc)
+            q = _at(lin.qs[k], loc)
             bb = (lin.steps[k].b ** 2).sum(dim=1)
             for d in range(3):
                 o = [e for e in range(3) if e != d]
