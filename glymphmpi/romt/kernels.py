@@ -226,6 +226,45 @@ def graph_laplacian_rows(full, lo, nb, deg, out):
             o[i] = acc
 
 
+@numba.njit(**_JIT)
+def cg_step(s, r, p, hp, a):
+    """PCG's update in one pass over flat arrays: ``s += a p``, ``r -= a hp``; returns r.r (local)."""
+    rr = 0.0
+    for i in range(s.size):
+        s[i] += a * p[i]
+        ri = r[i] - a * hp[i]
+        r[i] = ri
+        rr += ri * ri
+    return rr
+
+
+@numba.njit(**_JIT)
+def cg_precondition(r, m, z):
+    """``z = r / m`` in one pass; returns r.z (local)."""
+    rz = 0.0
+    for i in range(r.size):
+        zi = r[i] / m[i]
+        z[i] = zi
+        rz += r[i] * zi
+    return rz
+
+
+@numba.njit(**_JIT)
+def cg_direction(p, z, beta):
+    """``p = z + beta p`` in place."""
+    for i in range(p.size):
+        p[i] = z[i] + beta * p[i]
+
+
+@numba.njit(**_JIT)
+def dot(a, b):
+    """Local a.b of two flat arrays."""
+    acc = 0.0
+    for i in range(a.size):
+        acc += a[i] * b[i]
+    return acc
+
+
 def series_terms(dt_sigma: float, tol: float = 1e-12, max_terms: int = 16) -> int:
     """Terms K of the Neumann series of ``(I - a Lap_N)^{-1}`` whose truncation is below
     ``tol`` in the 2-norm (relative): ``(12 a)^(K+1) / (1 - 12 a) <= tol`` (the 7-point
@@ -253,5 +292,10 @@ def warm_up() -> None:
         gather(y, 3, 3, 3, closed, out, r, np.zeros(1), np.zeros((3, 1)), True)
         factor_squares(y, 3, 3, 3, closed, np.zeros((3, 1)))
     graph_laplacian_rows(np.ones((1, 2)), 0, np.array([[1, -1, -1, -1, -1, -1]]), np.ones(1), np.empty((1, 1)))
+    v = np.ones(4)
+    cg_step(v.copy(), v.copy(), v, v, 0.5)
+    cg_precondition(v, v, v.copy())
+    cg_direction(v.copy(), v, 0.5)
+    dot(v, v)
     x = np.ones((3, 3, 3))
     neumann_series(x, 0.01, 2, np.empty_like(x), np.empty_like(x))
