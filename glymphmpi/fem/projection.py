@@ -219,3 +219,53 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None,
     log.info("variable projection: %s after %d outer iterations, %d inner CG iterations (f = %.6g)",
              reason, it, inner_its, f)
     return out
+
+
+def noise_gradient(problem, cfg, delta: float, probes: int, seed: int = 2026) -> list:
+    """d/ddelta of the noise part of the reduced functional, per unit-variance noise probe.
+
+    For fixed D, J is a quadratic form in the data (the initial scan enters
+    the state linearly, the best g is linear in the data), so for data
+    d = c + e with i.i.d. nodal noise of variance sigma^2,
+    E_e[j(delta; d)] = j(delta; c) + sigma^2 T(delta), T(delta) = E_z[j(delta; z)]
+    over unit white-noise "data" z (all scans, the initial one included).
+    The truth minimises j(.; c) (up to model error), not j(.; d): where the
+    number of data the free boundary values can absorb depends on D (it does:
+    more diffusion spreads a boundary value's influence, so fewer interior
+    noise values can be fitted), T' != 0 moves the minimiser (D biased low at
+    weak regularisation; the Neyman-Scott problem of profiling many nuisance
+    parameters). The corrected estimating equation is
+    j'(delta) - sigma^2 T'(delta) = 0.
+
+    Each probe is one inner solve (a fresh :class:`ReducedFunctional` on the
+    probe data, from g = 0). The probe fields are drawn per voxel of the image
+    grid, so they are the same on any number of ranks.
+
+    Returns:
+        [dj(delta; z_k)/ddelta for k < probes], unnormalised (data units^2 per unit of delta).
+    """
+    import numpy as np
+
+    from glymphmpi.fem.problem import ControlProblem
+
+    model = problem.model
+    vox = model.vm.owned_voxel
+    nvox = int(np.prod(model.vm.shape))
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(probes):
+        z = np.stack([rng.standard_normal(nvox)[vox] for _ in range(problem.data.shape[0])])
+        pz = ControlProblem(model, z, cfg)
+        if problem.g_extra is not None:  # the probed diffusive curvature, in the probe's normalisation
+            pz.set_g_extra(np.asarray(problem.g_extra) * problem.J_scale / pz.J_scale)
+        xz = pz.initial()
+        arr = xz.array  # every rank takes the array: PETSc's cached norms stay consistent
+        arr[pz.nd:] = 0.0
+        rf = ReducedFunctional(pz, cfg, xz)
+        try:
+            _, dphi = rf(delta)
+        finally:
+            rf.close()
+            xz.destroy()
+        out.append(float(dphi) * pz.J_scale)
+    return out
