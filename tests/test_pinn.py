@@ -290,7 +290,7 @@ def test_delta_frozen_for_the_first_epochs_then_free():
     assert res.history["loss_data"][2] < res.history["loss_data"][0]  # the network did train meanwhile
     from glymphmpi.methods import load_config
 
-    with pytest.raises(InputError, match="delta_freeze_epochs"):  # -1 is "a quarter of the epochs"
+    with pytest.raises(InputError, match="delta_freeze_epochs"):  # -1 is "half the epochs"
         load_config("pinn", None, ["pinn.delta_freeze_epochs=-2"])
 
 
@@ -352,10 +352,10 @@ def test_automatic_schedule_scales_with_the_data():
     assert auto.batches == -(-nd // T.AUTO_BATCH) == 8
     assert auto.epochs == round(T.AUTO_STEPS / 8)
     E = auto.epochs
-    assert auto.rar_epochs == (E // 3, 2 * E // 3) and auto.delta_freeze_epochs == E // 4
+    assert auto.rar_epochs == (E // 3, 2 * E // 3) and auto.delta_freeze_epochs == E // 2
     assert auto.rar_add == n_int // 2 and auto.rar_pool == 8 * n_int
     given = T.resolve_schedule(PinnConfig(epochs=40, batches=3, delta_freeze_epochs=-1), pb)
-    assert (given.epochs, given.batches, given.rar_epochs, given.delta_freeze_epochs) == (40, 3, (), 10)
+    assert (given.epochs, given.batches, given.rar_epochs, given.delta_freeze_epochs) == (40, 3, (), 20)
     tiny = T.build_problem(scans[:, :3, :3, :3], np.ones((3, 3, 3), bool), affine, times)
     assert T.resolve_schedule(PinnConfig(epochs=0, batches=0), tiny).epochs == T.AUTO_MAX_EPOCHS
 

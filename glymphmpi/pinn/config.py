@@ -4,7 +4,7 @@ Defaults follow Zapf et al. 2022 (Sci. Rep. 12:15475) as far as a CPU allows,
 in the set-up measured to recover D on brain phantoms (benchmarks/pinn_table.py,
 benchmarks/pinn_defaults.py): a 6 x 64 tanh network, D(delta) = Dmin +
 sigmoid(delta) * Dmax with Dmin = 0.1 and Dmax = 1.2 mm^2/h, started at D0 =
-0.35 mm^2/h and held there for the first quarter of the epochs while the
+0.35 mm^2/h and held there for the first half of the epochs while the
 network fits, loss J + w_r L_r with the p = 1 residual norm, residual-based
 adaptive refinement (RAR) at 1/3 and 2/3 of the epochs, PDE points only in the
 interior of the mask, Adam with exponential learning-rate decay from 5e-3 to
@@ -56,7 +56,7 @@ class PinnConfig:
         lr_start, lr_end: Adam learning rate decays exponentially from
             ``lr_start`` to ``lr_end`` over the epochs.
         delta_freeze_epochs: delta is held at ``delta0`` for this many epochs
-            (-1 = a quarter of the epochs)
+            (-1 = half the epochs; a quarter gave 2-3x the bias in D)
             (the network first fits the data, and the PDE at the initial D).
             Without it, Adam moves delta by about the learning rate per step
             while the network is still far from the data, and D runs to a
