@@ -28,8 +28,8 @@ def test_default_grid_is_the_papers():
     on = next(s for s in setups if s.axes["rar"] and s.axes["w_r"] == 1.0)
     assert on.keys["rar_epochs"] == [500, 1000, 1500]  # 25/50/75% of the grid's 2000 epochs
     es = make_setups(early_stop_fraction=0.25)
-    # delta is held for a quarter of the epochs by default (500), then 25% of the other 1500
-    assert all(s.keys["early_stop_epochs"] == [500 + 375] for s in es)
+    # delta is held for half the epochs by default (1000), then 25% of the other 1000
+    assert all(s.keys["early_stop_epochs"] == [1000 + 250] for s in es)
     fz = make_setups({"w_r": [1.0]}, {"epochs": 400, "delta_freeze_epochs": 100}, early_stop_fraction=0.25)
     assert fz[0].keys["early_stop_epochs"] == [175]  # 100 epochs with D held + 25% of the other 300
     runs = expand_runs(setups[:1], 3)
@@ -191,6 +191,7 @@ def test_early_stop_of_hopeless_run(tmp_path, glymph, tiny_subject):
     r = glymph("pinn", tiny_subject, "--out", out, "--set", "pinn.epochs=6", "--set", "pinn.depth=2",
                "--set", "pinn.width=16", "--set", "pinn.batches=2", "--set", "pinn.delta0=-30.0",
                "--set", "pinn.lr_start=1e-7", "--set", "pinn.lr_end=1e-7", "--set", "pinn.early_stop_epochs=[3]",
+               "--set", "pinn.delta_freeze_epochs=1",  # explicit: the automatic freeze (half) would cover epoch 3
                "--set", "pinn.residual_times=10", "--set", "pinn.residual_voxels=100", "--set", "pinn.figures=false",
                "--set", "pinn.maps=false")
     assert r.returncode == 0, r.stderr[-2000:]

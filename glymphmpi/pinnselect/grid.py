@@ -141,8 +141,8 @@ def make_setups(axes: dict | None = None, fixed: dict | None = None, where: str 
             # (delta_freeze_epochs) neither D nor the residual can show progress
             epochs = grid_epochs(keys)
             freeze = int(keys.get("delta_freeze_epochs", _pinn_defaults().get("delta_freeze_epochs", 0)))
-            if freeze < 0:  # automatic: a quarter of the epochs (PinnConfig)
-                freeze = epochs // 4
+            if freeze < 0:  # automatic: half the epochs (PinnConfig)
+                freeze = epochs // 2
             at = max(2, freeze + int(early_stop_fraction * (epochs - freeze)))
             if epochs >= 4 and at < epochs:
                 keys["early_stop_epochs"] = [at]
