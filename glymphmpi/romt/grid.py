@@ -38,8 +38,9 @@ class DiffusionSolver:
       (:func:`glymphmpi.romt.kernels.neumann_series`) with K the fewest terms whose truncation
       is below 1e-12 in the 2-norm (:func:`~glymphmpi.romt.kernels.series_terms`: K = 5 at
       8e-4); a polynomial in the symmetric Lap_N, so the operator stays symmetric (the
-      dot-product tests hold to round-off). 5-10x cheaper than a DCT pair on the rat's crop.
-    * ``"dct"`` otherwise (K would exceed 16, 12 a >= ~0.1): the orthonormal DCT-II
+      dot-product tests hold to round-off). 6.4x cheaper than a DCT pair on the rat's crop
+      (benchmarks/romt_kernels.py).
+    * ``"dct"`` otherwise (K would exceed 16: 12 a above about 0.19): the orthonormal DCT-II
       diagonalises Lap_N exactly.
 
     Args:
