@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from glymphmpi.romt import kernels
 from glymphmpi.romt.grid import ActiveLaplacian
 from glymphmpi.romt.transport import Transport
 
@@ -225,8 +226,6 @@ class LoopProblem:
         """Solve H s = -g by preconditioned CG; returns (s, iterations). The vector updates run
         as fused kernels (:func:`glymphmpi.romt.kernels.cg_step` and friends: 4 passes over the
         unknowns per iteration instead of about 10)."""
-        from glymphmpi.romt import kernels
-
         m = np.ascontiguousarray(self.preconditioner(lin), dtype=np.float64).reshape(-1)
         s = np.zeros(g.size)
         r = -np.ascontiguousarray(g, dtype=np.float64).reshape(-1)

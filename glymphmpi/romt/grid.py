@@ -18,6 +18,8 @@ import scipy.fft
 import scipy.sparse as sp
 from scipy import ndimage
 
+from glymphmpi.romt import kernels
+
 
 def neumann_eigenvalues(n: int) -> np.ndarray:
     """Eigenvalues of the 1D Neumann second difference (cell-centred), (n,), <= 0.
@@ -51,8 +53,6 @@ class DiffusionSolver:
     """
 
     def __init__(self, shape, dt_sigma: float, workers: int = 1, method: str = "auto"):
-        from glymphmpi.romt import kernels
-
         self.shape = tuple(int(s) for s in shape)
         self.dt_sigma = float(dt_sigma)
         self.workers = max(1, int(workers))
@@ -63,7 +63,6 @@ class DiffusionSolver:
             raise ValueError(f"dt*sigma = {self.dt_sigma:g} voxel^2 is too large for the series (12 a >= 1 "
                              "or more than 16 terms)")
         self.method = "series" if (method == "series" or (method == "auto" and self.terms >= 0)) else "dct"
-        self._kernels = kernels
         self._work = None
         if self.method == "dct":
             lam = sum(np.meshgrid(*[neumann_eigenvalues(n) for n in self.shape], indexing="ij",
@@ -80,7 +79,7 @@ class DiffusionSolver:
             if self._work is None:
                 self._work = np.empty(self.shape)
             out = np.empty(self.shape)
-            self._kernels.neumann_series(a, self.dt_sigma, self.terms, out, self._work)
+            kernels.neumann_series(a, self.dt_sigma, self.terms, out, self._work)
         else:
             c = scipy.fft.dctn(a, type=2, norm="ortho", workers=self.workers)
             c *= self.inv_symbol
@@ -179,8 +178,6 @@ class ActiveLaplacian:
 
     def apply(self, full: np.ndarray) -> np.ndarray:
         """(R, M) values on all active voxels -> (R, hi - lo) ``G^T G`` rows of this rank."""
-        from glymphmpi.romt import kernels
-
         full = np.ascontiguousarray(full, dtype=np.float64)
         out = np.empty((full.shape[0], self.hi - self.lo))
         kernels.graph_laplacian_rows(full, self.lo, self.nb, self.diagonal, out)
