@@ -84,6 +84,15 @@ def finite_problems(method: Method, fields: dict) -> list[str]:
     return bad
 
 
+def _figures_call(comm, fn, *args) -> None:
+    """A figure hook: on every rank with ``comm=`` when it says ``collective = True`` (it splits its
+    figures over the ranks and returns the same on all), else on rank 0 alone."""
+    if getattr(fn, "collective", False) and comm.size > 1:
+        fn(*args, comm=comm)
+    else:
+        _rank0_call(comm, fn, *args)
+
+
 def _rank0_call(comm, fn, *args) -> None:
     """Call ``fn`` on rank 0; an exception there is raised on every rank (the ranks stay together)."""
     err = None
@@ -147,7 +156,7 @@ def _solve_and_record(m: Method, subject, cfg, rundir, comm, solve, figures) -> 
         if bad:
             raise GlymphError(f"{m.name}: the result is not finite ({', '.join(bad)}); not marked complete")
         if figures is not None:
-            _rank0_call(comm, figures, rundir, subject, cfg, fields)
+            _figures_call(comm, figures, rundir, subject, cfg, fields)
         summary = rundir.write_summary(m.name, subject.id, fields)
         log.info("done: %s", rundir.summary)
         return summary
@@ -220,7 +229,7 @@ def _update(m: Method, args, cfg, comm) -> dict:
                                   "summary.json not updated")
             figures = m.figures_fn()
             if figures is not None:
-                _rank0_call(comm, figures, rundir, subject, cfg, fields)
+                _figures_call(comm, figures, rundir, subject, cfg, fields)
     except BaseException:
         rundir.release()
         raise

@@ -78,6 +78,34 @@ def test_postprocess_split_over_ranks(comm, mpi_tmp_path):
         from nibabel.affines import apply_affine
 
         np.testing.assert_allclose(starts, apply_affine(subject.affine, lines.seeds), atol=1e-4)
+    # the figure hook is collective: each rank draws its share, every rank gets all outputs in order
+    from glymphmpi.report.romt_figures import figures
+
+    assert figures.collective
+    fields["romt_post"]["outputs"] = []
+    figures(rd, subject, RomtPostConfig(seed_max_fraction=0.5, figure_max_lines=300), fields, comm=comm)
+    names = ["speed_map", "peclet_map", "pathlines_speed", "pathlines_peclet", "flux_vectors_speed",
+             "flux_vectors_peclet"]
+    assert fields["romt_post"]["outputs"] == [f"figures/{n}.png" for n in names]
+    assert comm.allgather(fields["romt_post"]["outputs"]) == [fields["romt_post"]["outputs"]] * comm.size
+    comm.Barrier()
+    for n in names:
+        assert (rd.figures / f"{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.mpi
+def test_split_figures_raise_on_every_rank(comm):
+    """A figure that fails on one rank fails the hook on every rank (the ranks stay together)."""
+    from glymphmpi.errors import GlymphError
+    from glymphmpi.report.romt_figures import _run_split
+
+    def bad():
+        raise ValueError("no such map")
+
+    tasks = [lambda: "a", bad, lambda: "c"]  # task 1 runs on rank 1 (2 ranks) or rank 0 (1 rank)
+    with pytest.raises((ValueError, GlymphError), match="no such map"):
+        _run_split(tasks, comm)
+    assert _run_split([lambda: "a", lambda: "b", lambda: "c"], comm) == ["a", "b", "c"]
 
 
 def test_romt_then_romt_post_on_small_gaussian_spheres(tmp_path, glymph):

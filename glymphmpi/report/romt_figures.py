@@ -231,44 +231,67 @@ def mask_outline_world(mask: np.ndarray, affine: np.ndarray, max_points: int = 4
     return apply_affine(np.asarray(affine, dtype=np.float64), idx)
 
 
-def figures(rundir, subject, cfg, fields) -> None:
+def figures(rundir, subject, cfg, fields, comm=None) -> None:
     """The registry's figure hook of ``romt`` and ``romt-post``: every figure from the run's outputs.
 
     Reads ``maps/speed.nii.gz``, ``maps/peclet.nii.gz``, ``maps/pathline_points.nii.gz``,
     ``vtk/pathlines.vtp`` and ``vtk/flux_vectors.vtp`` (what the post-processing wrote);
     draws nothing when the post-processing was skipped or wrote none of them.
 
+    Collective (``figures.collective``): with a communicator of several ranks every rank calls it,
+    draws its share of the figures (figure i on rank i mod size) and all ranks return the same
+    ``fields``; a failure on one rank is raised on every rank.
+
     Args:
         cfg: the :class:`glymphmpi.romt.config.RomtConfig` (figure settings in ``cfg.post``).
+        comm: MPI communicator, or None (serial).
     """
     post = getattr(cfg, "post", cfg)
     if not getattr(post, "write_figures", True):
         return
     root = Path(rundir.root)
+    tasks: list = []
     src = root / "maps" / "relative_source.nii.gz"
     if src.exists():  # unbalanced model: urOMT's Eulerian relative source, with or without post-processing
-        out = source_figure(rundir, subject, src, post.figure_dpi)
-        if isinstance(fields.get("romt_post"), dict):
-            fields["romt_post"].setdefault("outputs", []).append(out)
-    if not getattr(cfg, "postprocess", True):
-        return
-    need = [root / "maps" / f"{n}.nii.gz" for n in ("speed", "peclet", "pathline_points")]
-    need += [root / "vtk" / "pathlines.vtp", root / "vtk" / "flux_vectors.vtp"]
-    missing = [str(p.relative_to(root)) for p in need if not p.exists()]
-    if missing:
-        log.info("rOMT figures skipped: %s not written (romt.post.write_maps / write_vtk)", ", ".join(missing))
-        return
-    import nibabel as nib
-
-    from glymphmpi.io.vtk import read_vtp
-
-    speed, peclet, count = (np.asarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in need[:3])
-    lines, flux = read_vtp(need[3]), read_vtp(need[4])
-    mask = np.asarray(subject.mask, dtype=bool)
-    maps = {"speed": speed, "peclet": peclet, "has_speed": count > 0, "has_pe": (count > 0) & (peclet > 0)}
-    outputs = all_figures(rundir, subject, lines, maps, flux, mask, post)
+        tasks.append(lambda: source_figure(rundir, subject, src, post.figure_dpi))
+    if getattr(cfg, "postprocess", True):
+        need = [root / "maps" / f"{n}.nii.gz" for n in ("speed", "peclet", "pathline_points")]
+        need += [root / "vtk" / "pathlines.vtp", root / "vtk" / "flux_vectors.vtp"]
+        missing = [str(p.relative_to(root)) for p in need if not p.exists()]
+        if missing:
+            log.info("rOMT figures skipped: %s not written (romt.post.write_maps / write_vtk)", ", ".join(missing))
+        else:
+            tasks += figure_tasks(rundir, subject, need, post)
+    outputs = _run_split(tasks, comm)
     if isinstance(fields.get("romt_post"), dict):
         fields["romt_post"].setdefault("outputs", []).extend(outputs)
+
+
+figures.collective = True
+
+
+def _run_split(tasks: list, comm) -> list[str]:
+    """Run task i on rank i mod size; every rank gets all outputs in task order (errors raised on all)."""
+    rank, size = (0, 1) if comm is None else (comm.rank, comm.size)
+    mine, err = {}, None
+    for i in range(rank, len(tasks), size):
+        try:
+            mine[i] = tasks[i]()
+        except Exception as exc:  # noqa: BLE001 - raised below on every rank
+            err = exc
+            break
+    if size > 1:
+        parts = comm.allgather((mine, None if err is None else f"{type(err).__name__}: {err}"))
+        msgs = [m for _, m in parts if m]
+        if msgs and err is None:
+            from glymphmpi.errors import GlymphError
+
+            raise GlymphError(f"figures failed on another rank: {msgs[0]}")
+        for d, _ in parts:
+            mine.update(d)
+    if err is not None:
+        raise err
+    return [mine[i] for i in range(len(tasks))]
 
 
 def source_figure(rundir, subject, path, dpi: int) -> str:
@@ -307,6 +330,28 @@ def _line_segments(vtp: dict, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return np.stack([pts[a], pts[b]], axis=1), 0.5 * (spd[a] + spd[b]), 0.5 * (pe[a] + pe[b])
 
 
+def figure_tasks(rundir, subject, need: list, cfg) -> list:
+    """The six post-processing figures as independent thunks (each returns its path relative to
+    the run directory); the maps and VTK files (``need``: speed, peclet, pathline_points NIfTI,
+    pathlines and flux-vector VTP) are read once, by the first thunk that needs them."""
+    cache: dict = {}
+
+    def data():
+        if not cache:
+            import nibabel as nib
+
+            from glymphmpi.io.vtk import read_vtp
+
+            speed, peclet, count = (np.asarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in need[:3])
+            cache["maps"] = {"speed": speed, "peclet": peclet, "has_speed": count > 0,
+                             "has_pe": (count > 0) & (peclet > 0)}
+            cache["lines"], cache["flux"] = read_vtp(need[3]), read_vtp(need[4])
+            cache["mask"] = np.asarray(subject.mask, dtype=bool)
+        return cache
+
+    return [(lambda k=k: _one_figure(k, rundir, subject, data(), cfg)) for k in range(6)]
+
+
 def all_figures(rundir, subject, lines: dict, maps: dict, flux: dict, mask: np.ndarray, cfg) -> list[str]:
     """Write every figure of the post-processing; returns paths relative to the run directory.
 
@@ -316,33 +361,46 @@ def all_figures(rundir, subject, lines: dict, maps: dict, flux: dict, mask: np.n
         flux: ``vtk/flux_vectors.vtp`` as read (start points, ``displacement_mm``, means).
         cfg: :class:`glymphmpi.romt.post_config.RomtPostConfig` (figure_dpi, figure_max_*).
     """
+    d = {"maps": maps, "lines": lines, "flux": flux, "mask": mask}
+    return [_one_figure(k, rundir, subject, d, cfg) for k in range(6)]
+
+
+def _one_figure(k: int, rundir, subject, d: dict, cfg) -> str:
+    """Figure k of the post-processing (0-1 maps, 2-3 pathlines, 4-5 flux vectors)."""
     fig_dir = Path(rundir.figures)
     fig_dir.mkdir(parents=True, exist_ok=True)
     affine = np.asarray(subject.affine)
     dpi = cfg.figure_dpi
     sid = subject.id
-    bg = background_image(subject)
-    vox = subject.voxel_size_mm
-    out = [
-        map_slices(fig_dir / "speed_map.png", maps["speed"], maps["has_speed"] & mask, bg, vox,
-                   f"{sid}: rOMT speed map (mean |v| of the pathline points per voxel)", SPEED_LABEL,
-                   "speed", dpi=dpi),
-        map_slices(fig_dir / "peclet_map.png", maps["peclet"], maps["has_pe"] & mask, bg, vox,
-                   f"{sid}: Péclet map (mean Pe of the pathline points; red: advection, blue: diffusion)",
-                   PE_LABEL, "peclet", dpi=dpi),
-    ]
+    maps, lines, flux, mask = d["maps"], d["lines"], d["flux"], d["mask"]
+    if k < 2:
+        bg = background_image(subject)
+        vox = subject.voxel_size_mm
+        if k == 0:
+            o = map_slices(fig_dir / "speed_map.png", maps["speed"], maps["has_speed"] & mask, bg, vox,
+                           f"{sid}: rOMT speed map (mean |v| of the pathline points per voxel)", SPEED_LABEL,
+                           "speed", dpi=dpi)
+        else:
+            o = map_slices(fig_dir / "peclet_map.png", maps["peclet"], maps["has_pe"] & mask, bg, vox,
+                           f"{sid}: Péclet map (mean Pe of the pathline points; red: advection, blue: diffusion)",
+                           PE_LABEL, "peclet", dpi=dpi)
+        return str(Path(o).relative_to(rundir.root))
     context = mask_outline_world(mask, affine)
-    n = 0 if lines["lines"] is None else len(lines["lines"][1])
-    pick = np.arange(n)
-    if n > cfg.figure_max_lines:
-        pick = np.linspace(0, n - 1, cfg.figure_max_lines).round().astype(int)
-    segs, seg_speed, seg_pe = _line_segments(lines, pick) if n else (np.zeros((0, 2, 3)), np.zeros(0),
-                                                                      np.zeros(0))
-    shown = f"{pick.size} of {n} pathlines" if pick.size < n else f"{n} pathlines"
-    out.append(pathlines_3d(fig_dir / "pathlines_speed.png", segs, seg_speed,
-                            f"{sid}: speed-lines ({shown})", SPEED_LABEL, "speed", context, dpi))
-    out.append(pathlines_3d(fig_dir / "pathlines_peclet.png", segs, seg_pe,
-                            f"{sid}: Péclet-lines ({shown})", PE_LABEL, "peclet", context, dpi))
+    if k < 4:
+        n = 0 if lines["lines"] is None else len(lines["lines"][1])
+        pick = np.arange(n)
+        if n > cfg.figure_max_lines:
+            pick = np.linspace(0, n - 1, cfg.figure_max_lines).round().astype(int)
+        segs, seg_speed, seg_pe = _line_segments(lines, pick) if n else (np.zeros((0, 2, 3)), np.zeros(0),
+                                                                          np.zeros(0))
+        shown = f"{pick.size} of {n} pathlines" if pick.size < n else f"{n} pathlines"
+        if k == 2:
+            o = pathlines_3d(fig_dir / "pathlines_speed.png", segs, seg_speed,
+                             f"{sid}: speed-lines ({shown})", SPEED_LABEL, "speed", context, dpi)
+        else:
+            o = pathlines_3d(fig_dir / "pathlines_peclet.png", segs, seg_pe,
+                             f"{sid}: Péclet-lines ({shown})", PE_LABEL, "peclet", context, dpi)
+        return str(Path(o).relative_to(rundir.root))
     nv = np.asarray(flux["points"]).shape[0]
     vpick = np.arange(nv)
     if nv > cfg.figure_max_vectors:
@@ -351,12 +409,14 @@ def all_figures(rundir, subject, lines: dict, maps: dict, flux: dict, mask: np.n
     fd = flux["point_data"]
     start = np.asarray(flux["points"], dtype=np.float64)[vpick]
     disp = np.asarray(fd["displacement_mm"], dtype=np.float64).reshape(-1, 3)[vpick]
-    out.append(flux_vectors_3d(fig_dir / "flux_vectors_speed.png", start, disp,
-                               np.asarray(fd["mean_speed_mm_per_h"], dtype=np.float64)[vpick],
-                               f"{sid}: flux vectors, pathline start to end ({vshown})",
-                               "mean " + SPEED_LABEL, "speed", context, dpi))
-    out.append(flux_vectors_3d(fig_dir / "flux_vectors_peclet.png", start, disp,
-                               np.asarray(fd["mean_peclet"], dtype=np.float64)[vpick],
-                               f"{sid}: flux vectors, pathline start to end ({vshown})", "mean " + PE_LABEL,
-                               "peclet", context, dpi))
-    return [str(Path(o).relative_to(rundir.root)) for o in out]
+    if k == 4:
+        o = flux_vectors_3d(fig_dir / "flux_vectors_speed.png", start, disp,
+                            np.asarray(fd["mean_speed_mm_per_h"], dtype=np.float64)[vpick],
+                            f"{sid}: flux vectors, pathline start to end ({vshown})",
+                            "mean " + SPEED_LABEL, "speed", context, dpi)
+    else:
+        o = flux_vectors_3d(fig_dir / "flux_vectors_peclet.png", start, disp,
+                            np.asarray(fd["mean_peclet"], dtype=np.float64)[vpick],
+                            f"{sid}: flux vectors, pathline start to end ({vshown})", "mean " + PE_LABEL,
+                            "peclet", context, dpi)
+    return str(Path(o).relative_to(rundir.root))
