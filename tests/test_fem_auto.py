@@ -127,3 +127,22 @@ def test_figure_title_shows_interval_and_flags():
     t = figure_title("s1", {"D_mm2_per_h": 0.7, "D_ci95_mm2_per_h": None, "converged": False,
                             "warnings": ["a", "b"]}, "boundary-control")
     assert "NOT CONVERGED" in t and "2 warning(s)" in t and "95%" not in t
+
+
+def test_low_noise_warning_on_brain_phantoms():
+    """Noise-free phantom data fall below the level the noise rule was checked on and are flagged (the
+    measured bias of D there is +5-16%); 5% noise is not flagged; an unknown noise level is not either."""
+    from glymphmpi.synth import brain_diffusion as bd
+
+    levels = {}
+    for noise in (0.0, 0.05):
+        scans, _, mask, _, _ = bd.make_phantom(bd.PhantomSpec(block=(14, 14, 14), noise=noise, seed=0, dt_h=0.25))
+        scale = A.data_scale(scans, mask)
+        levels[noise], _ = A.noise_level(list(bd.DEFAULT_TIMES_H), scans, mask, None, scale)
+    assert levels[0.0] < 0.5 * A.LOW_NOISE_REL  # the signal's own curvature: 0.3-0.4%
+    assert levels[0.05] > 3 * A.LOW_NOISE_REL
+    w = A.low_noise_warning(levels[0.0])
+    assert w is not None and "biased high" in w and "upper estimate" in w
+    assert A.low_noise_warning(levels[0.05]) is None
+    assert A.low_noise_warning(None) is None
+    assert A.low_noise_warning(A.LOW_NOISE_REL) is None and A.low_noise_warning(0.99 * A.LOW_NOISE_REL)

@@ -46,6 +46,7 @@ def test_cli_outputs(tmp_path, glymph):
     assert 0.2 < s["D_mm2_per_h"] < 1.3 and s["iterations"] >= 1
     assert len(s["misfit_per_scan"]) == 4 and s["misfit_per_scan"][0] == 0.0
     assert max(s["relative_misfit_per_scan"]) < 0.2
+    assert any("data-boundary" in w and "biased" in w for w in s["warnings"])  # its D is said to be biased
     tree, attrs = read_h5_tree(out / "results.h5")
     assert json.loads(attrs["config"])["FemConfig"]["mode"] == "data-boundary"
     hist = tree["history"]
