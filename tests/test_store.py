@@ -128,6 +128,38 @@ def test_checkpointer_step_and_signal(tmp_path):
         StopFlag.reset()
 
 
+def test_checkpointer_min_interval_throttles_periodic_saves_not_signals(tmp_path, monkeypatch):
+    """min_interval_s: the first due save happens, later ones only when enough time passed since the last;
+    a stop signal saves at once."""
+    import glymphmpi.store.checkpoint as cp
+
+    now = [100.0]
+    monkeypatch.setattr(cp.time, "monotonic", lambda: now[0])
+    ck = Checkpointer(tmp_path / "checkpoint.h5", every=1, min_interval_s=30.0)
+    saved = []
+
+    def state():
+        saved.append(1)
+        return {"x": np.ones(3)}
+
+    ck.step(1, state)  # first: saved
+    now[0] += 10.0
+    ck.step(2, state)  # 10 s later: skipped
+    now[0] += 25.0
+    ck.step(3, state)  # 35 s after the last save: saved
+    now[0] += 1.0
+    ck.step(4, state)
+    assert len(saved) == 2 and ck.load()[1] == 3
+    StopFlag.reset()
+    try:
+        StopFlag._handler(signal.SIGTERM, None)
+        with pytest.raises(Preempted):
+            ck.step(5, state)  # 1 s after the last save, but stopping: saved
+        assert len(saved) == 3 and ck.load()[1] == 5
+    finally:
+        StopFlag.reset()
+
+
 SIGNALLED = textwrap.dedent("""
     import sys, time, numpy as np
     from glymphmpi.store import Checkpointer, StopFlag

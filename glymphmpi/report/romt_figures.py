@@ -189,22 +189,24 @@ def _finish_3d(plt, fig, ax, pts: np.ndarray, context, norm, cmap, label: str, k
     return _save(fig, path, dpi)
 
 
-def pathlines_3d(path, segments: np.ndarray, values: np.ndarray, title: str, label: str, kind="speed",
+def pathlines_3d(path, segments, values: np.ndarray, title: str, label: str, kind="speed",
                  context: np.ndarray | None = None, dpi=110) -> str:
-    """Pathline segments in 3D coloured by a value.
+    """Pathline pieces in 3D coloured by a value.
 
     Args:
-        segments: (m, 2, 3) world mm segment end points.
-        values: (m,) value of each segment.
+        segments: (m, 2, 3) world mm segment end points, or a list of m (n_i, 3) polylines.
+        values: (m,) value of each segment or polyline.
         context: optional (q, 3) world mm points (e.g. the mask outline) drawn faintly.
     """
     from mpl_toolkits.mplot3d.art3d import Line3DCollection
 
+    segs = list(segments)
     plt, fig, ax, norm, cmap, ok = _figure_3d(values, kind, "segment")
     if ok.any():
-        lc = Line3DCollection(segments[ok], colors=cmap(norm(values[ok])), linewidths=0.9)
+        lc = Line3DCollection([p for p, o in zip(segs, ok) if o], colors=cmap(norm(values[ok])), linewidths=0.9)
         ax.add_collection3d(lc, autolim=False)
-    return _finish_3d(plt, fig, ax, segments.reshape(-1, 3), context, norm, cmap, label, kind, title, path, dpi)
+    pts = np.concatenate([np.asarray(p, dtype=np.float64).reshape(-1, 3) for p in segs]) if segs else np.zeros((0, 3))
+    return _finish_3d(plt, fig, ax, pts, context, norm, cmap, label, kind, title, path, dpi)
 
 
 def flux_vectors_3d(path, start: np.ndarray, disp: np.ndarray, values: np.ndarray, title: str,
@@ -312,22 +314,30 @@ def source_figure(rundir, subject, path, dpi: int) -> str:
     return str(Path(out).relative_to(rundir.root))
 
 
-def _line_segments(vtp: dict, pick: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Segments (m, 2, 3) of the picked polylines of a pathlines.vtp and their mean speed and Pe."""
+#: pathline points per drawn piece in the 3D figures: each piece is one coloured polyline (its mean
+#: value); matplotlib's 3D projection costs per piece, so 4 points per piece draws 4x faster than
+#: single segments (measured 2.9 -> 0.9 s per figure on the 50^3 spheres, 1500 lines)
+PIECE_POINTS = 4
+
+
+def _line_pieces(vtp: dict, pick: np.ndarray, k: int = PIECE_POINTS) -> tuple[list, np.ndarray, np.ndarray]:
+    """Pieces of up to ``k`` + 1 consecutive points (neighbouring pieces share an end point) of the
+    picked polylines of a pathlines.vtp, with the mean speed and Pe of each piece's points."""
     conn, offs = vtp["lines"]
     ends = np.asarray(offs, dtype=np.int64)
     starts = np.concatenate([[0], ends[:-1]])
-    first, last = [], []
-    for s, e in zip(starts[pick], ends[pick]):
-        idx = conn[s:e]
-        first.append(idx[:-1])
-        last.append(idx[1:])
-    a = np.concatenate(first) if first else np.zeros(0, np.int64)
-    b = np.concatenate(last) if last else np.zeros(0, np.int64)
     pts = np.asarray(vtp["points"], dtype=np.float64)
     spd = np.asarray(vtp["point_data"]["speed_mm_per_h"], dtype=np.float64)
     pe = np.asarray(vtp["point_data"]["peclet"], dtype=np.float64)
-    return np.stack([pts[a], pts[b]], axis=1), 0.5 * (spd[a] + spd[b]), 0.5 * (pe[a] + pe[b])
+    pieces, vs, vp = [], [], []
+    for s, e in zip(starts[pick], ends[pick]):
+        idx = np.asarray(conn[s:e], dtype=np.int64)
+        for a in range(0, idx.size - 1, k):
+            j = idx[a:a + k + 1]
+            pieces.append(pts[j])
+            vs.append(spd[j].mean())
+            vp.append(pe[j].mean())
+    return pieces, np.asarray(vs), np.asarray(vp)
 
 
 def figure_tasks(rundir, subject, need: list, cfg) -> list:
@@ -391,8 +401,7 @@ def _one_figure(k: int, rundir, subject, d: dict, cfg) -> str:
         pick = np.arange(n)
         if n > cfg.figure_max_lines:
             pick = np.linspace(0, n - 1, cfg.figure_max_lines).round().astype(int)
-        segs, seg_speed, seg_pe = _line_segments(lines, pick) if n else (np.zeros((0, 2, 3)), np.zeros(0),
-                                                                          np.zeros(0))
+        segs, seg_speed, seg_pe = _line_pieces(lines, pick) if n else ([], np.zeros(0), np.zeros(0))
         shown = f"{pick.size} of {n} pathlines" if pick.size < n else f"{n} pathlines"
         if k == 2:
             o = pathlines_3d(fig_dir / "pathlines_speed.png", segs, seg_speed,

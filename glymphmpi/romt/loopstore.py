@@ -46,10 +46,11 @@ class LoopStore:
         every: checkpoint every this many GN iterations.
     """
 
-    def __init__(self, rundir, key: str, every: int = 1):
+    def __init__(self, rundir, key: str, every: int = 1, min_interval_s: float = 0.0):
         self.rundir = rundir
         self.key = key
         self.every = every
+        self.min_interval_s = min_interval_s
         self.dir = Path(rundir.root) / "romt_loops"
 
     def loop_path(self, k: int) -> Path:
@@ -76,10 +77,10 @@ class LoopStore:
         from glymphmpi.io import write_h5_tree
 
         if writer:
-            write_h5_tree(self.loop_path(k), res, {"config_key": self.key, "loop": k})
+            write_h5_tree(self.loop_path(k), res, {"config_key": self.key, "loop": k}, compress=False)
 
     def checkpointer(self, name: str, comm):
-        return self.rundir.checkpointer(every=self.every, name=name, comm=comm)
+        return self.rundir.checkpointer(every=self.every, name=name, comm=comm, min_interval_s=self.min_interval_s)
 
     def states(self) -> dict:
         """Loop index -> newest saved in-progress state, over every checkpoint file."""

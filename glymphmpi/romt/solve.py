@@ -68,7 +68,7 @@ def run(subject, cfg: RomtConfig, rundir, comm) -> dict:
     check_images(images, names)
     active = active_set(subject.mask, cfg.mask_dilation)
     check_memory(cfg, int(active.sum()), ranks_on_this_node(comm))
-    store = LoopStore(rundir, config_key(cfg), cfg.checkpoint_every)
+    store = LoopStore(rundir, config_key(cfg), cfg.checkpoint_every, cfg.checkpoint_min_interval_s)
     if getattr(rundir, "fresh", False) and rundir.rank == 0:  # --fresh/--force: no finished loops either
         store.forget_loops()
     comm.Barrier()

@@ -53,9 +53,13 @@ class Checkpointer:
         identity: the run identity (:mod:`glymphmpi.store.identity`): saved with
             every checkpoint; :meth:`load` refuses a checkpoint of another
             identity, or of none, in one line naming what differs.
+        min_interval_s: a periodic save is skipped when the last save of this
+            checkpointer was less than this many seconds ago (the first one is
+            always made; a stop signal always saves). 0: every due iteration.
     """
 
-    def __init__(self, path, every: int = 1, comm=None, per_rank: bool = False, identity: dict | None = None):
+    def __init__(self, path, every: int = 1, comm=None, per_rank: bool = False, identity: dict | None = None,
+                 min_interval_s: float = 0.0):
         path = Path(path)
         self.comm = mpi_comm(serial=True) if comm is None else comm
         self.rank = self.comm.rank
@@ -67,6 +71,8 @@ class Checkpointer:
         self.every = int(every)
         self.writes = self.per_rank or self.rank == 0
         self.identity = identity
+        self.min_interval_s = float(min_interval_s)
+        self._last_save: float | None = None
 
     def save(self, state: dict, iteration: int) -> None:
         """Write the state atomically (collective over ``comm``).
@@ -87,7 +93,7 @@ class Checkpointer:
                 if self.identity is not None:
                     fh.attrs["identity"] = json.dumps(self.identity, sort_keys=True)
                 for k, v in tree.items():
-                    write_node(fh, k, v)
+                    write_node(fh, k, v, compress=False)  # written every few iterations: speed over size
                 fh.attrs["complete"] = True
 
             try:
@@ -144,8 +150,13 @@ class Checkpointer:
             Preempted: after saving, if SIGTERM/SIGUSR1 was received.
         """
         stop = StopFlag.agreed(self.comm)
-        if stop or (self.every > 0 and iteration % self.every == 0):
+        due = self.every > 0 and iteration % self.every == 0
+        if due and not stop and self.min_interval_s > 0 and self._last_save is not None:
+            # the same decision on every rank of comm (the save is collective)
+            due = self.comm.bcast(time.monotonic() - self._last_save >= self.min_interval_s, root=0)
+        if stop or due:
             self.save(state_fn(), iteration)
+            self._last_save = time.monotonic()
         if stop:
             raise Preempted(f"stopped by a signal at iteration {iteration}; checkpoint in {self.path}")
 

@@ -23,8 +23,8 @@ from glymphmpi import __version__
 # finished parts depend on the cap, like rOMT's finished loops, checks its own key for them).
 # A config class adds its own with a class attribute ``IDENTITY_EXCLUDE = ("key", ...)``.
 RUN_ONLY = frozenset({
-    "checkpoint_every", "log_every", "quiet", "vtk_every", "maps", "figures", "postprocess", "post",
-    "fft_workers", "tune_malloc", "compile", "device", "petsc_prefix", "max_iterations",
+    "checkpoint_every", "checkpoint_min_interval_s", "log_every", "quiet", "vtk_every", "maps", "figures",
+    "postprocess", "post", "fft_workers", "tune_malloc", "compile", "device", "petsc_prefix", "max_iterations",
 })
 
 

@@ -212,16 +212,16 @@ class RunDir:
             self._lock = None
 
     def checkpointer(self, every: int = 1, per_rank: bool = False, name: str = "checkpoint.h5",
-                     comm=None) -> Checkpointer:
+                     comm=None, min_interval_s: float = 0.0) -> Checkpointer:
         """A :class:`Checkpointer` for ``OUT/name`` that records and checks this run's identity.
 
         Args:
-            every, per_rank: see :class:`Checkpointer`.
+            every, per_rank, min_interval_s: see :class:`Checkpointer`.
             name: file name (e.g. ``checkpoint.group0of2.h5`` for a group of ranks).
             comm: the communicator of the ranks sharing this file (default: the run's).
         """
         return Checkpointer(self.root / name, every=every, comm=self.comm if comm is None else comm,
-                            per_rank=per_rank, identity=self.identity)
+                            per_rank=per_rank, identity=self.identity, min_interval_s=min_interval_s)
 
     def write_results(self, tree: dict, config=None, subject_id=None, extra_attrs=None,
                       node_attrs: dict | None = None) -> Path | None:
