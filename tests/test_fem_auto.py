@@ -130,8 +130,9 @@ def test_figure_title_shows_interval_and_flags():
 
 
 def test_low_noise_warning_on_brain_phantoms():
-    """Noise-free phantom data fall below the level the noise rule was checked on and are flagged (the
-    measured bias of D there is +5-16%); 5% noise is not flagged; an unknown noise level is not either."""
+    """Noise-free phantom data fall below the level the noise rule was checked on and are flagged when D
+    still moves along the regularisation path (more than 1% per decade: measured +5-16% bias there);
+    5% noise, an unknown noise level or a settled D are not flagged."""
     from glymphmpi.synth import brain_diffusion as bd
 
     levels = {}
@@ -141,8 +142,13 @@ def test_low_noise_warning_on_brain_phantoms():
         levels[noise], _ = A.noise_level(list(bd.DEFAULT_TIMES_H), scans, mask, None, scale)
     assert levels[0.0] < 0.5 * A.LOW_NOISE_REL  # the signal's own curvature: 0.3-0.4%
     assert levels[0.05] > 3 * A.LOW_NOISE_REL
-    w = A.low_noise_warning(levels[0.0])
-    assert w is not None and "biased high" in w and "upper estimate" in w
-    assert A.low_noise_warning(levels[0.05]) is None
-    assert A.low_noise_warning(None) is None
-    assert A.low_noise_warning(A.LOW_NOISE_REL) is None and A.low_noise_warning(0.99 * A.LOW_NOISE_REL)
+    moving = [{"scale": 3.5e-3, "D": 0.8606}, {"scale": 3.5e-4, "D": 0.8373}]  # the 14 mm noise-free path
+    settled = [{"scale": 1.2e-2, "D": 0.5292}, {"scale": 1.2e-3, "D": 0.5264}]  # 21 mm, scans every 4 h
+    w = A.low_noise_warning(levels[0.0], moving)
+    assert w is not None and "biased high" in w and "2.8%" in w and "upper estimate" in w
+    assert A.low_noise_warning(levels[0.0], settled) is None
+    assert A.low_noise_warning(levels[0.05], moving) is None
+    assert A.low_noise_warning(None, moving) is None
+    assert A.low_noise_warning(levels[0.0], moving[:1]) is None  # one scale: no movement measured
+    two_decades = [{"scale": 1e-2, "D": 0.83}, {"scale": 1e-4, "D": 0.81}]  # 2.5% over two decades: 1.2% each
+    assert "1.2%" in A.low_noise_warning(levels[0.0], two_decades)

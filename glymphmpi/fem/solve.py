@@ -287,9 +287,6 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
         if rule_name == "discrepancy" and sigma is None:
             rule_name = "l-curve"
         s_noise = A.noise_scale(sigma) if rule_name == "noise" else None
-        low = A.low_noise_warning(sigma)
-        if low:
-            warnings.append(low)
 
         def next_scale():
             done = [r["scale"] for r in records]
@@ -377,6 +374,9 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             if r["inner_capped"]:
                 warnings.append(f"scale {r['scale']:.3g}: {r['inner_capped']} inner CG solve(s) for g hit "
                                 f"fem.inner_max_iterations")
+        low = A.low_noise_warning(sigma, [r for r in records if not r.get("refine")])
+        if low:
+            warnings.append(low)
         total_its = history["iteration"][-1] if history["iteration"] else 0
         # interval: Laplace approximation of j(delta) = min_g J, widened by the measured sensitivity
         sigma_ci = sigma
