@@ -43,12 +43,15 @@ ap.add_argument("--K", type=int, default=3)
 ap.add_argument("--inner_rtol", type=float, default=1e-4)
 ap.add_argument("--d_rtol", type=float, default=1e-3)
 ap.add_argument("--variant", default="none")
+ap.add_argument("--times", default=None, help="scan times (h), comma-separated (default: the phantom's)")
+ap.add_argument("--solve", type=int, default=0, help="secant steps on j'(delta) - sigma^2 T'(delta) = 0 after the one-step")
 a = ap.parse_args()
+times = tuple(float(t) for t in a.times.split(",")) if a.times else bd.DEFAULT_TIMES_H
 spec = bd.PhantomSpec(block=(a.block,) * 3, centre_mm=tuple(a.centre) if a.centre else None, D_mm2_per_h=a.D,
-                      noise=a.noise, seed=a.seed, dt_h=0.1)
+                      noise=a.noise, seed=a.seed, dt_h=0.1, times_h=times)
 t0 = time.process_time()
 os.makedirs("/tmp/hfem", exist_ok=True)
-key = f"/tmp/hfem/ph_{a.block}_{a.D}_{a.noise}_{a.seed}_{a.centre}.npz"
+key = f"/tmp/hfem/ph_{a.block}_{a.D}_{a.noise}_{a.seed}_{a.centre}_{times}.npz"
 if os.path.exists(key):
     z = np.load(key); scans, clean, mask, affine = z["scans"], z["clean"], z["mask"], z["affine"]
 else:
@@ -108,3 +111,17 @@ for s in a.scales:
                       "errc%": round(100 * (Dc / a.D - 1), 2), "sd_noise": round(sdD, 5), "sd_corr": round(sd_corr, 5),
                       "ng": [round(v, 6) for v in ng], "jpp": jpp, "outer": out["iterations"], "inner": out["inner_iterations"],
                       "cpu_path": round(tp, 1), "cpu_probe": round(time.process_time() - t2, 1)}), flush=True)
+    # the corrected estimating equation solved by secant, the same probes at every step
+    d0, F0, d1 = delta, phi_c, dc
+    for it in range(a.solve):
+        rf = ReducedFunctional(problem, cfg, x)
+        _, p1 = rf(d1)
+        rf.close()
+        F1 = p1 * problem.J_scale - (noise_grad(cfg, d1) * sigma ** 2).mean()
+        d2 = d1 - F1 * (d1 - d0) / (F1 - F0) if F1 != F0 else d1
+        d0, F0, d1 = d1, F1, d2
+        print(json.dumps({"s": s, "secant": it + 1, "D": round(problem.D_of(d1)[0], 5),
+                          "err%": round(100 * (problem.D_of(d1)[0] / a.D - 1), 2), "F": F1,
+                          "cpu": round(time.process_time() - t2, 1)}), flush=True)
+        if abs(d1 - d0) < 1e-4:
+            break
