@@ -43,15 +43,16 @@ ap.add_argument("--K", type=int, default=3)
 ap.add_argument("--inner_rtol", type=float, default=1e-4)
 ap.add_argument("--d_rtol", type=float, default=1e-3)
 ap.add_argument("--variant", default="none")
+ap.add_argument("--gen-dt", type=float, default=0.1, help="the phantom generator's time step (fem_auto.py: 0.05)")
 ap.add_argument("--times", default=None, help="scan times (h), comma-separated (default: the phantom's)")
 ap.add_argument("--solve", type=int, default=0, help="secant steps on j'(delta) - sigma^2 T'(delta) = 0 after the one-step")
 a = ap.parse_args()
 times = tuple(float(t) for t in a.times.split(",")) if a.times else bd.DEFAULT_TIMES_H
 spec = bd.PhantomSpec(block=(a.block,) * 3, centre_mm=tuple(a.centre) if a.centre else None, D_mm2_per_h=a.D,
-                      noise=a.noise, seed=a.seed, dt_h=0.1, times_h=times)
+                      noise=a.noise, seed=a.seed, dt_h=a.gen_dt, times_h=times)
 t0 = time.process_time()
 os.makedirs("/tmp/hfem", exist_ok=True)
-key = f"/tmp/hfem/ph_{a.block}_{a.D}_{a.noise}_{a.seed}_{a.centre}_{times}.npz"
+key = f"/tmp/hfem/ph_{a.block}_{a.D}_{a.noise}_{a.seed}_{a.centre}_{times}_{a.gen_dt}.npz"
 if os.path.exists(key):
     z = np.load(key); scans, clean, mask, affine = z["scans"], z["clean"], z["mask"], z["affine"]
 else:
