@@ -146,8 +146,9 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="romt.KEY=VALUE")
     ap.add_argument("--out", type=Path, default=Path("/tmp/romt_rat"))
     ap.add_argument("--post", action="store_true",
-                    help="post-process the first sequential run (pathlines, maps, figures) and draw the authors' "
-                         "published rat figures beside ours (OUT/compare_authors.png)")
+                    help="post-process the first run (pathlines, maps, figures; pathlines seen from -x as in the "
+                         "authors' lateral views) and draw the authors' published rat figures beside ours "
+                         "(OUT/compare_authors.png)")
     args = ap.parse_args(argv)
     subject = convert(args.uromt, args.out / "subject")
     from glymphmpi.subject import load_subject
@@ -161,8 +162,9 @@ def main(argv=None) -> int:
     for model in args.models:
         for mode in args.modes:
             out = args.out / f"{mode}-{model}"
-            post = args.post and mode == "sequential" and not any(k[0] == "sequential" for k in done)
-            res = run(subject, out, args.ranks, mode, model, args.set, post=post)
+            post = args.post and not done  # the first run: its pathlines beside the authors'
+            sets = args.set + (["romt.post.figure_view=-x"] if post else [])  # the authors' lateral view
+            res = run(subject, out, args.ranks, mode, model, sets, post=post)
             done[(mode, model)] = out
             sm = res["summary"]
             results[(mode, model)] = sm

@@ -441,3 +441,30 @@ def test_background_prefers_anatomy(tmp_path):
     np.testing.assert_allclose(background_image(s1), anat)
     s2 = load_subject(write_subject(tmp_path / "b", "b", [0, 1], scans, np.ones(shape), np.eye(4)))
     np.testing.assert_allclose(background_image(s2), 1.0)
+
+
+def test_projection_views_match_a_viewer_on_that_side(tmp_path):
+    """figure_view: a viewer on the +a (-a) side looks along -a (+a) with z up (y up for z views); the
+    figure's horizontal axis is the viewer's right-hand direction right = look x up (reversed when it
+    points along -e_h). The 2D pathline figure is drawn from pieces and a context."""
+    from glymphmpi.report.romt_figures import VIEWS, pathlines_2d
+
+    e = np.eye(3)
+    for view, (h, v, flip) in VIEWS.items():
+        a = "xyz".index(view[1])
+        look = -e[a] if view[0] == "+" else e[a]
+        up = e[2] if a != 2 else e[1]
+        right = np.cross(look, up)
+        assert v == int(np.argmax(np.abs(up))) and h == int(np.argmax(np.abs(right)))
+        assert flip == (right[h] < 0), view
+    pieces = [np.array([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [2.0, 3.0, 5.0]]),
+              np.array([[1.0, 1.0, 1.0], [1.0, 2.0, 2.0]])]
+    out = pathlines_2d(tmp_path / "p.png", pieces, np.array([1.0, 2.0]), "t", "speed", "speed", "-x",
+                       context=np.zeros((4, 3)), dpi=40)
+    from pathlib import Path
+
+    assert Path(out).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(Exception, match="figure_view"):
+        from glymphmpi.methods import load_config
+
+        load_config("romt", None, ["romt.post.figure_view=sideways"])

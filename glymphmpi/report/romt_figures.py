@@ -209,6 +209,57 @@ def pathlines_3d(path, segments, values: np.ndarray, title: str, label: str, kin
     return _finish_3d(plt, fig, ax, pts, context, norm, cmap, label, kind, title, path, dpi)
 
 
+#: figure_view -> (horizontal axis, vertical axis, horizontal reversed): what a viewer on that side
+#: of the world axis sees with the remaining axes (z up for x and y views, y up for z views)
+VIEWS = {"+x": (1, 2, False), "-x": (1, 2, True), "+y": (0, 2, True), "-y": (0, 2, False),
+         "+z": (0, 1, False), "-z": (0, 1, True)}
+
+
+def pathlines_2d(path, segments, values: np.ndarray, title: str, label: str, kind="speed", view="-x",
+                 context: np.ndarray | None = None, dpi=110) -> str:
+    """Pathline pieces projected along a world axis (``view`` as in :data:`VIEWS`), coloured by a value.
+
+    Args:
+        segments: a list of m (n_i, 3) world mm polylines (or an (m, 2, 3) array).
+        values: (m,) value of each polyline.
+        context: optional (q, 3) world mm points (e.g. the mask outline) drawn faintly.
+    """
+    from matplotlib.collections import LineCollection
+
+    h, v, flip = VIEWS[view]
+    plt = _plt()
+    segs = [np.asarray(p, dtype=np.float64).reshape(-1, 3) for p in segments]
+    norm = _pe_norm(values) if kind == "peclet" else _speed_norm(values)
+    cmap = plt.get_cmap("RdBu_r" if kind == "peclet" else "turbo")
+    ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True) if len(segs) else np.zeros(0, bool)
+    fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
+    if context is not None and context.size:
+        ax.scatter(context[:, h], context[:, v], s=0.3, c="0.8", alpha=0.4, linewidths=0)
+    if ok.any():
+        lc = LineCollection([p[:, [h, v]] for p, o in zip(segs, ok) if o], colors=cmap(norm(values[ok])),
+                            linewidths=0.7)
+        ax.add_collection(lc)
+    else:
+        ax.text(0.5, 0.5, "no pathline has a defined value", transform=ax.transAxes, ha="center", va="center")
+    pts = np.concatenate(segs) if segs else np.zeros((0, 3))
+    if context is not None and context.size:
+        pts = np.concatenate([pts, context])
+    if pts.size:
+        ax.set_xlim(pts[:, h].min(), pts[:, h].max())
+        ax.set_ylim(pts[:, v].min(), pts[:, v].max())
+    if flip:
+        ax.invert_xaxis()
+    ax.set_aspect("equal")
+    ax.set_xlabel("xyz"[h] + " (mm)")
+    ax.set_ylabel("xyz"[v] + " (mm)")
+    sm = plt.cm.ScalarMappable(norm=norm, cmap=cmap)
+    cb = fig.colorbar(sm, ax=ax, shrink=0.8)
+    cb.set_label(label)
+    _format_colorbar(cb, kind)
+    ax.set_title(f"{title}, seen from {view}")
+    return _save(fig, path, dpi)
+
+
 def flux_vectors_3d(path, start: np.ndarray, disp: np.ndarray, values: np.ndarray, title: str,
                     label: str, kind="speed", context: np.ndarray | None = None, dpi=110) -> str:
     """Arrows from each pathline's start to its end (world mm), coloured by a value."""
@@ -403,12 +454,15 @@ def _one_figure(k: int, rundir, subject, d: dict, cfg) -> str:
             pick = np.linspace(0, n - 1, cfg.figure_max_lines).round().astype(int)
         segs, seg_speed, seg_pe = _line_pieces(lines, pick) if n else ([], np.zeros(0), np.zeros(0))
         shown = f"{pick.size} of {n} pathlines" if pick.size < n else f"{n} pathlines"
-        if k == 2:
-            o = pathlines_3d(fig_dir / "pathlines_speed.png", segs, seg_speed,
-                             f"{sid}: speed-lines ({shown})", SPEED_LABEL, "speed", context, dpi)
+        view = getattr(cfg, "figure_view", "3d")
+        name, vals, what, label, kind = (("pathlines_speed.png", seg_speed, "speed-lines", SPEED_LABEL, "speed")
+                                         if k == 2 else
+                                         ("pathlines_peclet.png", seg_pe, "Péclet-lines", PE_LABEL, "peclet"))
+        if view == "3d":
+            o = pathlines_3d(fig_dir / name, segs, vals, f"{sid}: {what} ({shown})", label, kind, context, dpi)
         else:
-            o = pathlines_3d(fig_dir / "pathlines_peclet.png", segs, seg_pe,
-                             f"{sid}: Péclet-lines ({shown})", PE_LABEL, "peclet", context, dpi)
+            o = pathlines_2d(fig_dir / name, segs, vals, f"{sid}: {what} ({shown})", label, kind, view, context,
+                             dpi)
         return str(Path(o).relative_to(rundir.root))
     nv = np.asarray(flux["points"]).shape[0]
     vpick = np.arange(nv)

@@ -56,6 +56,11 @@ class RomtPostConfig:
         figure_max_lines: pathlines drawn in the 3D figures (evenly thinned).
         figure_max_vectors: flux vectors drawn in the 3D figures (evenly thinned).
         figure_dpi: resolution of the PNG figures.
+        figure_view: the pathline figures' view: "3d" (an oblique 3D view) or a
+            projection seen from one side of a world axis ("+x": from +x, y
+            increasing to the right, z up; "-x": from -x, y decreasing to the
+            right, as the rOMT papers' lateral rat views; "+y"/"-y" show x and
+            z, "+z"/"-z" show x and y).
     """
 
     seed_rule: Literal["max", "sum", "both", "either"] = "max"
@@ -78,3 +83,4 @@ class RomtPostConfig:
     figure_max_lines: NonNegativeInt = 1500
     figure_max_vectors: NonNegativeInt = 400
     figure_dpi: Annotated[int, Range(ge=1)] = 110
+    figure_view: Literal["3d", "+x", "-x", "+y", "-y", "+z", "-z"] = "3d"
