@@ -520,6 +520,13 @@ def test_demo_prints_estimates_with_truth_interval_and_smoke_labels(tmp_path, sm
     assert "D = 0.73 mm^2/h, 95% interval 0.7 – 0.76 (truth 0.72, +1.4%)" in fem and "--" not in fem
     assert "smoke test, not an estimate: 3 epochs" in pinn and "did not converge" in pinn
     assert "(truth 0.72; not an estimate)" in pinn and "%" not in pinn.split("--")[0]  # no error for a non-estimate
+    from glymphmpi.report.cohort import cohort_report, subject_report
+
+    co = load_cohort(c)
+    page = cohort_report(co, out)["html"].read_text()
+    assert "0.73 (+1.4%)" in page and "0.6984 (not an estimate)" in page and "-3.0%" not in page
+    sub = (subject_report(co, out, "s1") and (out / "s1" / "report" / "index.html")).read_text()
+    assert "(truth 0.72, +1.4%)" in sub and "(truth 0.72; not an estimate)" in sub and "-3.0%" not in sub
 
 
 @pytest.mark.parametrize("mpi,sig", [("mpirun", "USR1"), ("mpirun", "TERM"), ("srun", "USR1")])

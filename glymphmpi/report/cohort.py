@@ -248,8 +248,9 @@ def subject_report(cohort, out, sid: str, *runs, status: dict | None = None) -> 
                 continue
             name, unit = label(k)
             extra = ""
-            if k == D_KEY and f"{m}.D_rel_error" in row:
-                extra = f" (truth {row['D_true']:.4g}, {100 * row[f'{m}.D_rel_error']:+.1f}%)"
+            if k == D_KEY and f"{m}.D_rel_error" in row:  # an error only for a converged estimate
+                extra = (f" (truth {row['D_true']:.4g}, {100 * row[f'{m}.D_rel_error']:+.1f}%)"
+                         if row.get(f"{m}.converged") is True else f" (truth {row['D_true']:.4g}; not an estimate)")
             trs.append(f"<tr><td>{html.escape(name)}</td><td>{show_value(v)}</td><td>{html.escape(unit)}{extra}</td></tr>")
         if trs:
             parts.append("<table><tr><th>quantity</th><th>value</th><th>unit</th></tr>" + "".join(trs) + "</table>")
@@ -418,7 +419,9 @@ def cohort_report(cohort, out, statuses: dict | None = None) -> dict[str, Path]:
             for m in dm:
                 e = r.get(f"{m}.D_rel_error")
                 warn = " &#9888;" if r["warnings"].get(m) else ""
-                cells.append(_fmt(r.get(f"{m}.{D_KEY}")) + (f" ({100 * e:+.1f}%)" if e is not None else "") + warn)
+                err = "" if e is None else (f" ({100 * e:+.1f}%)" if r.get(f"{m}.converged") is True
+                                            else " (not an estimate)")
+                cells.append(_fmt(r.get(f"{m}.{D_KEY}")) + err + warn)
                 cells += [_fmt(r.get(f"{m}.{k}")) for k in extra[m]]
             p.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
         p.append("</table>")
