@@ -155,6 +155,15 @@ def _setup_3d(ax, pts: np.ndarray) -> None:
     ax.view_init(elev=22, azim=-60)
 
 
+def _colouring(values: np.ndarray, kind: str):
+    """(norm, colour map, ok) of the line figures: Pe on a log scale centred at 1 (only positive
+    values can be coloured), speed on a linear one (finite values)."""
+    norm = _pe_norm(values) if kind == "peclet" else _speed_norm(values)
+    cmap = _plt().get_cmap("RdBu_r" if kind == "peclet" else "turbo")
+    ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True)
+    return norm, cmap, ok
+
+
 def _figure_3d(values: np.ndarray, kind: str, what: str):
     """A 3D axes with the colour map of ``kind``: (plt, fig, ax, norm, cmap, ok).
 
@@ -164,9 +173,7 @@ def _figure_3d(values: np.ndarray, kind: str, what: str):
     plt = _plt()
     fig = plt.figure(figsize=(8.5, 7.2), layout="constrained")
     ax = fig.add_subplot(projection="3d")
-    norm = _pe_norm(values) if kind == "peclet" else _speed_norm(values)
-    cmap = plt.get_cmap("RdBu_r" if kind == "peclet" else "turbo")
-    ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True)
+    norm, cmap, ok = _colouring(values, kind)
     if not ok.any():
         ax.text2D(0.5, 0.5, f"no {what} has a defined value" + (
             "\n(Pe needs diffusion: sigma > 0 and a density gradient)" if kind == "peclet" else ""),
@@ -229,9 +236,7 @@ def pathlines_2d(path, segments, values: np.ndarray, title: str, label: str, kin
     h, v, flip = VIEWS[view]
     plt = _plt()
     segs = [np.asarray(p, dtype=np.float64).reshape(-1, 3) for p in segments]
-    norm = _pe_norm(values) if kind == "peclet" else _speed_norm(values)
-    cmap = plt.get_cmap("RdBu_r" if kind == "peclet" else "turbo")
-    ok = np.isfinite(values) & ((values > 0) if kind == "peclet" else True) if len(segs) else np.zeros(0, bool)
+    norm, cmap, ok = _colouring(np.asarray(values, dtype=np.float64), kind)
     fig, ax = plt.subplots(figsize=(10, 6), layout="constrained")
     if context is not None and context.size:
         ax.scatter(context[:, h], context[:, v], s=0.3, c="0.8", alpha=0.4, linewidths=0)
@@ -411,19 +416,6 @@ def figure_tasks(rundir, subject, need: list, cfg) -> list:
         return cache
 
     return [(lambda k=k: _one_figure(k, rundir, subject, data(), cfg)) for k in range(6)]
-
-
-def all_figures(rundir, subject, lines: dict, maps: dict, flux: dict, mask: np.ndarray, cfg) -> list[str]:
-    """Write every figure of the post-processing; returns paths relative to the run directory.
-
-    Args:
-        lines: ``vtk/pathlines.vtp`` as read by :func:`glymphmpi.io.vtk.read_vtp` (world mm).
-        maps: ``speed``, ``peclet`` (mm/h, -), ``has_speed``, ``has_pe`` (bool) on the grid.
-        flux: ``vtk/flux_vectors.vtp`` as read (start points, ``displacement_mm``, means).
-        cfg: :class:`glymphmpi.romt.post_config.RomtPostConfig` (figure_dpi, figure_max_*).
-    """
-    d = {"maps": maps, "lines": lines, "flux": flux, "mask": mask}
-    return [_one_figure(k, rundir, subject, d, cfg) for k in range(6)]
 
 
 def _one_figure(k: int, rundir, subject, d: dict, cfg) -> str:
