@@ -104,7 +104,7 @@ def demo_cohort_text(cohort: Path, methods: list[str]) -> str:
 
 def results_lines(cohort, run: Path) -> list[str]:
     """Every headline D of the demo with the truth and interval beside it; non-estimates said so."""
-    from glymphmpi.report.cohort import D_KEY, show_value, subject_row
+    from glymphmpi.report.cohort import D_KEY, show_value, subject_row, truth_note
 
     lines = []
     for s in cohort.subjects:
@@ -118,8 +118,7 @@ def results_lines(cohort, run: Path) -> list[str]:
             if ci:
                 txt += ", 95% interval " + ", ".join(show_value(row[f"{m}.{k}"]) for k in ci)
             if "D_true" in row:  # the error of a converged estimate only; a smoke test's number has none
-                txt += (f" (truth {row['D_true']:.4g}, {100 * row[f'{m}.D_rel_error']:+.1f}%)"
-                        if row.get(f"{m}.converged") is True else f" (truth {row['D_true']:.4g}; not an estimate)")
+                txt += truth_note(row, m)
             warn = list(row["warnings"].get(m) or [])
             if row.get(f"{m}.converged") is None:
                 warn.append("convergence not reported: a smoke-test number, not an estimate")

@@ -219,6 +219,14 @@ def subject_row(cohort, out, sid: str, status: dict | None = None) -> dict:
 
 
 # ------------------------------------------------------------------ the subject page
+def truth_note(row: dict, m: str) -> str:
+    """`` (truth T, +E%)`` beside method ``m``'s D in a row with a truth; the error only for a converged
+    estimate, `` (truth T; not an estimate)`` otherwise."""
+    if row.get(f"{m}.converged") is True:
+        return f" (truth {row['D_true']:.4g}, {100 * row[f'{m}.D_rel_error']:+.1f}%)"
+    return f" (truth {row['D_true']:.4g}; not an estimate)"
+
+
 def subject_report(cohort, out, sid: str, *runs, status: dict | None = None) -> dict:
     """Write ``OUT/<sid>/report/{summary.json,index.html}``; ``runs`` only order the call after them."""
     del runs
@@ -248,9 +256,8 @@ def subject_report(cohort, out, sid: str, *runs, status: dict | None = None) -> 
                 continue
             name, unit = label(k)
             extra = ""
-            if k == D_KEY and f"{m}.D_rel_error" in row:  # an error only for a converged estimate
-                extra = (f" (truth {row['D_true']:.4g}, {100 * row[f'{m}.D_rel_error']:+.1f}%)"
-                         if row.get(f"{m}.converged") is True else f" (truth {row['D_true']:.4g}; not an estimate)")
+            if k == D_KEY and f"{m}.D_rel_error" in row:
+                extra = truth_note(row, m)
             trs.append(f"<tr><td>{html.escape(name)}</td><td>{show_value(v)}</td><td>{html.escape(unit)}{extra}</td></tr>")
         if trs:
             parts.append("<table><tr><th>quantity</th><th>value</th><th>unit</th></tr>" + "".join(trs) + "</table>")
