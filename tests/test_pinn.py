@@ -101,11 +101,16 @@ def test_residual_stream_matches_autograd_with_D_gradient():
     assert float(g1[names.index("dcoef.delta")].abs()) > 1e-6  # D's gradient was compared
 
 
-def test_fused_data_and_residual_pass_matches_autograd():
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["numba", "eager"])
+def test_fused_data_and_residual_pass_matches_autograd(cpu_kernels, monkeypatch):
     """The one-pass path of a training step (data points as extra value rows beside the PDE points'
     five streams, hand-written first and hidden layers) gives c at both point sets, the residual, and
     the gradients of a loss using all three w.r.t. every weight and D, as reverse-mode autograd does
-    (float64, scaled inputs, unequal point counts)."""
+    (float64, scaled inputs, unequal point counts); with the hidden layers' elementwise work in the
+    fused numba kernels (the CPU default) and in PyTorch's eager operations."""
+    import glymphmpi.pinn.network as network
+
+    monkeypatch.setattr(network, "CPU_KERNELS", cpu_kernels)
     torch.manual_seed(6)
     net = PinnNet(4, 9, "tanh", [-2, 0, 1, 0], [3, 5, 6, 3], out_scale=1.3, x_scale=1.8, t_scale=0.6).double()
     lo, span = torch.tensor([-2, 0, 1, 0.0]), torch.tensor([5, 5, 5, 3.0])
@@ -130,6 +135,37 @@ def test_fused_data_and_residual_pass_matches_autograd():
     # the residual alone (no data rows) through the same layers
     _, r3 = net.residual_streams(x_pde, D)
     assert float((r3 - r2).abs().max()) <= 1e-10 * float(r2.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_layer_kernels_equal_the_eager_formulation(dtype, monkeypatch):
+    """The fused numba kernels of the hidden layers (glymphmpi.pinn.cpu_kernels) give the eager
+    formulation's outputs and gradients (every weight and D) to rounding, float32 and float64, on
+    2 threads, with more data rows than PDE rows."""
+    import glymphmpi.pinn.network as network
+
+    torch.manual_seed(9)
+    lo, span = torch.tensor([-50, -60, -40, 0.0]), torch.tensor([100, 120, 80, 46.0])
+    x_pde = (torch.rand(300, 4, dtype=torch.float64) * span + lo).to(dtype)
+    x_dat = (torch.rand(411, 4, dtype=torch.float64) * span + lo).to(dtype)
+    net = PinnNet(5, 24, "tanh", lo.tolist(), (lo + span).tolist(), out_scale=2.0).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = {}
+        for flag in (True, False):
+            monkeypatch.setattr(network, "CPU_KERNELS", flag)
+            D = torch.tensor(0.55, dtype=dtype, requires_grad=True)
+            cp, cd, r = net.fused_data_residual(x_pde, x_dat, D)
+            loss = (r ** 2).mean() + ((cd - 0.3) ** 2).mean() + cp.mean()
+            grads = torch.autograd.grad(loss, list(net.parameters()) + [D])
+            got[flag] = [t.detach() for t in (cp, cd, r) + grads]
+    finally:
+        torch.set_num_threads(threads)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(got[True], got[False]):
+        assert float((a - b).abs().max()) <= tol * float(b.abs().max()) + 1e-30
+    assert float(got[True][-1].abs()) > 1e-9  # D's gradient (small on an untrained net) was compared
 
 
 def test_tanh_from_sigmoid_equals_tanh():

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from glymphmpi.errors import InputError
+from glymphmpi.pinn import cpu_kernels
 
 
 def _tanh(z):
@@ -198,6 +199,16 @@ class PinnNet(nn.Module):
         return self.act_name == "tanh" and len(self.layers) > 2 and not self.compiled
 
 
+CPU_KERNELS = True
+"""Whether the hidden tanh layers run their elementwise work in the fused numba kernels of
+:mod:`glymphmpi.pinn.cpu_kernels` on the CPU (else PyTorch's eager operations; CUDA always
+uses PyTorch)."""
+
+
+def _fused_cpu(t: torch.Tensor) -> bool:
+    return CPU_KERNELS and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
 _CONST: dict = {}
 
 
@@ -294,6 +305,13 @@ class _FusedTanhLayer(torch.autograd.Function):
         out = torch.empty_like(Z)
         z2 = torch.add(bias * 2.0, Z[:m], alpha=2.0, out=Z[:m])   # 2 z (Z's value rows are not needed later)
         a = _tanh_into(z2, out[:m])
+        ctx.n, ctx.m = n, m
+        ctx.fused_cpu = _fused_cpu(Z)
+        if ctx.fused_cpu:  # the stream rows in one pass (glymphmpi.pinn.cpu_kernels)
+            cpu_kernels.set_threads(torch.get_num_threads())
+            cpu_kernels.pde_rows_forward(Z.numpy(), out.numpy(), n, m, 2.0 * float(D))
+            ctx.save_for_backward(S, weight, D, Z, out)
+            return out
         a1 = torch.addcmul(_const(1.0, a), a, a, value=-1.0)
         a1p = a1[:n]
         torch.mul(Z[m:].view(4, n, W), a1p, out=out[m:].view(4, n, W))
@@ -302,12 +320,13 @@ class _FusedTanhLayer(torch.autograd.Function):
         w = torch.mul(a[:n], a1p)                                  # a a1
         out[m + 3 * n:].addcmul_(torch.mul(w, Q), D * 2.0)         # + 2 D a a1 Q
         ctx.save_for_backward(S, weight, D, Z, out, a1, Q, w)
-        ctx.n, ctx.m = n, m
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, G):
+        if ctx.fused_cpu:
+            return _FusedTanhLayer._backward_cpu(ctx, G)
         S, weight, D, Z, out, a1, Q, w = ctx.saved_tensors
         n, m = ctx.n, ctx.m
         W = weight.shape[0]
@@ -331,6 +350,20 @@ class _FusedTanhLayer(torch.autograd.Function):
         dS = torch.mm(dZ, weight) if ctx.needs_input_grad[0] else None
         dW = torch.mm(dZ.T, S) if ctx.needs_input_grad[1] else None
         db = dZ[:m].sum(0) if ctx.needs_input_grad[2] else None
+        return dS, dW, db, gD, None, None
+
+    @staticmethod
+    def _backward_cpu(ctx, G):
+        """The backward with the elementwise part in one pass (:func:`cpu_kernels.rows_backward`)."""
+        S, weight, D, Z, out = ctx.saved_tensors
+        G = G.detach().contiguous()
+        dZ = torch.empty_like(G)
+        cpu_kernels.set_threads(torch.get_num_threads())
+        gd = cpu_kernels.rows_backward(G.numpy(), Z.numpy(), out.numpy(), dZ.numpy(), ctx.n, ctx.m, float(D))
+        gD = torch.tensor(gd, dtype=D.dtype) if ctx.needs_input_grad[3] else None
+        dS = torch.mm(dZ, weight) if ctx.needs_input_grad[0] else None
+        dW = torch.mm(dZ.T, S) if ctx.needs_input_grad[1] else None
+        db = dZ[:ctx.m].sum(0) if ctx.needs_input_grad[2] else None
         return dS, dW, db, gD, None, None
 
 
