@@ -137,12 +137,16 @@ def test_fused_data_and_residual_pass_matches_autograd(cpu_kernels, monkeypatch)
     assert float((r3 - r2).abs().max()) <= 1e-10 * float(r2.abs().max())
 
 
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "serial"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_numba_layer_kernels_equal_the_eager_formulation(dtype, monkeypatch):
+def test_numba_layer_kernels_equal_the_eager_formulation(dtype, parallel, monkeypatch):
     """The fused numba kernels of the hidden layers (glymphmpi.pinn.cpu_kernels) give the eager
     formulation's outputs and gradients (every weight and D) to rounding, float32 and float64, on
-    2 threads, with more data rows than PDE rows."""
+    2 threads (the parallel kernels) and serially, with more data rows than PDE rows."""
+    import glymphmpi.pinn.cpu_kernels as cpu_kernels
     import glymphmpi.pinn.network as network
+
+    monkeypatch.setattr(cpu_kernels, "PARALLEL_MIN_ELEMENTS", 0 if parallel else 1 << 40)
 
     torch.manual_seed(9)
     lo, span = torch.tensor([-50, -60, -40, 0.0]), torch.tensor([100, 120, 80, 46.0])

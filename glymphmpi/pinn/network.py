@@ -247,21 +247,29 @@ class _FirstTanhLayer(torch.autograd.Function):
         z2 = torch.addmm(bias, U, weight.T, beta=2.0, alpha=2.0)  # 2 z, (m, W)
         out = torch.empty((m + 4 * n, W), dtype=z2.dtype, device=z2.device)
         a = _tanh_into(z2, out[:m])
+        w0T = (weight * s).T.contiguous()                         # (4, W)
+        q = (w0T[:3] * w0T[:3]).sum(0)                            # (W,)
+        ctx.n, ctx.m = n, m
+        ctx.fused_cpu = _fused_cpu(out)
+        if ctx.fused_cpu:  # the stream rows in one pass (glymphmpi.pinn.cpu_kernels)
+            cpu_kernels.first_rows_forward(out.numpy(), w0T.detach().numpy(), q.detach().numpy(), n, m,
+                                           2.0 * float(D), torch.get_num_threads())
+            ctx.save_for_backward(U, weight, s, D, out, w0T, q)
+            return out
         a1 = torch.addcmul(_const(1.0, a), a, a, value=-1.0)       # 1 - a^2
         a1p = a1[:n]
-        w0T = (weight * s).T.contiguous()                         # (4, W)
         torch.mul(a1p, w0T.unsqueeze(1), out=out[m:].view(4, n, W))
-        q = (w0T[:3] * w0T[:3]).sum(0)                            # (W,)
         w = torch.mul(a[:n], a1p)                                  # a a1
         D2 = D * 2.0
         out[m + 3 * n:].addcmul_(w, q * D2)                        # a1 w0_t + 2 D a a1 q
         ctx.save_for_backward(U, weight, s, D, out, a1, w, w0T, q)
-        ctx.n, ctx.m = n, m
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, G):
+        if ctx.fused_cpu:
+            return _FirstTanhLayer._backward_cpu(ctx, G)
         U, weight, s, D, out, a1, w, w0T, q = ctx.saved_tensors
         n, m = ctx.n, ctx.m
         W = weight.shape[0]
@@ -281,6 +289,24 @@ class _FirstTanhLayer(torch.autograd.Function):
         d0 = torch.mul(u, v, out=dz[:n]).mul_(2.0 * D)
         d0.add_(G[:n]).addcmul_(ap, P, value=-2.0).mul_(a1p)
         torch.mul(G[n:m], a1[n:], out=dz[n:])
+        dW = torch.mm(dz.T, U).addcmul_(dw0T.T, s) if ctx.needs_input_grad[1] else None
+        db = dz.sum(0) if ctx.needs_input_grad[2] else None
+        return None, dW, db, None, gD, None, None
+
+    @staticmethod
+    def _backward_cpu(ctx, G):
+        """The backward with the elementwise part and the column sums in one pass
+        (:func:`cpu_kernels.first_rows_backward`)."""
+        U, weight, s, D, out, w0T, q = ctx.saved_tensors
+        n, m = ctx.n, ctx.m
+        G = G.detach().contiguous()
+        dz = torch.empty((m, weight.shape[0]), dtype=G.dtype)
+        sums = torch.from_numpy(cpu_kernels.first_rows_backward(
+            G.numpy(), out.numpy(), dz.numpy(), w0T.detach().numpy(), q.detach().numpy(), n, m, float(D),
+            torch.get_num_threads())).to(G.dtype)
+        dw0T, sw = sums[:4], sums[4]
+        dw0T[:3].addcmul_(w0T[:3], (4.0 * D) * sw)
+        gD = 2.0 * torch.dot(q, sw) if ctx.needs_input_grad[4] else None
         dW = torch.mm(dz.T, U).addcmul_(dw0T.T, s) if ctx.needs_input_grad[1] else None
         db = dz.sum(0) if ctx.needs_input_grad[2] else None
         return None, dW, db, None, gD, None, None
@@ -308,8 +334,7 @@ class _FusedTanhLayer(torch.autograd.Function):
         ctx.n, ctx.m = n, m
         ctx.fused_cpu = _fused_cpu(Z)
         if ctx.fused_cpu:  # the stream rows in one pass (glymphmpi.pinn.cpu_kernels)
-            cpu_kernels.set_threads(torch.get_num_threads())
-            cpu_kernels.pde_rows_forward(Z.numpy(), out.numpy(), n, m, 2.0 * float(D))
+            cpu_kernels.pde_rows_forward(Z.numpy(), out.numpy(), n, m, 2.0 * float(D), torch.get_num_threads())
             ctx.save_for_backward(S, weight, D, Z, out)
             return out
         a1 = torch.addcmul(_const(1.0, a), a, a, value=-1.0)
@@ -358,8 +383,8 @@ class _FusedTanhLayer(torch.autograd.Function):
         S, weight, D, Z, out = ctx.saved_tensors
         G = G.detach().contiguous()
         dZ = torch.empty_like(G)
-        cpu_kernels.set_threads(torch.get_num_threads())
-        gd = cpu_kernels.rows_backward(G.numpy(), Z.numpy(), out.numpy(), dZ.numpy(), ctx.n, ctx.m, float(D))
+        gd = cpu_kernels.rows_backward(G.numpy(), Z.numpy(), out.numpy(), dZ.numpy(), ctx.n, ctx.m, float(D),
+                                       torch.get_num_threads())
         gD = torch.tensor(gd, dtype=D.dtype) if ctx.needs_input_grad[3] else None
         dS = torch.mm(dZ, weight) if ctx.needs_input_grad[0] else None
         dW = torch.mm(dZ.T, S) if ctx.needs_input_grad[1] else None
