@@ -101,8 +101,48 @@ def test_balanced_equals_unbalanced_with_r_zero():
     np.testing.assert_allclose(ub.hessp(xu, lu)[:, :3], hb, rtol=1e-11, atol=1e-11 * np.abs(hb).max())
 
 
-def test_growing_translating_gaussian_recovers_v_and_r():
-    """rho(x, t) = exp(c t) G(x - v t): continuity with rho_t + div(rho v) = r rho gives r = c."""
+def test_source_per_loop_tied_gradient_taylor_and_symmetric_hessian():
+    """One source per loop (romt.source_time = "loop"): the gradient and the Hessian's products lie in the
+    subspace r_0 = ... = r_{nt-1} (the projection of the per-step ones), the gradient passes a Taylor test
+    of second order along tied directions, the Hessian is symmetric and positive there, and the
+    preconditioner maps the subspace onto itself."""
+    _, _, rng = make(seed=7)
+    per_step, _, _ = make(seed=7)
+    prob, _, _ = make(seed=7)
+    prob.source_per_loop = True
+
+    def tied(x):
+        x[:, 3] = x[0, 3]
+        return x
+
+    u = tied(rng.standard_normal(prob.u_shape))
+    u[:, 3] *= 0.3
+    lin = prob.forward(u)
+    g = prob.gradient(u, lin)
+    assert np.allclose(g[:, 3], g[0, 3], rtol=0, atol=0)
+    g_step = per_step.gradient(u, per_step.forward(u))
+    np.testing.assert_allclose(g[:, 3], np.broadcast_to(g_step[:, 3].mean(axis=0), g[:, 3].shape), rtol=1e-12)
+    np.testing.assert_allclose(g[:, :3], g_step[:, :3], rtol=1e-12)
+    du = tied(rng.standard_normal(prob.u_shape))
+    phi = lin.terms.total
+    hs = [1e-3, 1e-4, 1e-5]
+    rem = [abs(prob.objective(u + h * du).total - phi - h * np.vdot(g, du)) for h in hs]
+    for r0, r1 in zip(rem, rem[1:]):
+        assert r0 / r1 > 50.0, rem
+    x, y = tied(rng.standard_normal(prob.u_shape)), tied(rng.standard_normal(prob.u_shape))
+    hx, hy = prob.hessp(x, lin), prob.hessp(y, lin)
+    assert np.allclose(hx[:, 3], hx[0, 3], rtol=0, atol=0)
+    assert abs(np.vdot(y, hx) - np.vdot(x, hy)) < 1e-10 * abs(np.vdot(y, hx))
+    assert np.vdot(x, hx) > 0
+    m = prob.preconditioner(lin)
+    assert np.all(m > 0) and np.allclose(m[:, 3], m[0, 3], rtol=0, atol=0)
+    np.testing.assert_allclose(m[:, :3], per_step.preconditioner(per_step.forward(u))[:, :3], rtol=1e-12)
+
+
+@pytest.mark.parametrize("per_loop", [False, True], ids=["source-per-step", "source-per-loop"])
+def test_growing_translating_gaussian_recovers_v_and_r(per_loop):
+    """rho(x, t) = exp(c t) G(x - v t): continuity with rho_t + div(rho v) = r rho gives r = c (one r per
+    step, as urOMT, and one per loop)."""
     from glymphmpi.romt.gn import GNState, gauss_newton
 
     shape = (16, 12, 12)
@@ -120,7 +160,7 @@ def test_growing_translating_gaussian_recovers_v_and_r():
     act = np.flatnonzero(np.ones(shape, bool).ravel())
     tr = Transport(shape, act, dt=dt, sigma=sigma)
     prob = UnbalancedProblem(tr, rho0, target, nt, 5000.0, 80.0, ActiveLaplacian(shape, act),
-                             np.ones(act.size), alpha)
+                             np.ones(act.size), alpha, source_per_loop=per_loop)
     st = GNState(u=prob.zeros())
     st.u[:, :3] = vel[None, :, None]  # the drift start (init = "drift")
     st = gauss_newton(prob, st, 8, 1e-4, 1e-6, 30, 0.05)
@@ -130,6 +170,8 @@ def test_growing_translating_gaussian_recovers_v_and_r():
     assert lin.rhos[-1].sum() / rho0.sum() == pytest.approx(1.3, rel=0.01)
     rho = np.stack(lin.rhos[:-1])  # (nt, N): the densities the source multiplies
     r = st.u[:, 3]
+    if per_loop:
+        assert np.all(r == r[0])
     # the discrete growth: exp(dt r)^nt = 1.3; mass-weighted mean over all voxels and steps
     r_exact = np.log(1.3) / (nt * dt)
     assert float((r * rho).sum() / rho.sum()) == pytest.approx(r_exact, rel=0.05)
@@ -152,7 +194,10 @@ def test_solve_loop_unbalanced_fits_a_growing_series_that_balanced_cannot():
     bal = solve_loop(r0, r1, RomtConfig(model="balanced"), mask)
     assert ub["misfit_rel"] < 0.02 and bal["misfit_rel"] > 5 * ub["misfit_rel"], (ub["misfit_rel"], bal["misfit_rel"])
     growth = (r1 * mask).sum() / (r0 * mask).sum()  # ~1.2 (the box cuts a little more of the first blob)
-    assert ub["mass_error"] == pytest.approx(growth - 1, abs=0.01)
+    # the fit term leaves ~1% of the mass uncreated at beta 5000 (converged to gn_tol 1e-5: +20.1% with one
+    # source per loop or per step, for +21.1% in the box): the model's growth is within 1.5 points
+    assert ub["mass_error"] == pytest.approx(growth - 1, abs=0.015)
+    assert abs(bal["mass_error"]) < 0.02
     assert "source" in ub and "source" not in bal
     assert ub["source"].shape == (10, *shape) and np.all(ub["source"][:, ~mask] == 0)
     rho = ub["density"][:-1].astype(np.float64)

@@ -553,6 +553,22 @@ class TorchUnbalancedProblem(TorchLoopProblem):
         self.alpha = ref.alpha
         self.rho_floor = ref.rho_floor
         self.chi_l = self._t(ref.chi_l)
+        self.source_per_loop = ref.source_per_loop
+
+    def _tie(self, g):
+        """:meth:`UnbalancedProblem._tie`: with one source per loop, r replaced by its mean over the steps."""
+        if self.source_per_loop:
+            g[:, 3] = g[:, 3].mean(dim=0)
+        return g
+
+    def preconditioner_t(self, lin):
+        if not self.source_per_loop:
+            return super().preconditioner_t(lin)
+        b, a = self.preconditioner_parts_t(lin)
+        diag = a + b
+        diag[:, 3] = b[:, 3].mean(dim=0) + torch.sqrt(a[:, 3]).sum(dim=0) ** 2 / self.nt
+        top = float(diag.max()) if diag.numel() else 0.0
+        return torch.clamp_min(diag, max(1e-10 * max(top, 0.0), 1e-300))
 
     def _lap_apply_t(self, u):
         out = torch.zeros_like(u)
@@ -627,7 +643,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
             g[k, :3] += 2.0 * self.dt * rl * u[k, :3]
             g[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * u[k, 3]
         g += self.gamma * self.dt * self._lap_apply_t(u)
-        return g
+        return self._tie(g)
 
     def jvp_t(self, x, lin):
         delta = torch.zeros(self.tr.n, dtype=self.dtype, device=self.device)
@@ -648,7 +664,7 @@ class TorchUnbalancedProblem(TorchLoopProblem):
             out[k, :3] += 2.0 * self.dt * rl * x[k, :3]
             out[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * x[k, 3]
         out += self.gamma * self.dt * self._lap_apply_t(x)
-        return out
+        return self._tie(out)
 
     def energy_norm2_t(self, x, lin) -> float:
         loc = self.tr.local_t

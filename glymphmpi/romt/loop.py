@@ -147,7 +147,8 @@ def _solve_box(rho0, target, cfg, active, comm, state, on_iteration, label, work
 
         prob = UnbalancedProblem(tr, rho0, target, cfg.nt, cfg.beta, cfg.gamma, lap,
                                  chi.ravel()[act_flat].astype(np.float64), cfg.alpha,
-                                 rho_floor=SOURCE_RHO_FLOOR * REFERENCE_INTENSITY)
+                                 rho_floor=SOURCE_RHO_FLOOR * REFERENCE_INTENSITY,
+                                 source_per_loop=cfg.source_time == "loop")
     if cfg.backend == "torch":  # the same problem on torch tensors (glymphmpi.romt.backend_torch)
         from glymphmpi.romt.backend_torch import torch_problem
 

@@ -22,7 +22,7 @@ from glymphmpi.romt.config import RomtConfig
 log = logging.getLogger(__name__)
 
 NUMERIC_KEYS = ("nt", "dt", "sigma", "beta", "gamma", "boundary", "mode", "warm_start", "coupled_rtol", "model",
-                "alpha", "source_mask",
+                "alpha", "source_time", "source_mask",
                 "max_iterations", "gn_gtol", "gn_ftol", "gn_tol", "pcg_max_iterations", "pcg_rtol", "ls_max_halvings",
                 "armijo_c", "init",
                 "mask_dilation", "mask_images", "crop_margin", "smooth_sigma_voxels")

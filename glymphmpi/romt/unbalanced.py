@@ -40,12 +40,20 @@ class UnbalancedProblem(LoopProblem):
     """
 
     def __init__(self, transport, rho0, target, nt, beta, gamma, lap, chi: np.ndarray, alpha: float,
-                 rho_floor: float = 0.0):
+                 rho_floor: float = 0.0, source_per_loop: bool = False):
         super().__init__(transport, rho0, target, nt, beta, gamma, lap)
         self.chi = np.asarray(chi, dtype=np.float64)  # (M,) on the active set
         self.chi_l = self.chi[self.pc.lo:self.pc.hi]
         self.alpha = float(alpha)
         self.rho_floor = float(rho_floor)
+        self.source_per_loop = bool(source_per_loop)
+
+    def _tie(self, g: np.ndarray) -> np.ndarray:
+        """With one source per loop: the orthogonal projection onto {r_0 = ... = r_{nt-1}} (the r
+        components replaced by their mean over the steps), in place; else unchanged."""
+        if self.source_per_loop:
+            g[:, 3] = g[:, 3].mean(axis=0)
+        return g
 
     @property
     def u_shape(self) -> tuple:
@@ -123,7 +131,7 @@ class UnbalancedProblem(LoopProblem):
             g[k, :3] += 2.0 * self.dt * rl * u[k, :3]
             g[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * u[k, 3]
         g += self.gamma * self.dt * self._lap_apply(u)
-        return g
+        return self._tie(g)
 
     def jvp(self, x: np.ndarray, lin: Linearization) -> np.ndarray:
         delta = np.zeros(self.tr.n)
@@ -143,7 +151,20 @@ class UnbalancedProblem(LoopProblem):
             out[k, :3] += 2.0 * self.dt * rl * x[k, :3]
             out[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * x[k, 3]
         out += self.gamma * self.dt * self._lap_apply(x)
-        return out
+        return self._tie(out)
+
+    def preconditioner(self, lin: Linearization) -> np.ndarray:
+        """:meth:`LoopProblem.preconditioner`; with one source per loop the r part is the diagonal
+        of the projected Hessian if the steps' columns of J_r are parallel (as they are where
+        the mass moves less than a voxel per loop): mean_k b_k + (sum_k sqrt(a_k))^2 / nt, the same
+        for every step (so that it maps the tied subspace onto itself)."""
+        if not self.source_per_loop:
+            return super().preconditioner(lin)
+        b, a = self.preconditioner_parts(lin)
+        diag = a + b
+        diag[:, 3] = b[:, 3].mean(axis=0) + np.sqrt(a[:, 3]).sum(axis=0) ** 2 / self.nt
+        floor = max(1e-10 * float(diag.max(initial=0.0)), 1e-300)
+        return np.maximum(diag, floor)
 
     def energy_norm2(self, x: np.ndarray, lin: Linearization) -> float:
         """Kinetic metric of the velocity plus the source cost's metric of r:
