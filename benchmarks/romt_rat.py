@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python benchmarks/romt_rat.py /path/to/urOMT [--ranks 2] [--modes sequential parallel coupled]
-        [--models balanced unbalanced] [--set romt.KEY=VALUE ...] [--out DIR]
+        [--models balanced unbalanced] [--set romt.KEY=VALUE ...] [--out DIR] [--post]
+        [--last-frame 35 --acceptance]
 
 Converts ``data/RatBrainsCAA3M/C1217/C1217_psnrv<k>.mat`` (k = 7, 9, ..., 19; variable ``rho_n``),
 ``mask1.mat`` and ``C1217_anatomy.mat`` into a subject (0.1 mm voxels and 5 min per frame assumed,
@@ -12,7 +13,8 @@ so 10 min between the frames used; :func:`glymphmpi.romt.matlab.init_from_mat`),
 misfit, Gauss-Newton iterations (and whether the limit was hit), the measured mass change between
 the two scans against the model's, the wall time and the peak memory (max RSS of the largest
 rank), and for coupled mode its sweeps and the relative L2 difference of its velocities from
-sequential mode (same model). Frames 20-35 are never read (kept for acceptance). The data are
+sequential mode (same model). Frames 20-35 are read only with ``--last-frame N --acceptance``
+(kept for acceptance; ``--last-frame 35``: the authors' 14 loops over frames 7..35). The data are
 not copied into this repository.
 
 The authors' run of these frames (getParams.m, case C1217): sigma 2e-3, dt 0.4, nt 10, beta 50,
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAMES = list(range(7, 20, 2))
+FRAMES = list(range(7, 20, 2))  # development frames; --last-frame 35 --acceptance: the authors' 14 loops
 RUN = """import resource, subprocess, sys
 rc = subprocess.call(sys.argv[1:])
 ru = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -43,15 +45,14 @@ sys.exit(rc)
 """
 
 
-def convert(uromt: Path, out: Path) -> Path:
+def convert(uromt: Path, out: Path, frames: list[int] = FRAMES) -> Path:
     from glymphmpi.romt.matlab import init_from_mat
 
     d = uromt / "data" / "RatBrainsCAA3M" / "C1217"
-    assert max(FRAMES) <= 19, "frames 20-35 are kept for acceptance"
     toml = out / "subject.toml"
     if toml.exists():
         return toml
-    return init_from_mat([d / f"C1217_psnrv{k}.mat" for k in FRAMES], out, "C1217", 0.1, 10 / 60,
+    return init_from_mat([d / f"C1217_psnrv{k}.mat" for k in frames], out, "C1217", 0.1, 10 / 60,
                          d / "mask1.mat", anatomy_path=d / "C1217_anatomy.mat")
 
 
@@ -149,13 +150,25 @@ def main(argv=None) -> int:
                     help="post-process the first run (pathlines, maps, figures; pathlines seen from -x as in the "
                          "authors' lateral views) and draw the authors' published rat figures beside ours "
                          "(OUT/compare_authors.png)")
+    ap.add_argument("--last-frame", type=int, default=19,
+                    help="last frame (odd, 9-35; frames 7, 9, ..., this). Frames 20-35 are kept for acceptance: "
+                         "above 19 only with --acceptance (35: the authors' 14 loops)")
+    ap.add_argument("--acceptance", action="store_true", help="allow --last-frame above 19")
     args = ap.parse_args(argv)
-    subject = convert(args.uromt, args.out / "subject")
+    if args.last_frame % 2 == 0 or not 9 <= args.last_frame <= 35:
+        print(f"--last-frame: {args.last_frame} is not an odd frame number from 9 to 35", file=sys.stderr)
+        return 2
+    if args.last_frame > 19 and not args.acceptance:
+        print("--last-frame: frames 20-35 are kept for acceptance; add --acceptance to use them", file=sys.stderr)
+        return 2
+    frames = list(range(7, args.last_frame + 1, 2))
+    subject = convert(args.uromt, args.out / ("subject" if frames == FRAMES else f"subject-7-{args.last_frame}"),
+                      frames)
     from glymphmpi.subject import load_subject
 
     s = load_subject(subject)
     masses = [float((sc * s.mask).sum()) for sc in s.scans]
-    print(f"rat C1217 frames {FRAMES}: grid {s.shape}, mask {int(s.mask.sum())} voxels, {len(FRAMES) - 1} loops, "
+    print(f"rat C1217 frames {frames}: grid {s.shape}, mask {int(s.mask.sum())} voxels, {len(frames) - 1} loops, "
           f"{args.ranks} rank(s); settings {args.set or 'default'}")
     print("mass inside the mask per scan: " + ", ".join(f"{m:.4g}" for m in masses))
     done, results = {}, {}
