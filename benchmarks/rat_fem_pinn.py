@@ -84,7 +84,8 @@ def coarsen(subject: Path, out: Path, f: int) -> Path:
 
 
 def run(method: str, subject: Path, out: Path, ranks: int, sets: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "glymphmpi", "--quiet", method, str(subject), "--out", str(out), "--fresh"]
+    cmd = [sys.executable, "-m", "glymphmpi", "--quiet", method, str(subject), "--out", str(out), "--fresh",
+           "--force"]
     for s in sets:
         if s.startswith(f"{method}."):
             cmd += ["--set", s]
@@ -97,7 +98,9 @@ def run(method: str, subject: Path, out: Path, ranks: int, sets: list[str]) -> d
     r = subprocess.run([sys.executable, "-c", RUN, *cmd], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     peak = [float(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("PEAK_RSS_MIB")]
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    summary = {}
+    if r.returncode == 0 and (out / "summary.json").exists():
+        summary = json.loads((out / "summary.json").read_text())
     if r.returncode != 0:
         print(f"  {method}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
     return {"wall_s": wall, "peak_mib": peak[0] if peak else float("nan"), "summary": summary, "rc": r.returncode}
