@@ -41,6 +41,8 @@ if numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER = "workqueue"
 
 _JIT = dict(cache=True, nogil=True, boundscheck=False)
+# Each kernel has a parallel and a serial twin with the same loop: numba's on-disk cache does not key
+# on ``parallel=``, so one Python function jitted both ways could load the other's code.
 PARALLEL_MIN_ELEMENTS = 1 << 16
 """Below this many elements per stream (rows x width) the kernels run serially: a parallel launch
 costs more than it saves on a minibatch of a few hundred points."""
@@ -109,12 +111,18 @@ def _forward_serial(Z, out, n, m, D2):  # pragma: no cover - compiled
         _forward_row(Z, out, n, m, j, one, d2)
 
 
-@numba.njit(parallel=True, **_JIT)
-def _backward_parallel(G, Z, out, dZ, n, m, D):  # pragma: no cover - compiled
+@numba.njit(**_JIT)
+def _constants(Z, D):  # pragma: no cover - compiled
+    """(1, 2, 2 D, 4 D) in Z's dtype."""
     one = Z.dtype.type(1.0)
     two = one + one
     d2 = Z.dtype.type(D) * two
-    d4 = d2 * two
+    return one, two, d2, d2 * two
+
+
+@numba.njit(parallel=True, **_JIT)
+def _backward_parallel(G, Z, out, dZ, n, m, D):  # pragma: no cover - compiled
+    one, two, d2, d4 = _constants(Z, D)
     gd = 0.0
     for j in prange(n):
         gd += _backward_row(G, Z, out, dZ, n, m, j, one, two, d2, d4)
@@ -125,10 +133,7 @@ def _backward_parallel(G, Z, out, dZ, n, m, D):  # pragma: no cover - compiled
 
 @numba.njit(**_JIT)
 def _backward_serial(G, Z, out, dZ, n, m, D):  # pragma: no cover - compiled
-    one = Z.dtype.type(1.0)
-    two = one + one
-    d2 = Z.dtype.type(D) * two
-    d4 = d2 * two
+    one, two, d2, d4 = _constants(Z, D)
     gd = 0.0
     for j in range(n):
         gd += _backward_row(G, Z, out, dZ, n, m, j, one, two, d2, d4)
@@ -183,9 +188,7 @@ def _first_forward_serial(out, w0T, q, n, m, D2):  # pragma: no cover - compiled
 
 @numba.njit(parallel=True, **_JIT)
 def _first_backward_parallel(G, out, dz, w0T, q, n, m, D, blocks):  # pragma: no cover - compiled
-    one = out.dtype.type(1.0)
-    two = one + one
-    d2 = out.dtype.type(D) * two
+    one, two, d2, _ = _constants(out, D)
     part = np.zeros((blocks, 5, out.shape[1]))  # column sums in float64
     for b in prange(blocks):
         for j in range(b * n // blocks, (b + 1) * n // blocks):
@@ -197,9 +200,7 @@ def _first_backward_parallel(G, out, dz, w0T, q, n, m, D, blocks):  # pragma: no
 
 @numba.njit(**_JIT)
 def _first_backward_serial(G, out, dz, w0T, q, n, m, D):  # pragma: no cover - compiled
-    one = out.dtype.type(1.0)
-    two = one + one
-    d2 = out.dtype.type(D) * two
+    one, two, d2, _ = _constants(out, D)
     acc = np.zeros((5, out.shape[1]))  # column sums in float64
     for j in range(n):
         _first_backward_row(G, out, dz, w0T, q, n, m, j, acc, one, two, d2)
