@@ -482,10 +482,13 @@ class TorchLoopProblem:
         return b_out, a_out
 
     def preconditioner_t(self, lin):
-        b, a = self.preconditioner_parts_t(lin)
-        diag = a + b
+        diag = self._diagonal_t(*self.preconditioner_parts_t(lin))
         top = float(diag.max()) if diag.numel() else 0.0
         return torch.clamp_min(diag, max(1e-10 * max(top, 0.0), 1e-300))
+
+    def _diagonal_t(self, b, a):
+        """:meth:`LoopProblem._diagonal` on tensors."""
+        return a + b
 
     def energy_norm2_t(self, x, lin) -> float:
         loc = self.tr.local_t
@@ -561,14 +564,12 @@ class TorchUnbalancedProblem(TorchLoopProblem):
             g[:, 3] = g[:, 3].mean(dim=0)
         return g
 
-    def preconditioner_t(self, lin):
-        if not self.source_per_loop:
-            return super().preconditioner_t(lin)
-        b, a = self.preconditioner_parts_t(lin)
+    def _diagonal_t(self, b, a):
+        """:meth:`UnbalancedProblem._diagonal` on tensors."""
         diag = a + b
-        diag[:, 3] = b[:, 3].mean(dim=0) + torch.sqrt(a[:, 3]).sum(dim=0) ** 2 / self.nt
-        top = float(diag.max()) if diag.numel() else 0.0
-        return torch.clamp_min(diag, max(1e-10 * max(top, 0.0), 1e-300))
+        if self.source_per_loop:
+            diag[:, 3] = b[:, 3].mean(dim=0) + torch.sqrt(a[:, 3]).sum(dim=0) ** 2 / self.nt
+        return diag
 
     def _lap_apply_t(self, u):
         out = torch.zeros_like(u)

@@ -206,10 +206,13 @@ class LoopProblem:
         steps land on different cells. On a translating blob it left the objective 9x higher
         after 10 Gauss-Newton iterations than the diagonal.)
         """
-        b, a = self.preconditioner_parts(lin)
-        diag = a + b
+        diag = self._diagonal(*self.preconditioner_parts(lin))
         floor = max(1e-10 * float(diag.max(initial=0.0)), 1e-300)
         return np.maximum(diag, floor)
+
+    def _diagonal(self, b: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """The preconditioner's diagonal from :meth:`preconditioner_parts` (before the floor)."""
+        return a + b
 
     def energy_norm2(self, x: np.ndarray, lin: Linearization) -> float:
         """``sum_k dt rho_k |x_k|^2`` (all ranks): the kinetic metric at lin's densities, the norm

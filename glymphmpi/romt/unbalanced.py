@@ -153,18 +153,15 @@ class UnbalancedProblem(LoopProblem):
         out += self.gamma * self.dt * self._lap_apply(x)
         return self._tie(out)
 
-    def preconditioner(self, lin: Linearization) -> np.ndarray:
-        """:meth:`LoopProblem.preconditioner`; with one source per loop the r part is the diagonal
-        of the projected Hessian if the steps' columns of J_r are parallel (as they are where
-        the mass moves less than a voxel per loop): mean_k b_k + (sum_k sqrt(a_k))^2 / nt, the same
-        for every step (so that it maps the tied subspace onto itself)."""
-        if not self.source_per_loop:
-            return super().preconditioner(lin)
-        b, a = self.preconditioner_parts(lin)
+    def _diagonal(self, b: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """``a + b``; with one source per loop the r part is the diagonal of the projected Hessian
+        if the steps' columns of J_r are parallel (as they are where the mass moves less than a
+        voxel per loop): mean_k b_k + (sum_k sqrt(a_k))^2 / nt, the same for every step (so that
+        the preconditioner maps the tied subspace onto itself)."""
         diag = a + b
-        diag[:, 3] = b[:, 3].mean(axis=0) + np.sqrt(a[:, 3]).sum(axis=0) ** 2 / self.nt
-        floor = max(1e-10 * float(diag.max(initial=0.0)), 1e-300)
-        return np.maximum(diag, floor)
+        if self.source_per_loop:
+            diag[:, 3] = b[:, 3].mean(axis=0) + np.sqrt(a[:, 3]).sum(axis=0) ** 2 / self.nt
+        return diag
 
     def energy_norm2(self, x: np.ndarray, lin: Linearization) -> float:
         """Kinetic metric of the velocity plus the source cost's metric of r:
