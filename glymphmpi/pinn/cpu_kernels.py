@@ -266,18 +266,3 @@ def rows_backward(G: np.ndarray, Z: np.ndarray, out: np.ndarray, dZ: np.ndarray,
         return float(_backward_parallel(G, Z, out, dZ, n, m, D))
     return float(_backward_serial(G, Z, out, dZ, n, m, D))
 
-
-def warm_up() -> None:
-    """Compile (or load from the cache) the kernels for float32 and float64."""
-    for dt in (np.float32, np.float64):
-        Z = np.zeros((5, 2), dt)
-        out = np.zeros((5, 2), dt)
-        for par in (_forward_parallel, _forward_serial):
-            par(Z, out, 1, 1, 0.0)
-        for par in (_backward_parallel, _backward_serial):
-            par(Z, Z, out, np.zeros_like(Z), 1, 1, 0.0)
-        w0T, q = np.zeros((4, 2), dt), np.zeros(2, dt)
-        _first_forward_parallel(out, w0T, q, 1, 1, 0.0)
-        _first_forward_serial(out, w0T, q, 1, 1, 0.0)
-        _first_backward_parallel(Z, out, np.zeros((1, 2), dt), w0T, q, 1, 1, 0.0, 1)
-        _first_backward_serial(Z, out, np.zeros((1, 2), dt), w0T, q, 1, 1, 0.0)
