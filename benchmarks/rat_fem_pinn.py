@@ -31,12 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-RUN = """import resource, subprocess, sys
-rc = subprocess.call(sys.argv[1:])
-ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-print("PEAK_RSS_MIB", ru.ru_maxrss / 1024.0, flush=True)
-sys.exit(rc)
-"""
+from romt_rat import RUN  # the child-process wrapper that prints the peak memory (this folder)
 
 
 def convert(uromt: Path, out: Path, frames: list[int], step_h: float) -> Path:
