@@ -85,6 +85,10 @@ def main(argv=None) -> int:
         print("no CUDA GPU: use --device cpu", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
+    if dev.type == "cpu":  # what the trainer does on the CPU; DeepXDE, in this process, gets it too
+        from glymphmpi.pinn.cpu_kernels import tune_allocator
+
+        tune_allocator()
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     D = 0.7
     torch.manual_seed(0)
@@ -150,8 +154,13 @@ def main(argv=None) -> int:
         res[f"{k}_s"], res[f"{k}_median_s"] = best, med
         res[f"{k}_cpu_s"], res[f"{k}_cpu_median_s"] = CPU_TIMES[k]
     n = args.points
+    from glymphmpi.pinn import cpu_kernels, network
+
+    res["allocator_tuned"] = bool(cpu_kernels._TUNED[0])
+    res["onednn_products"] = bool(network._ONEDNN[0])
     print(f"PDE-residual points/s, forward + backward, {args.depth} x {args.width} tanh, {n} points, "
-          f"{args.dtype} on {dev} ({res['threads']} threads)")
+          f"{args.dtype} on {dev} ({res['threads']} threads; malloc tuned: {res['allocator_tuned']}, "
+          f"oneDNN products: {res['onednn_products']})")
     labels = {"glymphmpi": "glymphmpi (forward residual stream, default)",
               "glymphmpi_six": "glymphmpi (c_t and Laplacian streams)",
               "glymphmpi_compiled": "glymphmpi (c_t and Laplacian, torch.compile)",

@@ -172,6 +172,63 @@ def test_numba_layer_kernels_equal_the_eager_formulation(dtype, parallel, monkey
     assert float(got[True][-1].abs()) > 1e-9  # D's gradient (small on an untrained net) was compared
 
 
+def test_onednn_products_equal_mkl_in_the_fused_step(monkeypatch):
+    """The hidden layers' S W^T and dZ W through oneDNN (float32 CPU, from ONEDNN_MIN_ROWS rows; here
+    from 0) give the step's outputs and every gradient that torch.mm gives, to float32 rounding."""
+    import glymphmpi.pinn.network as network
+
+    if not network._onednn_ok():
+        pytest.skip("this PyTorch has no oneDNN inner product (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(network, "ONEDNN_MIN_ROWS", 0)
+    torch.manual_seed(3)
+    lo, span = torch.tensor([-50, -60, -40, 0.0]), torch.tensor([100, 120, 80, 46.0])
+    x_pde = (torch.rand(257, 4, dtype=torch.float64) * span + lo).float()
+    x_dat = (torch.rand(130, 4, dtype=torch.float64) * span + lo).float()
+    net = PinnNet(4, 32, "tanh", lo.tolist(), (lo + span).tolist(), out_scale=2.0).float()
+    got = {}
+    for flag in (True, False):
+        monkeypatch.setattr(network, "_ONEDNN", [flag])
+        D = torch.tensor(0.55, requires_grad=True)
+        cp, cd, r = net.fused_data_residual(x_pde, x_dat, D)
+        loss = (r ** 2).mean() + ((cd - 0.3) ** 2).mean() + cp.mean()
+        grads = torch.autograd.grad(loss, list(net.parameters()) + [D])
+        got[flag] = [t.detach() for t in (cp, cd, r) + grads]
+    for a, b in zip(got[True], got[False]):
+        assert float((a - b).abs().max()) <= 2e-5 * float(b.abs().max()) + 1e-30
+    # and a product of its own, above the threshold's default
+    A, B = torch.randn(network.ONEDNN_MIN_ROWS + 5, 64), torch.randn(64, 64)
+    monkeypatch.setattr(network, "_ONEDNN", [True])
+    assert torch.allclose(network._mm_nt(A, B), torch.mm(A, B.T), rtol=1e-5, atol=1e-4)
+
+
+def test_malloc_tuning_is_in_force_unless_the_user_set_it():
+    """tune_allocator raises glibc's mmap threshold (so a training step stops page-faulting its
+    tensors in afresh) and leaves a user's own MALLOC_MMAP_THRESHOLD_ alone; fresh processes."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc")
+    code = ("import resource\n"
+            "from glymphmpi.pinn.cpu_kernels import tune_allocator\n"
+            "print(tune_allocator())\n"
+            "import torch\n"
+            "for _ in range(10): torch.ones(4 << 20, dtype=torch.float64).sum()\n"  # 32 MB, freed each time
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(10): torch.ones(4 << 20, dtype=torch.float64).sum()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    tuned, faults = out.stdout.split()
+    assert tuned == "True" and int(faults) < 3 * 8192   # 8,192 pages each time without the setting
+    env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    tuned, faults = out.stdout.split()
+    assert tuned == "False" and int(faults) > 8 * 8192
+
+
 def test_tanh_from_sigmoid_equals_tanh():
     """The fused layers' tanh (2 sigmoid(2 z) - 1) equals torch.tanh to a few ulp of 1."""
     from glymphmpi.pinn.network import _tanh_into
