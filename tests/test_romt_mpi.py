@@ -1,7 +1,7 @@
 """rOMT over MPI ranks: the same results for 1 and K ranks.
 
 Sequential mode splits every loop's particles over the ranks (sums in a
-different order), parallel mode deals whole loops to ranks; both must agree
+different order), parallel mode deals whole loops to ranks in turn; both must agree
 with the serial solve. Tolerance 1e-8 relative on the velocities: only the
 order of floating-point sums differs, amplified by a few Gauss-Newton
 iterations; larger differences would mean a missing or doubled contribution.
@@ -132,3 +132,17 @@ def test_coupled_mode_reaches_the_sequential_chain(comm, model):
             assert dv < 0.08, dv
             assert a["misfit_rel"] < 2 * b["misfit_rel"] + 1e-3
     comm.Barrier()
+
+
+def test_parallel_mode_deals_loops_in_turn():
+    """Parallel mode deals loop k to group k mod G: every loop once, and the costly early loops of
+    a real series spread over all groups (not the first block to one rank)."""
+    from glymphmpi.romt.schedule import parallel_loops
+
+    for n_loops in range(1, 16):
+        for groups in range(1, min(n_loops, 5) + 1):
+            parts = [parallel_loops(n_loops, groups, g) for g in range(groups)]
+            assert sorted(k for p in parts for k in p) == list(range(n_loops))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    assert parallel_loops(14, 2, 0) == [0, 2, 4, 6, 8, 10, 12]
+    assert parallel_loops(14, 2, 1)[:2] == [1, 3]
