@@ -469,3 +469,21 @@ def test_large_displacement_warning_names_the_margin_that_fixes_it():
     assert share == pytest.approx(0.75) and need == 9
     share, need = mass_at_risk(vel, dens, 1.0, 9)
     assert share == 0.0 and need == 9
+    # with a tolerated share: the margin that keeps all but that share inside
+    vel[1, 1, 4, 3, 2] = 3.2  # the other quarter jumps 3.2 voxels
+    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=0.8) == (pytest.approx(0.75), 5)  # 3/4 may go: 3.2 must fit
+    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=0.5) == (pytest.approx(0.75), 9)  # the 7.5 jump must fit
+    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=1.0)[1] == 1                      # all may go: any margin
+
+
+def test_mass_at_the_crop_edge_is_a_loop_warning_naming_the_margin():
+    """A loop whose particles carrying more than RISK_TOLERANCE of the mass may have reached the crop edge is
+    a warning in the summary's list (whichever rank solved it), naming crop_margin; below it, none."""
+    from glymphmpi.romt.config import RomtConfig
+    from glymphmpi.romt.results import loop_warnings
+
+    base = {"misfit_rel": 0.01, "stop_reason": "converged", "gn_iterations": 5}
+    loops = [dict(base, mass_at_risk=2.5e-3, crop_margin_needed=12),
+             dict(base, mass_at_risk=4e-4, crop_margin_needed=0), dict(base)]
+    w = loop_warnings(loops, RomtConfig())
+    assert len(w) == 1 and w[0].startswith("loop 0:") and "romt.crop_margin=12" in w[0] and "0.0025" in w[0]

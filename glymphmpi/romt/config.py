@@ -102,7 +102,9 @@ class RomtConfig:
         crop_margin: solve on the bounding box of the active set and of the
             images' support widened by this many voxels (negative: the whole
             grid); equal to the whole-grid solve to ~1e-13 (see
-            :func:`glymphmpi.romt.solve.crop_box`), cheaper DCTs.
+            :func:`glymphmpi.romt.solve.crop_box`), cheaper DCTs. A loop in which
+            particles carrying more than 0.1% of the mass jump further than
+            this in one step is a warning naming the margin that keeps them in.
         mask_images: multiply the images by the subject mask before solving.
         smooth_sigma_voxels: Gaussian smoothing of the images inside the mask
             before solving (normalised convolution: no mass leaks out of the

@@ -26,11 +26,17 @@ MISFIT_WARN = 0.05  # relative misfit above which a loop's end density does not 
 
 
 def loop_warnings(loops: list, cfg: RomtConfig) -> list[str]:
-    """One line per loop that is not a converged estimate: on its iteration limit, or misfit above
-    MISFIT_WARN; each names the loop and the setting to change."""
+    """One line per loop that is not a converged estimate: on its iteration limit, misfit above
+    MISFIT_WARN, or more than :data:`glymphmpi.romt.crop.RISK_TOLERANCE` of its mass carried by particles
+    that may have reached the edge of the cropped box; each names the loop and the setting to change."""
     out = []
     for k, res in enumerate(loops):
         m = float(res["misfit_rel"])
+        need = int(res.get("crop_margin_needed", 0) or 0)
+        if need > 0:
+            out.append(f"loop {k}: particles carrying {float(res['mass_at_risk']):.2g} of the mass jumped more than "
+                       f"{cfg.crop_margin - 1} voxels in one step, so mass may have reached the edge of the cropped "
+                       f"box: set romt.crop_margin={need}")
         if str(res["stop_reason"]).startswith("max iterations"):
             out.append(f"loop {k}: stopped on its iteration limit ({int(res['gn_iterations'])} Gauss-Newton "
                        f"iterations, relative misfit {m:.3g}): not converged; raise romt.max_iterations")
