@@ -476,6 +476,31 @@ def test_large_displacement_warning_names_the_margin_that_fixes_it():
     assert mass_at_risk(vel, dens, 1.0, 6, tolerance=1.0)[1] == 1                      # all may go: any margin
 
 
+def test_crop_edge_risk_counts_only_particles_that_can_reach_a_crop_edge():
+    """With the box's edge distances (crop edges only, not the grid's own boundary), a particle is at risk
+    when its jump reaches the nearest crop edge; the margin needed moves that edge past the jump."""
+    from glymphmpi.romt.crop import edge_distance, mass_at_risk
+
+    box = (slice(2, 10), slice(0, 5), slice(0, 4))   # crop edges below and above axis 0 only (grid 12 x 5 x 4)
+    dist = edge_distance(box, (12, 5, 4))
+    assert dist.shape == (8, 5, 4)
+    assert dist[0, 2, 1] == 1 and dist[7, 0, 0] == 1 and dist[3, 0, 0] == 4 and dist[4, 2, 2] == 4
+    assert np.isinf(edge_distance((slice(0, 12), slice(0, 5), slice(0, 4)), (12, 5, 4))).all()
+    vel = np.zeros((1, 3, 8, 5, 4))
+    dens = np.zeros((2, 8, 5, 4))
+    dens[:, 1, 2, 2] = 1.0   # 2 voxels from the lower crop edge
+    dens[:, 4, 2, 2] = 3.0   # 4 from both
+    vel[0, 2, 1, 2, 2] = 2.5   # jumps 2.5 along axis 2 (the check is by the largest component): reaches it
+    vel[0, 1, 4, 2, 2] = 3.5   # jumps 3.5: does not reach 4
+    share, need = mass_at_risk(vel, dens, 1.0, 6, dist=dist)
+    assert share == pytest.approx(0.25) and need == 7     # 6 + floor(2.5 - 2) + 1
+    vel[0, 1, 4, 2, 2] = 4.0   # now reaches it exactly
+    share, need = mass_at_risk(vel, dens, 1.0, 6, dist=dist)
+    assert share == pytest.approx(1.0) and need == 7
+    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=0.9, dist=dist)[1] == 7   # the 3/4 one must stay inside
+    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=1.0, dist=dist)[1] == 6   # all may go: the margin as it is
+
+
 def test_mass_at_the_crop_edge_is_a_loop_warning_naming_the_margin():
     """A loop whose particles carrying more than RISK_TOLERANCE of the mass may have reached the crop edge is
     a warning in the summary's list (whichever rank solved it), naming crop_margin; below it, none."""

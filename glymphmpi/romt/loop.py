@@ -10,7 +10,7 @@ from mpi4py import MPI
 
 from glymphmpi.errors import InputError
 from glymphmpi.romt.config import RomtConfig
-from glymphmpi.romt.crop import RISK_TOLERANCE, crop_box, mass_at_risk, uncrop
+from glymphmpi.romt.crop import RISK_TOLERANCE, crop_box, edge_distance, mass_at_risk, uncrop
 from glymphmpi.romt.gn import GNState, LoopProblem, gauss_newton
 from glymphmpi.romt.grid import ActiveLaplacian, default_workers
 from glymphmpi.romt.runtime import single_threaded_blas, tune_malloc
@@ -123,14 +123,14 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
         res = _solve_box(np.ascontiguousarray(rho0[box]), np.ascontiguousarray(target[box]), cfg,
                          np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers, chi, warm)
     if tuple(res["density"].shape[1:]) != tuple(full_shape):
-        risk, need = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin, RISK_TOLERANCE)
+        risk, need = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin, RISK_TOLERANCE,
+                                  dist=edge_distance(box, full_shape))
         res = uncrop(res, box, full_shape, cfg.nt, cfg.crop_margin)
         # reported by glymphmpi.romt.results.loop_warnings (summary, log and report, whichever rank solved it)
         res["mass_at_risk"] = risk
         res["crop_margin_needed"] = need if risk > RISK_TOLERANCE else 0
         if risk > 0:
-            log.debug("%sparticles carrying %.2e of the mass jumped more than %d voxels in one step", label, risk,
-                      cfg.crop_margin - 1)
+            log.debug("%sparticles carrying %.2e of the mass jumped as far as the crop edge in one step", label, risk)
     return res
 
 
