@@ -85,19 +85,21 @@ AUTHOR_PNGS = [("LPPA_set001_031623/Pathlines/C1217_LagSpdlines_E07_35.png", "au
                ("EULA_set001_031623/Speed/C1217_EulAveSpeed_E07_11.png", "authors: Eulerian speed, 7-11"),
                ("EULA_set001_031623/Speed/C1217_EulAveSpeed_E15_19.png", "authors: Eulerian speed, 15-19"),
                ("EULA_set001_031623/Speed/C1217_EulAveR_E07_11.png", "authors: relative source, 7-11")]
-OURS = [("figures/pathlines_speed.png", "glymphmpi: speed-lines, frames 7-19"),
-        ("figures/speed_map.png", "glymphmpi: speed map (pathline points), 7-19"),
-        ("figures/relative_source.png", "glymphmpi: relative source (mean of loops), 7-19")]
+OURS = [("figures/pathlines_speed.png", "glymphmpi: speed-lines, frames 7-{last}"),
+        ("figures/speed_map.png", "glymphmpi: speed map (pathline points), 7-{last}"),
+        ("figures/relative_source.png", "glymphmpi: relative source (mean of loops), 7-{last}")]
 
 
-def compare_figure(uromt: Path, run_dir: Path, path: Path) -> Path | None:
-    """One PNG with the authors' published rat figures (their repository's README images) above ours."""
+def compare_figure(uromt: Path, run_dir: Path, path: Path, last_frame: int = 19) -> Path | None:
+    """One PNG with the authors' published rat figures (their repository's README images) above ours
+    (frames 7..``last_frame``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [[(uromt / AUTHORS / p, t) for p, t in AUTHOR_PNGS], [(run_dir / p, t) for p, t in OURS]]
+    rows = [[(uromt / AUTHORS / p, t) for p, t in AUTHOR_PNGS],
+            [(run_dir / p, t.format(last=last_frame)) for p, t in OURS]]
     rows = [[(p, t) for p, t in r if p.exists()] for r in rows]
     if not rows[1]:
         return None
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
                   f"load is longer than CPU / ranks), peak memory {res['peak_mib']:.0f} MiB per rank"
                   f", solve {sm.get('solve_s', float('nan'))} s", flush=True)
             if post:
-                cmp = compare_figure(args.uromt, out, args.out / "compare_authors.png")
+                cmp = compare_figure(args.uromt, out, args.out / "compare_authors.png", args.last_frame)
                 print(f" figures beside the authors': {cmp}")
             if not sm:
                 continue
