@@ -34,9 +34,9 @@ def loop_warnings(loops: list, cfg: RomtConfig) -> list[str]:
         m = float(res["misfit_rel"])
         need = int(res.get("crop_margin_needed", 0) or 0)
         if need > 0:
-            out.append(f"loop {k}: particles carrying {float(res['mass_at_risk']):.2g} of the mass jumped more than "
-                       f"{cfg.crop_margin - 1} voxels in one step, so mass may have reached the edge of the cropped "
-                       f"box: set romt.crop_margin={need}")
+            out.append(f"loop {k}: particles carrying {float(res['mass_at_risk']):.2g} of the mass jumped as far as "
+                       f"the edge of the cropped box in one step, so mass may have left it: set "
+                       f"romt.crop_margin={need} (now {cfg.crop_margin})")
         if str(res["stop_reason"]).startswith("max iterations"):
             out.append(f"loop {k}: stopped on its iteration limit ({int(res['gn_iterations'])} Gauss-Newton "
                        f"iterations, relative misfit {m:.3g}): not converged; raise romt.max_iterations")
