@@ -512,3 +512,22 @@ def test_mass_at_the_crop_edge_is_a_loop_warning_naming_the_margin():
              dict(base, mass_at_risk=4e-4, crop_margin_needed=0), dict(base)]
     w = loop_warnings(loops, RomtConfig())
     assert len(w) == 1 and w[0].startswith("loop 0:") and "romt.crop_margin=12" in w[0] and "0.0025" in w[0]
+
+
+def test_hess_combine_kernel_equals_the_numpy_expression():
+    """The fused per-step combination of the Gauss-Newton Hessian product (data part, kinetic, smoothness)
+    gives s out + c rho[loc] x + g lap, as the numpy expression the solver used before."""
+    from glymphmpi.romt import kernels
+
+    rng = np.random.default_rng(4)
+    out, x, lap = (rng.standard_normal((3, 57)) for _ in range(3))
+    rho = rng.random(200)
+    loc = np.sort(rng.choice(200, 57, replace=False))
+    want = 7.0 * out + 0.8 * rho[loc] * x + 0.3 * lap
+    got = out.copy()
+    kernels.hess_combine(got, x, rho, loc, lap, 7.0, 0.8, 0.3)
+    assert np.allclose(got, want, rtol=1e-14, atol=1e-14)
+    view = np.zeros((4, 57))
+    view[:3] = out
+    kernels.hess_combine(view[:3], x, rho, loc, lap, 7.0, 0.8, 0.3)  # the unbalanced problem's velocity rows
+    assert np.allclose(view[:3], want, rtol=1e-14, atol=1e-14) and not view[3].any()

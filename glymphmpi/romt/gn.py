@@ -173,10 +173,11 @@ class LoopProblem:
     def hessp(self, x: np.ndarray, lin: Linearization) -> np.ndarray:
         """Gauss-Newton Hessian times x (nt, 3, Ml)."""
         loc = self.tr.local
-        out = 2.0 * self.beta * self.vjp(self.jvp(x, lin), lin)
-        for k in range(self.nt):
-            out[k] += 2.0 * self.dt * lin.rhos[k][loc] * x[k]
-        out += self.gamma * self.dt * self._lap_apply(x)
+        out = self.vjp(self.jvp(x, lin), lin)
+        lap = self._lap_apply(x)
+        for k in range(self.nt):  # 2 beta J^T J x + 2 dt rho_k x_k + gamma dt G^T G x in one pass per step
+            kernels.hess_combine(out[k], x[k], lin.rhos[k], loc, lap[k], 2.0 * self.beta, 2.0 * self.dt,
+                                 self.gamma * self.dt)
         return out
 
     def preconditioner_parts(self, lin: Linearization) -> tuple[np.ndarray, np.ndarray]:

@@ -227,6 +227,17 @@ def graph_laplacian_rows(full, lo, nb, deg, out):
 
 
 @numba.njit(**_JIT)
+def hess_combine(out, x, rho, loc, lap, s, c, g):
+    """``out[d, i] = s out[d, i] + c rho[loc[i]] x[d, i] + g lap[d, i]`` in place, one pass: the
+    Gauss-Newton Hessian product of one time step from its data part ``out`` (J^T J x), the kinetic
+    term (c = 2 dt, rho the step's density on the grid, loc the particles' voxels) and the smoothness
+    term (lap = G^T G x, g = gamma dt); s = 2 beta. out, x, lap (ncomp, Ml)."""
+    for d in range(out.shape[0]):
+        for i in range(out.shape[1]):
+            out[d, i] = s * out[d, i] + c * rho[loc[i]] * x[d, i] + g * lap[d, i]
+
+
+@numba.njit(**_JIT)
 def cg_step(s, r, p, hp, a):
     """PCG's update in one pass over flat arrays: ``s += a p``, ``r -= a hp``; returns r.r (local)."""
     rr = 0.0
@@ -292,6 +303,8 @@ def warm_up() -> None:
         gather(y, 3, 3, 3, closed, out, r, np.zeros(1), np.zeros((3, 1)), True)
         factor_squares(y, 3, 3, 3, closed, np.zeros((3, 1)))
     graph_laplacian_rows(np.ones((1, 2)), 0, np.array([[1, -1, -1, -1, -1, -1]]), np.ones(1), np.empty((1, 1)))
+    hess_combine(np.ones((3, 1)), np.ones((3, 1)), np.ones(2), np.zeros(1, dtype=np.int64), np.ones((3, 1)),
+                 1.0, 1.0, 1.0)
     v = np.ones(4)
     cg_step(v.copy(), v.copy(), v, v, 0.5)
     cg_precondition(v, v, v.copy())

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from glymphmpi.romt import kernels
 from glymphmpi.romt.gn import Linearization, LoopProblem, Terms
 
 
@@ -145,12 +146,15 @@ class UnbalancedProblem(LoopProblem):
 
     def hessp(self, x: np.ndarray, lin: Linearization) -> np.ndarray:
         loc = self.tr.local
-        out = 2.0 * self.beta * self.vjp(self.jvp(x, lin), lin)
-        for k in range(self.nt):
-            rl = lin.rhos[k][loc]
-            out[k, :3] += 2.0 * self.dt * rl * x[k, :3]
-            out[k, 3] += 2.0 * self.alpha * self.dt * self.chi_l * (rl + self.rho_floor) * x[k, 3]
-        out += self.gamma * self.dt * self._lap_apply(x)
+        out = self.vjp(self.jvp(x, lin), lin)
+        lap = self._lap_apply(x)
+        s = 2.0 * self.beta
+        for k in range(self.nt):  # velocity: 2 beta J^T J x + 2 dt rho_k x_k + gamma dt G^T G x in one pass
+            kernels.hess_combine(out[k, :3], x[k, :3], lin.rhos[k], loc, lap[k, :3], s, 2.0 * self.dt,
+                                 self.gamma * self.dt)
+            o = out[k, 3]
+            o *= s
+            o += 2.0 * self.alpha * self.dt * self.chi_l * (lin.rhos[k][loc] + self.rho_floor) * x[k, 3]
         return self._tie(out)
 
     def _diagonal(self, b: np.ndarray, a: np.ndarray) -> np.ndarray:
