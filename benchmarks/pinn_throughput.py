@@ -85,10 +85,11 @@ def main(argv=None) -> int:
         print("no CUDA GPU: use --device cpu", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
+    malloc_tuned = False
     if dev.type == "cpu":  # what the trainer does on the CPU; DeepXDE, in this process, gets it too
-        from glymphmpi.pinn.cpu_kernels import tune_allocator
+        from glymphmpi.parallel import tune_malloc
 
-        tune_allocator()
+        malloc_tuned = tune_malloc()
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
     D = 0.7
     torch.manual_seed(0)
@@ -154,9 +155,9 @@ def main(argv=None) -> int:
         res[f"{k}_s"], res[f"{k}_median_s"] = best, med
         res[f"{k}_cpu_s"], res[f"{k}_cpu_median_s"] = CPU_TIMES[k]
     n = args.points
-    from glymphmpi.pinn import cpu_kernels, network
+    from glymphmpi.pinn import network
 
-    res["allocator_tuned"] = bool(cpu_kernels._TUNED[0])
+    res["allocator_tuned"] = malloc_tuned
     res["onednn_products"] = bool(network._ONEDNN[0])
     print(f"PDE-residual points/s, forward + backward, {args.depth} x {args.width} tanh, {n} points, "
           f"{args.dtype} on {dev} ({res['threads']} threads; malloc tuned: {res['allocator_tuned']}, "

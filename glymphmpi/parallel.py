@@ -1,4 +1,4 @@
-"""Communicator helpers and torch.distributed environment mapping.
+"""Communicator helpers, torch.distributed environment mapping and the process's allocator setting.
 
 Library code takes a communicator argument, always present (``COMM_SELF`` in
 serial, as DOLFINx does); only the runner builds one (:func:`mpi_comm`).
@@ -104,3 +104,39 @@ def ranks_on_this_node(comm) -> int:
         return int(node.size)
     finally:
         node.Free()
+
+
+_MALLOC_TUNED: list = [None]
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process heap (glibc ``mallopt``) instead of returning it (once per process).
+
+    The rOMT solver and the PINN's training steps make many short-lived arrays of 1-100 MB; by
+    default glibc maps each with mmap and unmaps it on free, so every step pays page faults for
+    fresh memory. Measured: rOMT's linearisation, tangent weights and adjoint gather ran 3-4x
+    slower, mostly in the kernel; a PINN step of 8,192 points page-faulted 10,000-23,000 times
+    (30-100 ms of system time; best step 172 ms, 98 ms with this setting). Raising the mmap and
+    trim thresholds makes the heap reuse that memory (PyTorch's CPU tuning guide gets the same by
+    preloading jemalloc or tcmalloc). Process-wide. Nothing changes where the user set
+    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (theirs wins) or where glibc is not
+    present. Returns whether the setting is in force.
+    """
+    if _MALLOC_TUNED[0] is None:
+        import ctypes
+        import ctypes.util
+
+        ok = False
+        if not ({"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ)):
+            try:
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                mallopt = libc.mallopt
+                libc.gnu_get_libc_version  # glibc only  # noqa: B018
+            except (OSError, AttributeError):
+                mallopt = None
+            if mallopt is not None:
+                m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+                ok = bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2 ** 31 - 1)
+                          and mallopt(m_top_pad, 64 << 20))
+        _MALLOC_TUNED[0] = ok
+    return _MALLOC_TUNED[0]

@@ -202,8 +202,9 @@ def test_onednn_products_equal_mkl_in_the_fused_step(monkeypatch):
 
 
 def test_malloc_tuning_is_in_force_unless_the_user_set_it():
-    """tune_allocator raises glibc's mmap threshold (so a training step stops page-faulting its
-    tensors in afresh) and leaves a user's own MALLOC_MMAP_THRESHOLD_ alone; fresh processes."""
+    """tune_malloc (which the trainer calls on the CPU) raises glibc's mmap threshold (so a training step
+    stops page-faulting its tensors in afresh) and leaves a user's own MALLOC_MMAP_THRESHOLD_ alone;
+    fresh processes."""
     import os
     import platform
     import subprocess
@@ -212,8 +213,8 @@ def test_malloc_tuning_is_in_force_unless_the_user_set_it():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("not glibc")
     code = ("import resource\n"
-            "from glymphmpi.pinn.cpu_kernels import tune_allocator\n"
-            "print(tune_allocator())\n"
+            "from glymphmpi.parallel import tune_malloc\n"
+            "print(tune_malloc())\n"
             "import torch\n"
             "for _ in range(10): torch.ones(4 << 20, dtype=torch.float64).sum()\n"  # 32 MB, freed each time
             "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"

@@ -267,34 +267,3 @@ def rows_backward(G: np.ndarray, Z: np.ndarray, out: np.ndarray, dZ: np.ndarray,
     return float(_backward_serial(G, Z, out, dZ, n, m, D))
 
 
-
-MMAP_THRESHOLD = 64 << 20
-"""Bytes above which glibc's malloc serves a block by a fresh ``mmap`` (set by :func:`tune_allocator`)."""
-_TUNED: list = [None]
-
-
-def tune_allocator() -> bool:
-    """Keep freed tensor memory in glibc's heap instead of returning it to the kernel (once per process).
-
-    Every layer of a training step allocates its (rows x W) outputs and gradients afresh, 10 MB each
-    for 8,192 points; glibc's malloc maps blocks that large from the kernel and unmaps them on
-    ``free``, so each step page-faulted all of it in again: 10,000-23,000 minor faults and 30-100 ms of
-    system time per step on 8,192 points (best step 172 ms; 98 ms with this setting). Raising the
-    mmap threshold to 64 MiB and the trim threshold to 128 MiB (``mallopt``) keeps those blocks for
-    reuse; PyTorch's CPU tuning guide reaches the same by preloading jemalloc or tcmalloc. Nothing
-    is changed where the user set ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` (theirs
-    wins), or where the C library is not glibc. Returns whether the setting is in force."""
-    if _TUNED[0] is None:
-        import ctypes
-        import os
-
-        ok = False
-        if not ({"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ)):
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                libc.gnu_get_libc_version  # glibc only  # noqa: B018
-                ok = bool(libc.mallopt(-3, MMAP_THRESHOLD)) and bool(libc.mallopt(-1, 2 * MMAP_THRESHOLD))
-            except (OSError, AttributeError):
-                ok = False
-        _TUNED[0] = ok
-    return _TUNED[0]

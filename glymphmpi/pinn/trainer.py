@@ -33,7 +33,7 @@ import torch
 from scipy import ndimage
 
 from glymphmpi.errors import GlymphError, InputError
-from glymphmpi.pinn import cpu_kernels
+from glymphmpi.parallel import tune_malloc
 from glymphmpi.pinn.config import PinnConfig
 from glymphmpi.pinn.diagnostics import abs_residual, predict, residual_over_time
 from glymphmpi.pinn.distributed import SERIAL, DistContext
@@ -263,7 +263,7 @@ class Trainer:
         self.dtype = DTYPES[cfg.dtype]
         dev = self.ctx.device
         if dev.type == "cpu":
-            cpu_kernels.tune_allocator()
+            tune_malloc()
         self.gen = torch.Generator().manual_seed(self.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
