@@ -454,28 +454,6 @@ def test_memory_estimated_up_front():
     check_memory(RomtConfig(), 1728, 2)
 
 
-def test_large_displacement_warning_names_the_margin_that_fixes_it():
-    """Issue 15 §5: the share of mass that may have left the cropped box, and the one crop_margin that avoids it
-    (longest jump of a particle carrying mass + 1); jumps where there is no mass do not count."""
-    from glymphmpi.romt.crop import mass_at_risk
-
-    vel = np.zeros((2, 3, 6, 5, 4))
-    dens = np.zeros((3, 6, 5, 4))
-    dens[:, 1, 1, 1] = 3.0
-    dens[:, 4, 3, 2] = 1.0
-    vel[1, 0, 1, 1, 1] = 7.5  # carries 3/4 of the mass, jumps 7.5 voxels at dt = 1
-    vel[0, 2, 0, 0, 0] = 40.0  # no mass there
-    share, need = mass_at_risk(vel, dens, 1.0, 6)
-    assert share == pytest.approx(0.75) and need == 9
-    share, need = mass_at_risk(vel, dens, 1.0, 9)
-    assert share == 0.0 and need == 9
-    # with a tolerated share: the margin that keeps all but that share inside
-    vel[1, 1, 4, 3, 2] = 3.2  # the other quarter jumps 3.2 voxels
-    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=0.8) == (pytest.approx(0.75), 5)  # 3/4 may go: 3.2 must fit
-    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=0.5) == (pytest.approx(0.75), 9)  # the 7.5 jump must fit
-    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=1.0)[1] == 1                      # all may go: any margin
-
-
 def test_crop_edge_risk_counts_only_particles_that_can_reach_a_crop_edge():
     """With the box's edge distances (crop edges only, not the grid's own boundary), a particle is at risk
     when its jump reaches the nearest crop edge; the margin needed moves that edge past the jump."""
@@ -492,13 +470,14 @@ def test_crop_edge_risk_counts_only_particles_that_can_reach_a_crop_edge():
     dens[:, 4, 2, 2] = 3.0   # 4 from both
     vel[0, 2, 1, 2, 2] = 2.5   # jumps 2.5 along axis 2 (the check is by the largest component): reaches it
     vel[0, 1, 4, 2, 2] = 3.5   # jumps 3.5: does not reach 4
-    share, need = mass_at_risk(vel, dens, 1.0, 6, dist=dist)
+    vel[0, 0, 0, 0, 0] = 40.0  # no mass there: does not count
+    share, need = mass_at_risk(vel, dens, 1.0, 6, dist)
     assert share == pytest.approx(0.25) and need == 7     # 6 + floor(2.5 - 2) + 1
     vel[0, 1, 4, 2, 2] = 4.0   # now reaches it exactly
-    share, need = mass_at_risk(vel, dens, 1.0, 6, dist=dist)
+    share, need = mass_at_risk(vel, dens, 1.0, 6, dist)
     assert share == pytest.approx(1.0) and need == 7
-    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=0.9, dist=dist)[1] == 7   # the 3/4 one must stay inside
-    assert mass_at_risk(vel, dens, 1.0, 6, tolerance=1.0, dist=dist)[1] == 6   # all may go: the margin as it is
+    assert mass_at_risk(vel, dens, 1.0, 6, dist, tolerance=0.9)[1] == 7   # the 3/4 one must stay inside
+    assert mass_at_risk(vel, dens, 1.0, 6, dist, tolerance=1.0)[1] == 6   # all may go: the margin as it is
 
 
 def test_mass_at_the_crop_edge_is_a_loop_warning_naming_the_margin():

@@ -85,35 +85,26 @@ def edge_distance(box: tuple, shape: tuple) -> np.ndarray:
     return dist
 
 
-def mass_at_risk(velocity: np.ndarray, density: np.ndarray, dt: float, margin: int,
-                 tolerance: float = 0.0, dist: np.ndarray | None = None) -> tuple[float, int]:
+def mass_at_risk(velocity: np.ndarray, density: np.ndarray, dt: float, margin: int, dist: np.ndarray,
+                 tolerance: float = 0.0) -> tuple[float, int]:
     """(share, margin needed) of a loop solved on a cropped box: the share of the mass carried by
-    particles whose jump in one step (``dt max_d |v_d|``, voxels) could reach a crop edge, and the
-    smallest ``crop_margin`` under which at most ``tolerance`` of the mass could (0: none).
-
-    ``dist``: :func:`edge_distance` of the box; a particle is at risk when its jump is at least its
-    distance to the nearest crop edge, and a margin larger by m moves every crop edge m voxels further.
-    Without it, a particle anywhere is at risk when it jumps further than ``margin - 1`` voxels (the
-    distance of the images' support to the edge)."""
+    particles whose jump in one step (``dt max_d |v_d|``, voxels) reaches their distance to the
+    nearest crop edge (``dist``: :func:`edge_distance` of the box), and the smallest ``crop_margin``
+    under which at most ``tolerance`` of the mass would (a margin larger by m moves every crop edge
+    m voxels further; ``margin`` itself when it suffices). Particles without mass do not count."""
     excess, masses = [], []
     for k in range(velocity.shape[0]):
         jump = dt * np.abs(velocity[k]).max(axis=0)
         carrying = density[k] > 0
-        room = (margin - 1.0) if dist is None else dist[carrying]
-        excess.append((jump[carrying] - room).ravel())  # >= 0 (with dist) / > 0 (without): may reach the edge
+        excess.append((jump[carrying] - dist[carrying]).ravel())  # >= 0: may reach the edge
         masses.append(density[k][carrying].ravel().astype(np.float64))
     total = float(density[0].sum(dtype=np.float64))
     e, m = np.concatenate(excess), np.concatenate(masses)
-    risky = e >= 0 if dist is not None else e > 0
-    share = float(m[risky].sum()) / total if total > 0 else 0.0
-    need = int(margin) if dist is not None else 1
+    share = float(m[e >= 0].sum()) / total if total > 0 else 0.0
+    need = int(margin)
     if e.size:
         order = np.argsort(-e, kind="stable")
         over = np.flatnonzero(np.cumsum(m[order]) > tolerance * total)
-        if over.size:  # the first particle (largest excess first) past the tolerated mass must stay inside
-            x = float(e[order[over[0]]])
-            if dist is None:  # its jump + 1, rounded up
-                need = int(np.ceil(x + margin - 1.0)) + 1
-            elif x >= 0:  # every crop edge that much further away
-                need = int(margin) + int(np.floor(x)) + 1
+        if over.size and e[order[over[0]]] >= 0:  # the first particle past the tolerated mass must stay inside
+            need = int(margin) + int(np.floor(e[order[over[0]]])) + 1
     return share, need

@@ -123,8 +123,8 @@ def solve_loop(rho0: np.ndarray, target: np.ndarray, cfg: RomtConfig, active: np
         res = _solve_box(np.ascontiguousarray(rho0[box]), np.ascontiguousarray(target[box]), cfg,
                          np.ascontiguousarray(active[box]), comm, state, on_iteration, label, workers, chi, warm)
     if tuple(res["density"].shape[1:]) != tuple(full_shape):
-        risk, need = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin, RISK_TOLERANCE,
-                                  dist=edge_distance(box, full_shape))
+        risk, need = mass_at_risk(res["velocity"], res["density"], cfg.dt, cfg.crop_margin,
+                                  edge_distance(box, full_shape), RISK_TOLERANCE)
         res = uncrop(res, box, full_shape, cfg.nt, cfg.crop_margin)
         # reported by glymphmpi.romt.results.loop_warnings (summary, log and report, whichever rank solved it)
         res["mass_at_risk"] = risk
