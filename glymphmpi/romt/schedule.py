@@ -122,7 +122,7 @@ def _checkpoint_each_iteration(ck, store, k: int):
 
 
 def parallel_loops(n_loops: int, n_groups: int, group: int) -> list[int]:
-    """The loops of ``group`` in parallel mode: k = group, group + G, ... (dealt in turn).
+    """The loops of ``group`` in parallel mode: k = group, group + G, ... (dealt in turn; one group: all).
 
     Not contiguous blocks: on real series the early loops, where tracer still pours in, cost the
     most (the rat's 14 loops: 57, 58, 66, 55, 52, 41, 45 s for loops 0-6, 20-34 s for 7-13), so
@@ -134,7 +134,7 @@ def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_
                  source_region=None) -> dict:
     """This group's loops, in order; raises Preempted on every rank when any rank was stopped."""
     n_loops = images.shape[0] - 1
-    my_loops = parallel_loops(n_loops, n_groups, group) if n_groups > 1 else list(range(n_loops))
+    my_loops = parallel_loops(n_loops, n_groups, group)  # one group (sequential mode): every loop, in order
     states = store.states() if store is not None else {}
     ck = None
     if store is not None:
