@@ -9,11 +9,12 @@ import numpy as np
 from mpi4py import MPI
 
 from glymphmpi.errors import InputError
+from glymphmpi.parallel import tune_malloc
 from glymphmpi.romt.config import RomtConfig
 from glymphmpi.romt.crop import RISK_TOLERANCE, crop_box, edge_distance, mass_at_risk, uncrop
 from glymphmpi.romt.gn import GNState, LoopProblem, gauss_newton
 from glymphmpi.romt.grid import ActiveLaplacian, default_workers
-from glymphmpi.romt.runtime import single_threaded_blas, tune_malloc
+from glymphmpi.romt.runtime import single_threaded_blas
 from glymphmpi.romt.scale import REFERENCE_INTENSITY
 from glymphmpi.romt.transport import Transport
 

@@ -1,13 +1,9 @@
-"""Process-level tuning of the rOMT solver: the allocator and the BLAS thread pool."""
+"""Process-level tuning of the rOMT solver: the BLAS thread pool (the allocator: glymphmpi.parallel.tune_malloc)."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 
-from glymphmpi.parallel import tune_malloc  # noqa: F401 - the allocator setting, shared with the PINN
-
-log = logging.getLogger(__name__)
 
 def single_threaded_blas():
     """BLAS (only used for dot products here) on one thread: OpenBLAS threads spin and
