@@ -74,7 +74,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
 
+    # isort: off
+    import glymphmpi.pinn  # before torch: what the trainer gets (OMP_WAIT_POLICY, see passive_omp_threads)
     import torch
+    # isort: on
 
     from glymphmpi.pinn.network import PinnNet, derivatives_autograd
 
@@ -159,9 +162,10 @@ def main(argv=None) -> int:
 
     res["allocator_tuned"] = malloc_tuned
     res["onednn_products"] = bool(network._ONEDNN[0])
+    res["omp_passive"] = glymphmpi.pinn.OMP_PASSIVE
     print(f"PDE-residual points/s, forward + backward, {args.depth} x {args.width} tanh, {n} points, "
           f"{args.dtype} on {dev} ({res['threads']} threads; malloc tuned: {res['allocator_tuned']}, "
-          f"oneDNN products: {res['onednn_products']})")
+          f"oneDNN products: {res['onednn_products']}, OpenMP threads passive: {res['omp_passive']})")
     labels = {"glymphmpi": "glymphmpi (forward residual stream, default)",
               "glymphmpi_six": "glymphmpi (c_t and Laplacian streams)",
               "glymphmpi_compiled": "glymphmpi (c_t and Laplacian, torch.compile)",

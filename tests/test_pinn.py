@@ -230,6 +230,30 @@ def test_malloc_tuning_is_in_force_unless_the_user_set_it():
     assert tuned == "False" and int(faults) > 8 * 8192
 
 
+def test_pytorch_openmp_threads_sleep_unless_the_user_or_an_earlier_import_decided():
+    """Importing glymphmpi.pinn before torch makes the OpenMP threads of PyTorch's bundled libgomp sleep
+    between parallel regions (spin count 0, as libgomp itself reports with OMP_DISPLAY_ENV=VERBOSE;
+    its default spins 300,000 times, which took the cores from the numba kernels); a user's
+    OMP_WAIT_POLICY wins, and a process that imported torch first is told the setting is not in force."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    def spin(code, **extra):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+        env.update(OMP_DISPLAY_ENV="VERBOSE", **extra)
+        out = subprocess.run([sys.executable, "-c", code + "\nprint(glymphmpi.pinn.OMP_PASSIVE)"], env=env,
+                             capture_output=True, text=True, check=True)
+        return int(re.search(r"GOMP_SPINCOUNT = '(\d+)'", out.stderr).group(1)), out.stdout.split()[-1]
+
+    ours = "import glymphmpi.pinn.network\nimport glymphmpi.pinn"
+    assert spin(ours) == (0, "True")
+    count, passive = spin(ours, OMP_WAIT_POLICY="ACTIVE")
+    assert count > 300000 and passive == "False"
+    assert spin("import torch\n" + ours) == (300000, "False")
+
+
 def test_tanh_from_sigmoid_equals_tanh():
     """The fused layers' tanh (2 sigmoid(2 z) - 1) equals torch.tanh to a few ulp of 1."""
     from glymphmpi.pinn.network import _tanh_into

@@ -9,3 +9,9 @@ ensembles, convergence and summary fields), ``run`` (the registry's
 ``analytic`` (heat-kernel test problem). torch is imported only by these
 modules, never by ``import glymphmpi``.
 """
+
+from glymphmpi.parallel import passive_omp_threads
+
+OMP_PASSIVE = passive_omp_threads()
+"""Whether PyTorch's OpenMP threads sleep between parallel regions in this process (set here, before any
+module of this package imports torch; see :func:`glymphmpi.parallel.passive_omp_threads`)."""
