@@ -131,8 +131,9 @@ def test_figure_title_shows_interval_and_flags():
 
 def test_low_noise_warning_on_brain_phantoms():
     """Noise-free phantom data fall below the level the noise rule was checked on and are flagged when D
-    still moves along the regularisation path (more than 1% per decade: measured +5-16% bias there);
-    5% noise, an unknown noise level or a settled D are not flagged."""
+    still moves along the regularisation path (more than 1% per decade: measured +5-16% bias there) or the
+    scans are more than 4 h apart; 5% noise, an unknown noise level, or a settled D with scans every 4 h
+    are not flagged."""
     from glymphmpi.synth import brain_diffusion as bd
 
     levels = {}
@@ -147,6 +148,11 @@ def test_low_noise_warning_on_brain_phantoms():
     w = A.low_noise_warning(levels[0.0], moving)
     assert w is not None and "biased high" in w and "2.8%" in w and "upper estimate" in w
     assert A.low_noise_warning(levels[0.0], settled) is None
+    assert A.low_noise_warning(levels[0.0], settled, [0, 4, 8, 12]) is None
+    # a settled D is not enough with sparse scans (29 mm noise-free block at 0/7/24/46 h: 0.66% per decade, +13.4%)
+    w = A.low_noise_warning(levels[0.0], settled, list(bd.DEFAULT_TIMES_H))
+    assert w is not None and "up to 22 h apart" in w and "still moved" not in w and "upper estimate" in w
+    assert A.low_noise_warning(levels[0.05], settled, list(bd.DEFAULT_TIMES_H)) is None
     assert A.low_noise_warning(levels[0.05], moving) is None
     assert A.low_noise_warning(None, moving) is None
     assert A.low_noise_warning(levels[0.0], moving[:1]) is None  # one scale: no movement measured

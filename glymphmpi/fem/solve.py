@@ -374,7 +374,7 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             if r["inner_capped"]:
                 warnings.append(f"scale {r['scale']:.3g}: {r['inner_capped']} inner CG solve(s) for g hit "
                                 f"fem.inner_max_iterations")
-        low = A.low_noise_warning(sigma, [r for r in records if not r.get("refine")])
+        low = A.low_noise_warning(sigma, [r for r in records if not r.get("refine")], subject.times_h)
         if low:
             warnings.append(low)
         total_its = history["iteration"][-1] if history["iteration"] else 0
