@@ -16,7 +16,8 @@ machine shared with other work).
   ``dde.grad.jacobian``/``dde.grad.hessian`` as in its PDE examples.
 
 Usage: ``python benchmarks/pinn_throughput.py [--points 8192] [--depth 6] [--width 64]
-[--device cpu|cuda] [--dtype float32|float64] [--json OUT]``.
+[--device cpu|cuda] [--dtype float32|float64] [--json OUT]``. DeepXDE is the ``bench`` extra, not
+installed by ``make install``: ``bash hpc/install.sh --extras all,bench`` adds it to ``.venv``.
 """
 
 from __future__ import annotations
