@@ -284,6 +284,9 @@ def main(argv=None) -> int:
         return 130
     except Exception:  # an internal failure: keep the traceback for a bug report
         log.exception("internal error")
+        from glymphmpi.parallel import abort_mpi_world
+
+        abort_mpi_world(EXIT_FAILURE)  # the other ranks may be waiting in a collective
         return EXIT_FAILURE
 
 

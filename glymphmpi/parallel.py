@@ -8,9 +8,11 @@ mpi4py comes from Debian and is always present in the venv.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
+import sys
 
 
 def mpi_comm(serial: bool = False):
@@ -52,6 +54,22 @@ def launcher_env() -> dict:
             return {"rank": int(env[rk]), "world_size": int(env[sz]),
                     "local_rank": int(env.get(lrk, 0)), "source": rk}
     return {"rank": 0, "world_size": 1, "local_rank": 0, "source": "none"}
+
+
+def abort_mpi_world(code: int) -> None:
+    """``MPI_Abort`` on COMM_WORLD when this process runs MPI with other ranks (else nothing).
+
+    For an internal failure on some ranks only: the others would otherwise wait in their next
+    collective forever (a coupled rOMT run whose rank 0 failed after the solve held rank 1 at
+    100% CPU until it was killed). Input errors are raised on every rank and exit normally.
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.size < 2:
+        return
+    for h in logging.getLogger().handlers:  # the traceback reaches the log before the job is torn down
+        h.flush()
+    sys.stderr.flush()
+    mpi.COMM_WORLD.Abort(code)
 
 
 def torch_dist_env(default_port: int | None = None) -> dict:

@@ -109,29 +109,50 @@ def test_cli_two_ranks_match_one(glymph, tmp_path):
 @pytest.mark.mpi
 @pytest.mark.parametrize("model", ["balanced", "unbalanced"])
 def test_coupled_mode_reaches_the_sequential_chain(comm, model):
-    """Coupled parallel loops (parareal-style sweeps) end on the sequential chain: every loop starts from its
-    predecessor's final density (to coupled_rtol) and is converged to the same gradient tolerance; velocities
-    then differ from sequential mode's only as two solves of one loop from different starting guesses do."""
+    """Coupled parallel loops (blocks of loops solved in parallel, sweeps until no block's start moves)
+    end on the sequential chain: every loop is solved as sequential mode solves it, from its
+    predecessor's final density, so with one rank per group the velocities are sequential mode's on one
+    rank to round-off. With a coupled_rtol above the start change after sweep 0 the second block keeps
+    its sweep-0 solve (from its measured image): one sweep, close to the chain but not on it."""
     from glymphmpi.synth.gaussian_spheres import gaussian_spheres
 
     imgs, _ = gaussian_spheres(12, 4)
     act = np.ones(imgs.shape[1:], bool)
-    cpl_cfg = RomtConfig(mode="coupled", model=model, coupled_rtol=1e-4)
-    cpl, info = solve_series(imgs, cpl_cfg, act, comm=comm)
-    assert info["n_groups"] == min(comm.size, 3)
+    cpl, info = solve_series(imgs, RomtConfig(mode="coupled", model=model, coupled_rtol=1e-4), act, comm=comm)
+    loose, info_loose = solve_series(imgs, RomtConfig(mode="coupled", model=model, coupled_rtol=0.5), act,
+                                     comm=comm)
+    groups = min(comm.size, 3)
+    assert info["n_groups"] == groups
     sweeps = info["coupled_sweeps"]
-    assert 2 <= len(sweeps) <= 3 and sweeps[-1]["resolve_next"] == 0
-    if comm.rank == 0:
-        seq, _ = solve_series(imgs, RomtConfig(mode="sequential", model=model), act, comm=MPI.COMM_SELF)
-        for k in range(1, 3):
-            prev_end, start = cpl[k - 1]["density"][-1].astype(np.float64), cpl[k]["density"][0]
-            assert np.linalg.norm(start - prev_end) <= 2e-4 * np.linalg.norm(prev_end)  # float32 storage
-        for a, b in zip(cpl, seq):
-            assert "tolerance" in a["stop_reason"] or a["stop_reason"].startswith("converged"), a["stop_reason"]
-            dv = np.linalg.norm(a["velocity"].astype(np.float64) - b["velocity"]) / np.linalg.norm(b["velocity"])
-            assert dv < 0.08, dv
-            assert a["misfit_rel"] < 2 * b["misfit_rel"] + 1e-3
-    comm.Barrier()
+    assert len(sweeps) == groups and sweeps[-1]["resolve_next"] == 0  # one sweep per block to settle
+    assert sweeps[0]["solved"] == 3 and sum(w["solved"] for w in sweeps) == 3 + sum(range(groups))
+    assert len(info_loose["coupled_sweeps"]) == 1
+    failure = None
+    if comm.rank == 0:  # checked on rank 0, asserted on every rank (a failure must not leave rank 1 waiting)
+        try:
+            _check_coupled_against_sequential(imgs, act, model, cpl, loose, groups)
+        except AssertionError as exc:
+            failure = f"{exc!r}"
+    failure = comm.bcast(failure, root=0)
+    assert failure is None, failure
+
+
+def _check_coupled_against_sequential(imgs, act, model, cpl, loose, groups):
+    from glymphmpi.parallel import split_evenly
+
+    seq, _ = solve_series(imgs, RomtConfig(mode="sequential", model=model), act, comm=MPI.COMM_SELF)
+    for k in range(1, 3):
+        prev_end, start = cpl[k - 1]["density"][-1].astype(np.float64), cpl[k]["density"][0]
+        assert np.linalg.norm(start - prev_end) <= 2e-7 * np.linalg.norm(prev_end)  # float32 storage
+    for a, b in zip(cpl, seq):
+        assert a["stop_reason"] == b["stop_reason"] and a["gn_iterations"] == b["gn_iterations"]
+        dv = np.linalg.norm(a["velocity"].astype(np.float64) - b["velocity"]) / np.linalg.norm(b["velocity"])
+        assert dv < 1e-6, dv  # float32 storage of the one-rank chain's velocities
+    if groups > 1:  # the last block started from its measured image and kept that solve
+        k = split_evenly(3, groups, groups - 1)[0]
+        dv = np.linalg.norm(loose[k]["velocity"].astype(np.float64) - seq[k]["velocity"]) / \
+            np.linalg.norm(seq[k]["velocity"])
+        assert 1e-6 < dv < 0.3, dv
 
 
 def test_parallel_mode_deals_loops_in_turn():

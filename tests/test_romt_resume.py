@@ -168,3 +168,28 @@ def test_job_template_with_mpirun_stops_with_75_and_requeues(gauss14, tmp_path, 
     requeued = (tmp_path / "log").exists() and "scontrol requeue 77" in (tmp_path / "log").read_text()
     assert requeued == (sig == "USR1")  # TERM is a cancellation: checkpoint, but no requeue
     assert list(out.glob("checkpoint*.h5"))
+
+
+def test_a_missing_finished_loop_is_an_error_not_a_hole(tmp_path):
+    """Rank 0 reads every finished loop back from the run directory; a file that is missing (another
+    group still writing it: the coupled run's race) or unreadable stops the run instead of passing None on
+    as a loop (which failed later, as "argument of type 'NoneType' is not iterable", or could have
+    written a partial run)."""
+    from mpi4py import MPI
+
+    from glymphmpi.romt.loopstore import LoopStore
+    from glymphmpi.romt.schedule import _gather
+    from glymphmpi.store import RunDir
+
+    rundir = RunDir(tmp_path / "run", comm=MPI.COMM_SELF).prepare(identity={"method": "test"})
+    try:
+        store = LoopStore(rundir, "key")
+        for k in (0, 2):
+            store.save_loop(k, {"velocity": np.zeros(3)}, writer=True)
+        with pytest.raises(RuntimeError, match=r"\[1\] missing or unreadable"):
+            _gather({}, 3, MPI.COMM_SELF, MPI.COMM_SELF, store, keep_arrays=True)
+        store.save_loop(1, {"velocity": np.ones(3)}, writer=True)
+        loops = _gather({}, 3, MPI.COMM_SELF, MPI.COMM_SELF, store, keep_arrays=True)
+        assert [float(res["velocity"][0]) for res in loops] == [0.0, 1.0, 0.0]
+    finally:
+        rundir.release()
