@@ -4,7 +4,7 @@ Usage::
 
     .venv/bin/python benchmarks/romt_rat.py /path/to/urOMT [--ranks 2] [--modes sequential parallel coupled]
         [--models balanced unbalanced] [--set romt.KEY=VALUE ...] [--out DIR] [--post]
-        [--last-frame 35 --acceptance]
+        [--last-frame 35 --acceptance] [--floor]
 
 Converts ``data/RatBrainsCAA3M/C1217/C1217_psnrv<k>.mat`` (k = 7, 9, ..., 19; variable ``rho_n``),
 ``mask1.mat`` and ``C1217_anatomy.mat`` into a subject (0.1 mm voxels and 5 min per frame assumed,
@@ -13,7 +13,10 @@ so 10 min between the frames used; :func:`glymphmpi.romt.matlab.init_from_mat`),
 misfit, Gauss-Newton iterations (and whether the limit was hit), the measured mass change between
 the two scans against the model's, the wall time and the peak memory (max RSS of the largest
 rank), and for coupled mode its sweeps and the relative L2 difference of its velocities from
-sequential mode (same model). Frames 20-35 are read only with ``--last-frame N --acceptance``
+sequential mode (same model). ``--floor`` also runs sequential mode on one rank and prints how far
+sequential and coupled mode on RANKS ranks are from it: sequential mode on 2 ranks differs from it by
+round-off alone (its particles' sums in another order), amplified by Gauss-Newton, which bounds how
+close any mode can be to "the" sequential chain. Frames 20-35 are read only with ``--last-frame N --acceptance``
 (kept for acceptance; ``--last-frame 35``: the authors' 14 loops over frames 7..35). The data are
 not copied into this repository.
 
@@ -156,6 +159,9 @@ def main(argv=None) -> int:
                     help="last frame (odd, 9-35; frames 7, 9, ..., this). Frames 20-35 are kept for acceptance: "
                          "above 19 only with --acceptance (35: the authors' 14 loops)")
     ap.add_argument("--acceptance", action="store_true", help="allow --last-frame above 19")
+    ap.add_argument("--floor", action="store_true",
+                    help="also run sequential mode on one rank: how far sequential mode on --ranks ranks is from it "
+                         "(round-off alone: the particles' sums in another order) and how far coupled mode is")
     args = ap.parse_args(argv)
     if args.last_frame % 2 == 0 or not 9 <= args.last_frame <= 35:
         print(f"--last-frame: {args.last_frame} is not an odd frame number from 9 to 35", file=sys.stderr)
@@ -220,29 +226,54 @@ def main(argv=None) -> int:
                     seq_s = results[("sequential", model)].get("solve_s")
                     if seq_s:
                         print(f" coupled vs sequential solve time: {seq_s / sm['solve_s']:.2f}x faster")
-                    estimate_14(sm, results[("sequential", model)], results.get(("parallel", model)))
+                    estimate_14(sm, results[("sequential", model)])
+    if args.floor and args.ranks > 1:
+        floor(args, subject, done, results)
     return 0
 
 
-def estimate_14(coupled: dict, sequential: dict, parallel: dict | None, loops: int = 14) -> None:
-    """The authors' 14 loops on 14 ranks, from the measured costs: sweep 0 solves every loop at once
-    (one loop per rank: the slowest measured parallel-mode loop), each further sweep re-solves, at most
-    one loop per rank, warm-started (the slowest measured re-solve); the sweeps needed grow with the
-    chain, bounded by loops - 1 (assumed here: as many as measured on the 6 loops, and the bound)."""
-    src = parallel or coupled
-    t0 = max(src["seconds_per_loop"]) if src.get("seconds_per_loop") else None
-    sweeps = coupled.get("coupled_sweeps") or []
-    if t0 is None or not sweeps or not sequential.get("seconds_per_loop"):
+def floor(args, subject: Path, done: dict, results: dict) -> None:
+    """Sequential mode on one rank against sequential (and coupled) mode on ``--ranks`` ranks: the
+    first difference is round-off alone (the particles' contributions summed in another order),
+    amplified by each loop's Gauss-Newton iterations; no mode can be closer to "the" sequential chain."""
+    for model in args.models:
+        out = args.out / f"sequential-1rank-{model}"
+        res = run(subject, out, 1, "sequential", model, args.set)
+        sm = res["summary"]
+        print(f"\nsequential / {model} on 1 rank: wall {res['wall_s']:.1f} s, "
+              f"solve {sm.get('solve_s', float('nan'))} s, GN per loop {sm.get('gn_iterations')}", flush=True)
+        if not (out / "results.h5").exists():
+            continue
+        one = velocities(out, densities=True)
+        for mode in ("sequential", "coupled"):
+            other = done.get((mode, model))
+            if other is None or not (other / "results.h5").exists():
+                continue
+            v = velocities(other)
+            d = [np.linalg.norm(a - b) / np.linalg.norm(b) for a, (b, _) in zip(v, one)]
+            dk = [kinetic_difference(a, b, r) for a, (b, r) in zip(v, one)]
+            print(f" {mode} on {args.ranks} ranks vs sequential on 1 rank, velocity rel. L2 per loop: "
+                  + ", ".join(f"{x:.4f}" for x in d) + "; kinetic metric: " + ", ".join(f"{x:.4f}" for x in dk))
+
+
+def estimate_14(coupled: dict, sequential: dict, loops: int = 14) -> None:
+    """The authors' 14 loops on 14 ranks (one loop per group), from the measured per-loop costs.
+
+    Coupled mode solves each loop as sequential mode does; after sweep s the first s + 1 loops are
+    the chain. Where a loop's end density settles when its start moves a little (the spheres: one
+    correction), two sweeps suffice: about 2 x the slowest loop. Where it does not (the rat: every
+    re-solve moves the next start by 5e-3 or more, round-off amplified by Gauss-Newton), every sweep
+    re-solves the loops after the last final one, and the wall time is the chain's: the sum of the
+    loops' one-rank solves, i.e. sequential mode on one rank."""
+    per = coupled.get("seconds_per_loop") or []
+    if not per:
         return
-    per_sweep = [w["seconds"] for w in sweeps[1:]] or [0.0]
-    resolve = max(per_sweep)
-    seq_per_loop = float(np.mean(sequential["seconds_per_loop"]))
-    t_seq = loops * seq_per_loop
-    for s in sorted({len(sweeps) - 1, loops - 1}):
-        t_c = t0 + s * resolve
-        print(f" estimate, {loops} loops on {loops} ranks with {s} correction sweep(s): coupled {t_c:.0f} s vs "
-              f"sequential {t_seq:.0f} s ({t_seq / t_c:.1f}x); from the slowest loop {t0:.0f} s, slowest sweep "
-              f"{resolve:.0f} s, sequential {seq_per_loop:.0f} s per loop")
+    mean, slow = float(np.mean(per)), float(max(per))
+    seq_mean = float(np.mean(sequential["seconds_per_loop"])) if sequential.get("seconds_per_loop") else None
+    print(f" estimate, {loops} loops on {loops} ranks: coupled {2 * slow:.0f} s if the starts settle after one "
+          f"correction, {loops * mean:.0f} s if they never do (the chain, one rank per loop: {mean:.0f} s per "
+          f"loop measured)" + ("" if seq_mean is None else
+                               f"; sequential mode here {seq_mean:.0f} s per loop, {loops * seq_mean:.0f} s"))
 
 
 if __name__ == "__main__":

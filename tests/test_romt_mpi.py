@@ -127,17 +127,20 @@ def test_coupled_mode_reaches_the_sequential_chain(comm, model):
     assert len(sweeps) == groups and sweeps[-1]["resolve_next"] == 0  # one sweep per block to settle
     assert sweeps[0]["solved"] == 3 and sum(w["solved"] for w in sweeps) == 3 + sum(range(groups))
     assert len(info_loose["coupled_sweeps"]) == 1
+    warm, info_warm = solve_series(imgs, RomtConfig(mode="coupled", model=model, coupled_rtol=1e-4,
+                                                    coupled_warm=True), act, comm=comm)
+    assert info_warm["coupled_sweeps"][-1]["resolve_next"] == 0
     failure = None
     if comm.rank == 0:  # checked on rank 0, asserted on every rank (a failure must not leave rank 1 waiting)
         try:
-            _check_coupled_against_sequential(imgs, act, model, cpl, loose, groups)
+            _check_coupled_against_sequential(imgs, act, model, cpl, loose, warm, groups)
         except AssertionError as exc:
             failure = f"{exc!r}"
     failure = comm.bcast(failure, root=0)
     assert failure is None, failure
 
 
-def _check_coupled_against_sequential(imgs, act, model, cpl, loose, groups):
+def _check_coupled_against_sequential(imgs, act, model, cpl, loose, warm, groups):
     from glymphmpi.parallel import split_evenly
 
     seq, _ = solve_series(imgs, RomtConfig(mode="sequential", model=model), act, comm=MPI.COMM_SELF)
@@ -153,6 +156,14 @@ def _check_coupled_against_sequential(imgs, act, model, cpl, loose, groups):
         dv = np.linalg.norm(loose[k]["velocity"].astype(np.float64) - seq[k]["velocity"]) / \
             np.linalg.norm(seq[k]["velocity"])
         assert 1e-6 < dv < 0.3, dv
+        # coupled_warm: re-solves start from the loop's own last solution; the chain holds to coupled_rtol,
+        # the velocities are near sequential mode's but not on them
+        for k in range(1, 3):
+            prev_end, start = warm[k - 1]["density"][-1].astype(np.float64), warm[k]["density"][0]
+            assert np.linalg.norm(start - prev_end) <= 1e-4 * np.linalg.norm(prev_end) + 1e-12
+        dv = max(np.linalg.norm(a["velocity"].astype(np.float64) - b["velocity"]) / np.linalg.norm(b["velocity"])
+                 for a, b in zip(warm, seq))
+        assert 1e-6 < dv < 0.08, dv
 
 
 def test_parallel_mode_deals_loops_in_turn():

@@ -37,11 +37,13 @@ class RomtConfig:
             nonzero-weight corners are not all inside loses all its mass).
         mode: ``sequential`` (loop k starts from loop k-1's final density) or
             ``parallel`` (every loop starts from its measured image) or
-            ``coupled`` (parallel, then sweeps that restart each loop from its
-            predecessor's final density until the starts change by less than
-            coupled_rtol: the sequential chain at a fraction of its time;
+            ``coupled`` (blocks of loops in parallel, each solved as in sequential
+            mode, then sweeps that re-solve the blocks whose start moved by more
+            than coupled_rtol: the sequential chain, exactly as sequential mode
+            computes it on one rank per loop, in at most one sweep per rank group;
             :func:`glymphmpi.romt.schedule._solve_coupled`).
-        warm_start: sequential mode: loop k's Gauss-Newton starts from loop k-1's velocity
+        warm_start: sequential mode (coupled mode: inside a block of loops; a block's first loop
+            starts from ``init``): loop k's Gauss-Newton starts from loop k-1's velocity
             (and source), as the authors' consecutive runs do (the flow changes slowly from one
             pair of scans to the next), or from that velocity without the source, or from
             ``init``, whichever has the lowest objective; the gradient tolerance stays relative
@@ -50,7 +52,12 @@ class RomtConfig:
             warm-started chain stopped on the first loop's gradient scale, less converged
             than a cold one (spheres: velocities 8-16% from coupled mode's, misfit up to 2x).
         coupled_rtol: relative L2 change of a loop's start density below which
-            coupled mode does not solve it again.
+            coupled mode does not solve it again (keeps its earlier solve).
+        coupled_warm: coupled mode re-solves a loop from its own previous solution instead of as
+            sequential mode solves it: fewer Gauss-Newton iterations, but a loop's velocity at the
+            stop depends on where the iterations started, so the result is not sequential mode's
+            (rat, 6 loops on 2 ranks: 374 s and 27-29% from the sequential chain, against 527 s
+            and equal to it on one rank per loop; sequential mode on 1 and 2 ranks: 20% apart).
         model: ``balanced`` (rho_t + div(rho v) = sigma lap rho) or ``unbalanced``
             (urOMT: + chi rho r, a relative source r per model time where chi
             is nonzero; :mod:`glymphmpi.romt.unbalanced`).
@@ -151,6 +158,7 @@ class RomtConfig:
     mode: Literal["sequential", "parallel", "coupled"] = "sequential"
     warm_start: bool = False
     coupled_rtol: Positive = 1e-3
+    coupled_warm: bool = False
     model: Literal["balanced", "unbalanced"] = "balanced"
     alpha: Positive = 1000.0
     source_time: Literal["step", "loop"] = "loop"
