@@ -110,25 +110,26 @@ def test_cli_two_ranks_match_one(glymph, tmp_path):
 @pytest.mark.parametrize("model", ["balanced", "unbalanced"])
 def test_coupled_mode_reaches_the_sequential_chain(comm, model):
     """Coupled parallel loops (blocks of loops solved in parallel, sweeps until no block's start moves)
-    end on the sequential chain: every loop is solved as sequential mode solves it, from its
-    predecessor's final density, so with one rank per group the velocities are sequential mode's on one
-    rank to round-off. With a coupled_rtol above the start change after sweep 0 the second block keeps
-    its sweep-0 solve (from its measured image): one sweep, close to the chain but not on it."""
+    end on the sequential chain: with coupled_warm = false every loop is solved as sequential mode solves
+    it, from its predecessor's final density, so with one rank per group the velocities are sequential
+    mode's on one rank to round-off; by default (warm re-solves) near them. With a coupled_rtol above the
+    start change after sweep 0 the second block keeps its sweep-0 solve (from its measured image): one
+    sweep, close to the chain but not on it."""
     from glymphmpi.synth.gaussian_spheres import gaussian_spheres
 
     imgs, _ = gaussian_spheres(12, 4)
     act = np.ones(imgs.shape[1:], bool)
-    cpl, info = solve_series(imgs, RomtConfig(mode="coupled", model=model, coupled_rtol=1e-4), act, comm=comm)
-    loose, info_loose = solve_series(imgs, RomtConfig(mode="coupled", model=model, coupled_rtol=0.5), act,
-                                     comm=comm)
+    exact = {"mode": "coupled", "model": model, "coupled_warm": False}
+    cpl, info = solve_series(imgs, RomtConfig(coupled_rtol=1e-4, **exact), act, comm=comm)
+    loose, info_loose = solve_series(imgs, RomtConfig(coupled_rtol=0.5, **exact), act, comm=comm)
     groups = min(comm.size, 3)
     assert info["n_groups"] == groups
     sweeps = info["coupled_sweeps"]
     assert len(sweeps) == groups and sweeps[-1]["resolve_next"] == 0  # one sweep per block to settle
     assert sweeps[0]["solved"] == 3 and sum(w["solved"] for w in sweeps) == 3 + sum(range(groups))
     assert len(info_loose["coupled_sweeps"]) == 1
-    warm, info_warm = solve_series(imgs, RomtConfig(mode="coupled", model=model, coupled_rtol=1e-4,
-                                                    coupled_warm=True), act, comm=comm)
+    warm, info_warm = solve_series(imgs, RomtConfig(mode="coupled", model=model, coupled_rtol=1e-4), act,
+                                   comm=comm)  # the default: coupled_warm
     assert info_warm["coupled_sweeps"][-1]["resolve_next"] == 0
     failure = None
     if comm.rank == 0:  # checked on rank 0, asserted on every rank (a failure must not leave rank 1 waiting)

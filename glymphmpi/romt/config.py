@@ -37,11 +37,11 @@ class RomtConfig:
             nonzero-weight corners are not all inside loses all its mass).
         mode: ``sequential`` (loop k starts from loop k-1's final density) or
             ``parallel`` (every loop starts from its measured image) or
-            ``coupled`` (blocks of loops in parallel, each solved as in sequential
+            ``coupled`` (blocks of loops in parallel, each chained as in sequential
             mode, then sweeps that re-solve the blocks whose start moved by more
-            than coupled_rtol: the sequential chain, exactly as sequential mode
-            computes it on one rank per loop, in at most one sweep per rank group;
-            :func:`glymphmpi.romt.schedule._solve_coupled`).
+            than coupled_rtol, at most one sweep per rank group: the sequential
+            chain's start densities, its velocities to round-off's reach, or with
+            ``coupled_warm = false`` exactly; :func:`glymphmpi.romt.schedule._solve_coupled`).
         warm_start: sequential mode (coupled mode: inside a block of loops; a block's first loop
             starts from ``init``): loop k's Gauss-Newton starts from loop k-1's velocity
             (and source), as the authors' consecutive runs do (the flow changes slowly from one
@@ -53,11 +53,14 @@ class RomtConfig:
             than a cold one (spheres: velocities 8-16% from coupled mode's, misfit up to 2x).
         coupled_rtol: relative L2 change of a loop's start density below which
             coupled mode does not solve it again (keeps its earlier solve).
-        coupled_warm: coupled mode re-solves a loop from its own previous solution instead of as
-            sequential mode solves it: fewer Gauss-Newton iterations, but a loop's velocity at the
-            stop depends on where the iterations started, so the result is not sequential mode's
-            (rat, 6 loops on 2 ranks: 374 s and 27-29% from the sequential chain, against 527 s
-            and equal to it on one rank per loop; sequential mode on 1 and 2 ranks: 20% apart).
+        coupled_warm: coupled mode re-solves a loop from its own previous solution (default): few
+            Gauss-Newton iterations, but a loop's velocity at the stop depends on where the
+            iterations started, so the result is near the sequential chain, not on it. False: every
+            loop is solved as sequential mode solves it, and the result is sequential mode's on one
+            rank per loop, bit for bit, in about that mode's time. Rat, 6 loops on 2 ranks: 335 s
+            and 15% (relative L2 of the velocity) from sequential mode on one rank, 23% from it on
+            2 ranks, against 504 s and 0%; sequential mode on 1 and on 2 ranks are 20% apart from
+            round-off alone, and took 489 s and 596 s.
         model: ``balanced`` (rho_t + div(rho v) = sigma lap rho) or ``unbalanced``
             (urOMT: + chi rho r, a relative source r per model time where chi
             is nonzero; :mod:`glymphmpi.romt.unbalanced`).
@@ -158,7 +161,7 @@ class RomtConfig:
     mode: Literal["sequential", "parallel", "coupled"] = "sequential"
     warm_start: bool = False
     coupled_rtol: Positive = 1e-3
-    coupled_warm: bool = False
+    coupled_warm: bool = True
     model: Literal["balanced", "unbalanced"] = "balanced"
     alpha: Positive = 1000.0
     source_time: Literal["step", "loop"] = "loop"

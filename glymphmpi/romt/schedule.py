@@ -196,27 +196,27 @@ def _solve_coupled(images, cfg, active, comm, gcomm, group, n_groups, store, kee
     Gauss-Seidel / parareal-style sweeps).
 
     Group g holds a contiguous block of loops. In every sweep each group solves its block in
-    order exactly as sequential mode does (loop k starts from loop k-1's final density, from
-    ``init``; with ``warm_start`` from its predecessor's velocity inside the block), the block's
+    order as sequential mode does (loop k starts from loop k-1's final density; a first solve
+    from ``init``, with ``warm_start`` from its predecessor's velocity inside the block), the block's
     first loop from the final density of the previous group's last loop as it stood after the
     previous sweep (sweep 0: from its measured image). A loop whose start density moved by at
     most ``romt.coupled_rtol`` (relative L2) since its last solve keeps that solve. After sweep s
     blocks 0..s are the sequential chain, so there are at most G sweeps; the run stops earlier
     when no block's start moved.
 
-    Why every loop is solved like sequential mode's, not warm-started from its own previous
-    solution (as before): a loop's velocity at the Gauss-Newton stop depends on where the
-    iterations started (the rat's loop 1, same start density, warm vs cold start: 47% apart,
-    relative L2), so a chain of warm re-solves ends 27-29% from the sequential chain. Solved
-    like sequential mode's, a loop given the same start density on one rank gives the same bits,
-    and coupled mode reproduces sequential mode on one rank exactly when every block was re-solved.
-    Its time on the rat (6 loops, 2 ranks) is then about sequential mode's on one rank: each
-    loop's solve amplifies round-off (the start densities of re-solved blocks never settle below
-    5e-3), so every block is re-solved once its predecessor is final. It saves time where a
-    loop's end density settles (the spheres: one sweep). ``romt.coupled_warm`` restores the
-    faster variant: a re-solve starts from the loop's own last solution (rat: 374 s instead of
-    527 s on 2 ranks; velocities 27-29% from the sequential chain, as far as sequential mode on
-    1 and on 2 ranks are from each other, 20%). A coupled run that is stopped restarts from
+    Re-solves (``romt.coupled_warm``, default) start from the loop's own last solution, and take
+    few Gauss-Newton iterations. A loop's velocity at the stop depends on where the iterations
+    started (the rat's loop 3, same start density, warm vs cold: 39% apart, relative L2), so the
+    result is near the sequential chain, not on it: rat, 6 loops on 2 ranks, 335 s and 15% from
+    sequential mode on one rank (23% from it on 2 ranks; the two sequential runs are 20% apart
+    from round-off alone, because each loop's Gauss-Newton amplifies a 1e-14 change to 14%).
+    With ``coupled_warm = false`` every solve is sequential mode's, and a loop given the same
+    start density on one rank gives the same bits: coupled mode is then sequential mode on one
+    rank per loop exactly (rat: 0.0000 in every loop), in about that mode's time (504 s against
+    489 s), because no block's start settles after a re-solve and every block is re-solved once
+    its predecessor is final. It saves time where the ends settle (the spheres: one sweep). The
+    old scheme (Jacobi sweeps of warm re-solves, every loop from its measured image) took 6
+    sweeps on the rat and ended 27-29% from the chain. A coupled run that is stopped restarts from
     sweep 0 (its per-iteration checkpoints are written, not resumed).
 
     Returns:
