@@ -228,11 +228,11 @@ def main(argv=None) -> int:
                         print(f" coupled vs sequential solve time: {seq_s / sm['solve_s']:.2f}x faster")
                     estimate_14(sm, results[("sequential", model)])
     if args.floor and args.ranks > 1:
-        floor(args, subject, done, results)
+        floor(args, subject, done)
     return 0
 
 
-def floor(args, subject: Path, done: dict, results: dict) -> None:
+def floor(args, subject: Path, done: dict) -> None:
     """Sequential mode on one rank against sequential (and coupled) mode on ``--ranks`` ranks: the
     first difference is round-off alone (the particles' contributions summed in another order),
     amplified by each loop's Gauss-Newton iterations; no mode can be closer to "the" sequential chain."""
