@@ -94,3 +94,42 @@ def test_quiet_romt_prints_no_progress(tmp_path):
                            text=True)
     assert loud.returncode == 0 and quiet.returncode == 0, loud.stderr + quiet.stderr
     assert "GN 1" in loud.stderr and "GN 1" not in quiet.stderr  # INFO progress lines only without --quiet
+
+
+ABORT_SCRIPT = """
+import argparse, sys
+from mpi4py import MPI
+from glymphmpi import cli
+
+def fails_on_rank0(args):
+    comm = MPI.COMM_WORLD
+    if comm.rank == 0:
+        raise RuntimeError("internal failure on rank 0 only")
+    comm.Barrier()  # rank 1 waits for rank 0, which never comes
+    return 0
+
+p = argparse.ArgumentParser()
+p.add_argument("--verbose", action="store_true")
+p.add_argument("--quiet", action="store_true")
+p.set_defaults(func=fails_on_rank0)
+cli.build_parser = lambda: p
+sys.exit(cli.main([]))
+"""
+
+
+def test_internal_error_on_one_rank_ends_every_rank(tmp_path):  # starts mpirun itself: not an mpi-marked test
+    """An unexpected exception on rank 0 alone aborts the MPI job (exit != 0, the traceback in the output)
+    instead of leaving rank 1 in its next collective for ever (the coupled rOMT run that failed after its
+    last sweep held rank 1 at 100% CPU until it was killed)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "fails.py"
+    script.write_text(ABORT_SCRIPT)
+    from glymphmpi.cohort.environment import child_env
+
+    env = child_env()  # without this process's MPI rank variables
+    r = subprocess.run(["mpirun", "-n", "2", sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode != 0
+    assert "internal failure on rank 0 only" in r.stdout + r.stderr
