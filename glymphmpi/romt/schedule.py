@@ -289,10 +289,6 @@ def _solve_coupled(images, cfg, active, comm, gcomm, group, n_groups, store, kee
     if store is not None and keep_arrays:
         for k in my_loops:
             store.save_loop(k, results[k], writer=gcomm.rank == 0)
-        # every group's files are complete before world rank 0 reads them back (_gather); a group
-        # barrier let rank 0 read a loop that another group was still writing (the rat: 6 files of
-        # 225 MB; load_loop found none and the run failed after its last sweep)
-        comm.Barrier()
     out = {k: (results[k] if keep_arrays else scalars(results[k])) for k in my_loops}
     return out, sweeps
 
@@ -305,6 +301,9 @@ def _relative_change(new: np.ndarray, old: np.ndarray) -> float:
 def _gather(results: dict, n_loops: int, comm, gcomm, store, keep_arrays) -> list:
     """The loops on world rank 0 ([] elsewhere): read back from the store or gathered."""
     if store is not None and keep_arrays:  # finished loops are on disk: rank 0 reads them
+        # once every group has written its files: with only a group barrier, coupled mode's rank 0 read
+        # loops another group was still writing (the rat: 225 MB files; none found, the run failed)
+        comm.Barrier()
         if comm.rank != 0:
             return []
         loops = [store.load_loop(k) for k in range(n_loops)]
