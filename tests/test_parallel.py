@@ -67,4 +67,3 @@ def test_torch_env_from_openmpi(monkeypatch):
     env = torch_dist_env()
     assert env["RANK"] == "1" and env["WORLD_SIZE"] == "4" and env["MASTER_ADDR"] == "gpu07"
     assert 20000 <= int(env["MASTER_PORT"]) < 40000
-

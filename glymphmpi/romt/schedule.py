@@ -165,8 +165,7 @@ def _solve_group(images, cfg, active, comm, gcomm, group, n_groups, store, keep_
                 if cfg.mode == "sequential" and cfg.warm_start and prev is not None:
                     # the flow changes slowly between consecutive loops (the authors' consecutive runs
                     # carry u and r over, too): start from the predecessor's velocity and source
-                    warm = {"velocity": prev["velocity"], "source": prev.get("source"),
-                            "g0_norm": float(prev["g0_norm"])}
+                    warm = _warm_from(prev)
                 on_it = _checkpoint_each_iteration(ck, store, k)
                 res = solve_loop(rho0, images[k + 1], cfg, active, comm=gcomm, state=st, on_iteration=on_it,
                                  label=f"loop {k}: ", workers=workers, source_region=source_region, warm=warm)
@@ -244,14 +243,11 @@ def _solve_coupled(images, cfg, active, comm, gcomm, group, n_groups, store, kee
                 if k in starts and _relative_change(start, starts[k]) <= cfg.coupled_rtol:
                     res = results[k]  # its start did not move: the last solve stands
                 else:
-                    warm, src = None, None
+                    warm = None
                     if cfg.coupled_warm and k in results:  # the faster, inexact variant: its own last solve
-                        src = results[k]
+                        warm = _warm_from(results[k])
                     elif cfg.warm_start and prev is not None:  # as sequential mode (inside the block)
-                        src = prev
-                    if src is not None:
-                        warm = {"velocity": src["velocity"], "source": src.get("source"),
-                                "g0_norm": float(src["g0_norm"])}
+                        warm = _warm_from(prev)
                     on_it = _checkpoint_each_iteration(ck, store, k)
                     res = solve_loop(start, images[k + 1], cfg, active, comm=gcomm, on_iteration=on_it,
                                      label=f"sweep {sweep} loop {k}: ", workers=workers,
@@ -291,6 +287,11 @@ def _solve_coupled(images, cfg, active, comm, gcomm, group, n_groups, store, kee
             store.save_loop(k, results[k], writer=gcomm.rank == 0)
     out = {k: (results[k] if keep_arrays else scalars(results[k])) for k in my_loops}
     return out, sweeps
+
+
+def _warm_from(res: dict) -> dict:
+    """The ``warm`` start of :func:`glymphmpi.romt.loop.solve_loop` from a finished loop's result."""
+    return {"velocity": res["velocity"], "source": res.get("source"), "g0_norm": float(res["g0_norm"])}
 
 
 def _relative_change(new: np.ndarray, old: np.ndarray) -> float:
