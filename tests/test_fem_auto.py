@@ -104,6 +104,12 @@ def test_lcurve_corner():
     assert A.lcurve_pick(recs) == 2
 
 
+def test_corrected_scale_rule():
+    assert A.corrected_scale(0.05) == pytest.approx(A.CORRECTED_SCALE_PER_SIGMA2 * 0.0025)
+    assert A.corrected_scale(0.0) == A.PATH_SCALES[-1]
+    assert A.corrected_scale(10.0) == 1.0
+
+
 def test_noise_scale_rule():
     """s = 30 sigma^2 within [1e-4, 1]: 5% noise -> 0.075, noise-free -> the weakest scale, huge noise -> 1."""
     assert A.noise_scale(0.05) == pytest.approx(0.075)

@@ -54,6 +54,8 @@ PATH_SCALES = (1.0, 1e-1, 1e-2, 1e-3, 1e-4)
 #: brain-diffusion --block 20 20 20 --dt-h 0.1 --noise 0.05 --seed 1`, sigma = 0.0567 of the robust
 #: intensity): D = 0.822 at scale 1, 0.7126 at 0.1, 0.627 at 0.01 (truth 0.72) -> 30 x 0.0567^2 = 0.096.
 SCALE_PER_SIGMA2 = 30.0
+#: rule "corrected": scale = CORRECTED_SCALE_PER_SIGMA2 x sigma^2 (sigma relative to the robust intensity)
+CORRECTED_SCALE_PER_SIGMA2 = 3.0
 #: below this noise level (relative to the robust intensity) the rule "noise" is outside what it was
 #: checked on; if D also still moves along the regularisation path (more than LOW_NOISE_MOVE of D over
 #: the last decade), D is biased high by the unobserved boundary history between the scans and the
@@ -261,6 +263,16 @@ def noise_scale(sigma: float) -> float:
     like the noise energy, hence s ~ sigma^2.
     """
     return float(min(1.0, max(PATH_SCALES[-1], SCALE_PER_SIGMA2 * float(sigma) ** 2)))
+
+
+def corrected_scale(sigma: float) -> float:
+    """Rule "corrected": the scale at which the noise-corrected equation is solved, within the path's range.
+
+    With the noise's pull removed, what the scale still trades is the flattening bias of the
+    regularisation (D high, shrinking with s) against the variance of D (growing as s falls); see
+    CORRECTED_SCALE_PER_SIGMA2 for the measurements behind the constant.
+    """
+    return float(min(1.0, max(PATH_SCALES[-1], CORRECTED_SCALE_PER_SIGMA2 * float(sigma) ** 2)))
 
 
 def low_noise_warning(sigma: float | None, records: list, times_h=None) -> str | None:

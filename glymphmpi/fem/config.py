@@ -49,9 +49,14 @@ class FemConfig:
             common scale from the data by ``regularization_rule`` (variable projection at every
             scale; see fem/auto.py), with a 95% interval for D and a check of the time step;
             "fixed": use the weights as given.
-        regularization_rule: with "auto": "noise" (default: scale = fem.auto.SCALE_PER_SIGMA2 x
-            sigma^2, sigma relative to the data's robust intensity), "discrepancy" (Morozov; the
-            L-curve when no noise level is known) or "l-curve".
+        regularization_rule: with "auto": "corrected" (default: D solves the noise-corrected
+            estimating equation j'(delta) - sigma^2 T'(delta) = 0 at scale
+            fem.auto.CORRECTED_SCALE_PER_SIGMA2 x sigma^2, sigma relative to the data's robust
+            intensity; see fem/README.md), "noise" (D minimises J at scale fem.auto.SCALE_PER_SIGMA2 x
+            sigma^2), "discrepancy" (Morozov) or "l-curve". Without a noise level the L-curve is
+            used; with a noise level of zero "corrected" and "discrepancy" take the weakest scale.
+        noise_probes, noise_probe_seed: rule "corrected": number of unit white-noise probes that
+            estimate T' (each one more inner solve per outer step) and their seed.
         noise_sigma: noise standard deviation in the data's units; unset = estimated from the
             pre-contrast scan (time <= 0 h), or from the scans' high-pass residual when that scan is
             missing or exactly zero (baseline-subtracted).
@@ -105,8 +110,10 @@ class FemConfig:
     theta: Annotated[float, Range(ge=0.5, le=1.0)] = 0.5
     lumped_mass: bool = True
     regularization: Literal["auto", "fixed"] = "auto"
-    regularization_rule: Literal["noise", "discrepancy", "l-curve"] = "noise"
+    regularization_rule: Literal["corrected", "noise", "discrepancy", "l-curve"] = "corrected"
     noise_sigma: NonNegative | None = None
+    noise_probes: Annotated[int, Range(ge=2, le=64)] = 2
+    noise_probe_seed: NonNegativeInt = 2026
     check_dt: bool = True
     alpha: NonNegative = 1e-6
     beta: NonNegative = 0.1

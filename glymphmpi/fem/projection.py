@@ -126,8 +126,8 @@ class ReducedFunctional:
             v.destroy()
 
 
-def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None, solver_state: dict | None = None)\
-        -> dict:
+def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None, solver_state: dict | None = None,
+                   correction=None) -> dict:
     """Minimise J over (delta, g) from ``x`` (updated in place) by variable projection.
 
     Args and return value as :func:`glymphmpi.fem.tao.run_tao`; an iteration
@@ -136,11 +136,21 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None,
     search's memory (bracket, last step, inner tolerance) before every
     ``on_iteration`` call; pass the saved one back on resume and the run
     continues exactly as it would have without the interruption.
+    ``correction``: a callable delta -> unnormalised value (a :class:`NoiseProbes`) subtracted from
+    dj/ddelta: the search then solves the corrected estimating equation
+    j'(delta) - correction(delta) = 0 instead of j'(delta) = 0 (``gnorm`` is its residual).
     """
     t0 = time.time()
     state = solver_state if solver_state is not None else {}
     resumed = bool(state.get("atol"))
-    rf = ReducedFunctional(problem, cfg, x, atol=state.get("atol") if resumed else None)
+    rf0 = ReducedFunctional(problem, cfg, x, atol=state.get("atol") if resumed else None)
+
+    def rf(d: float) -> tuple[float, float]:
+        f_, ph = rf0(d)
+        if correction is not None:
+            ph = ph - correction(d) / problem.J_scale
+        return f_, ph
+
     if cfg.inner_probe and not resumed:
         problem.probe_g_scale(x)
     delta, _ = problem.split(x)
@@ -171,7 +181,7 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None,
 
         def remember() -> None:
             state.update(a=bracket["a"], b=bracket["b"], side=bracket["side"], prev=prev, step=step,
-                         f=f, phi=phi, atol=rf.atol)
+                         f=f, phi=phi, atol=rf0.atol)
 
         if not resumed:
             update(delta, phi)
@@ -208,9 +218,9 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None,
                 break
     except BaseException as exc:  # re-raised after the clean-up
         failure = exc
-    products = rf.ctx.products
-    inner_its, capped = rf.inner_iterations, rf.inner_capped
-    rf.close()
+    products = rf0.ctx.products
+    inner_its, capped = rf0.inner_iterations, rf0.inner_capped
+    rf0.close()
     if failure is not None:
         raise failure
     out = {"reason": reason, "iterations": it, "f": float(f), "gnorm": abs(float(phi)),
@@ -221,8 +231,8 @@ def run_projection(problem, cfg, x, start_iteration: int = 0, on_iteration=None,
     return out
 
 
-def noise_gradient(problem, cfg, delta: float, probes: int, seed: int = 2026) -> list:
-    """d/ddelta of the noise part of the reduced functional, per unit-variance noise probe.
+class NoiseProbes:
+    """sigma^2 T'(delta): the slope of the expected noise part of the reduced functional, by K noise probes.
 
     For fixed D, J is a quadratic form in the data (the initial scan enters
     the state linearly, the best g is linear in the data), so for data
@@ -235,37 +245,112 @@ def noise_gradient(problem, cfg, delta: float, probes: int, seed: int = 2026) ->
     noise values can be fitted), T' != 0 moves the minimiser (D biased low at
     weak regularisation; the Neyman-Scott problem of profiling many nuisance
     parameters). The corrected estimating equation is
-    j'(delta) - sigma^2 T'(delta) = 0.
+    j'(delta) - sigma^2 T'(delta) = 0 (Hutchinson's estimator: T' is the mean
+    of dj(delta; z_k)/ddelta over the probes).
 
-    Each probe is one inner solve (a fresh :class:`ReducedFunctional` on the
-    probe data, from g = 0). The probe fields are drawn per voxel of the image
-    grid, so they are the same on any number of ranks.
+    Each probe keeps its own inner solution, so the solves at successive
+    values of delta are warm-started. The probe fields are drawn per voxel of
+    the image grid from ``seed``, so they are the same on any number of ranks
+    and on a resume. Call :meth:`close` when done (collective).
 
-    Returns:
-        [dj(delta; z_k)/ddelta for k < probes], unnormalised (data units^2 per unit of delta).
+    Args:
+        problem: the data's :class:`ControlProblem` (its model, weights and g scaling are used).
+        sigma2: the noise variance in the problem's (scaled) units; 1 gives T' itself.
     """
-    import numpy as np
 
-    from glymphmpi.fem.problem import ControlProblem
+    def __init__(self, problem, cfg, probes: int, sigma2: float = 1.0, seed: int = 2026):
+        self.problem, self.cfg, self.probes, self.seed = problem, cfg, int(probes), int(seed)
+        self.sigma2 = float(sigma2)
+        self.items: list = []  # built at the first call, after the optimiser has set the g scaling
+        self._stale = False
+        self._iterations = 0  # inner iterations of closed ReducedFunctionals
+        self._capped = 0
+        self.last: tuple | None = None  # (delta, [dj(delta; z_k)/ddelta])
 
-    model = problem.model
-    vox = model.vm.owned_voxel
-    nvox = int(np.prod(model.vm.shape))
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(probes):
-        z = np.stack([rng.standard_normal(nvox)[vox] for _ in range(problem.data.shape[0])])
-        pz = ControlProblem(model, z, cfg)
-        if problem.g_extra is not None:  # the probed diffusive curvature, in the probe's normalisation
-            pz.set_g_extra(np.asarray(problem.g_extra) * problem.J_scale / pz.J_scale)
-        xz = pz.initial()
-        arr = xz.array  # every rank takes the array: PETSc's cached norms stay consistent
-        arr[pz.nd:] = 0.0
-        rf = ReducedFunctional(pz, cfg, xz)
+    def _build(self) -> None:
+        import numpy as np
+
+        from glymphmpi.fem.problem import ControlProblem
+
+        problem = self.problem
+        model = problem.model
+        vox = model.vm.owned_voxel
+        nvox = int(np.prod(model.vm.shape))
+        rng = np.random.default_rng(self.seed)
         try:
+            for _ in range(self.probes):
+                z = np.stack([rng.standard_normal(nvox)[vox] for _ in range(problem.data.shape[0])])
+                pz = ControlProblem(model, z, self.cfg)
+                if problem.g_extra is not None:  # the probed diffusive curvature, in the probe's normalisation
+                    pz.set_g_extra(np.asarray(problem.g_extra) * problem.J_scale / pz.J_scale)
+                xz = pz.initial()
+                arr = xz.array  # every rank takes the array: PETSc's cached norms stay consistent
+                arr[pz.nd:] = 0.0
+                self.items.append((pz, xz, ReducedFunctional(pz, self.cfg, xz)))
+        except BaseException:
+            self.close()
+            raise
+
+    def set_weights(self, cfg) -> None:
+        """Move to another point of the regularisation path; each probe keeps its g as the next warm start."""
+        self.cfg = cfg
+        self._stale = True
+
+    def _sync(self) -> None:
+        """Weights and g scaling from the data's problem (its optimiser may have re-probed g_extra)."""
+        import numpy as np
+
+        for i, (pz, xz, rf) in enumerate(self.items):
+            self._iterations += rf.inner_iterations
+            self._capped += rf.inner_capped
+            rf.close()
+            g = pz.split(xz)[1][1:].copy() if pz.full else None
+            if self.problem.g_extra is not None:
+                pz.set_g_extra(np.asarray(self.problem.g_extra) * self.problem.J_scale / pz.J_scale)
+            pz.set_weights(self.cfg)
+            if g is not None:
+                arr = xz.array  # every rank takes the array: PETSc's cached norms stay consistent
+                arr[pz.nd:] = pz.pack_g(g)
+            self.items[i] = (pz, xz, ReducedFunctional(pz, self.cfg, xz))
+        self._stale = False
+
+    def slopes(self, delta: float) -> list:
+        """[dj(delta; z_k)/ddelta for each probe], unnormalised (per unit noise variance)."""
+        if not self.items:
+            self._build()
+        elif self._stale:
+            self._sync()
+        out = []
+        for pz, _, rf in self.items:
             _, dphi = rf(delta)
-        finally:
+            out.append(float(dphi) * pz.J_scale)
+        self.last = (float(delta), out)
+        return out
+
+    def __call__(self, delta: float) -> float:
+        """sigma^2 T'(delta), unnormalised."""
+        v = self.slopes(delta)
+        return self.sigma2 * sum(v) / len(v)
+
+    @property
+    def inner_iterations(self) -> int:
+        return self._iterations + sum(rf.inner_iterations for _, _, rf in self.items)
+
+    @property
+    def inner_capped(self) -> int:
+        return self._capped + sum(rf.inner_capped for _, _, rf in self.items)
+
+    def close(self) -> None:
+        for _, xz, rf in self.items:
             rf.close()
             xz.destroy()
-        out.append(float(dphi) * pz.J_scale)
-    return out
+        self.items = []
+
+
+def noise_gradient(problem, cfg, delta: float, probes: int, seed: int = 2026) -> list:
+    """[dj(delta; z_k)/ddelta for k < probes] on fresh probes (see :class:`NoiseProbes`), unnormalised."""
+    np_ = NoiseProbes(problem, cfg, probes, 1.0, seed)
+    try:
+        return np_.slopes(delta)
+    finally:
+        np_.close()

@@ -166,6 +166,7 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
     from glymphmpi.fem.forward import DiffusionModel, TimeGrid
     from glymphmpi.fem.mesh import build_mesh
     from glymphmpi.fem.problem import ControlProblem
+    from glymphmpi.fem.projection import NoiseProbes
     from glymphmpi.fem.transfer import sample
 
     t_start = time.time()
@@ -217,8 +218,12 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
     t_opt = time.time()
     counters = {"evaluations": problem.evaluations, "ksp": model.ksp_iterations, "solves": model.solves}
 
-    def optimise(stage_cfg, start_local: int):
-        """One optimisation at ``stage_cfg``'s weights; iterations numbered from meta["offset"]."""
+    def optimise(stage_cfg, start_local: int, correction=None):
+        """One optimisation at ``stage_cfg``'s weights; iterations numbered from meta["offset"].
+
+        ``correction``: a :class:`glymphmpi.fem.projection.NoiseProbes`: solve the noise-corrected
+        estimating equation instead of minimising J in D (projection optimiser only).
+        """
         offset = meta["offset"]
         solver_state = meta["solver"]
 
@@ -251,7 +256,7 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             from glymphmpi.fem.projection import run_projection
 
             return run_projection(problem, stage_cfg, x, start_iteration=start_local, on_iteration=on_iteration,
-                                  solver_state=solver_state)
+                                  solver_state=solver_state, correction=correction)
         from glymphmpi.fem.tao import run_tao
 
         return run_tao(problem, stage_cfg, x, start_iteration=start_local, on_iteration=on_iteration)
@@ -282,15 +287,21 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
         records = meta["records"]
 
         rule_name = cfg.regularization_rule
-        if rule_name == "noise" and sigma is None:
+        if rule_name in ("noise", "corrected") and sigma is None:
             rule_name = "l-curve"
+        if rule_name == "corrected" and sigma == 0.0:  # nothing to correct: the noise-free path
+            rule_name = "discrepancy"
         if rule_name == "discrepancy" and sigma is None:
             rule_name = "l-curve"
         s_noise = A.noise_scale(sigma) if rule_name == "noise" else None
+        probes = None  # rule "corrected": the noise probes, kept (warm) along the path and for the interval
+        if rule_name == "corrected":
+            s_noise = A.corrected_scale(sigma)
+            probes = NoiseProbes(problem, run_cfg, cfg.noise_probes, sigma ** 2, seed=cfg.noise_probe_seed)
 
         def next_scale():
             done = [r["scale"] for r in records]
-            if rule_name == "noise":  # one decade stronger (warm start and the bias term), then the rule's scale
+            if rule_name in ("noise", "corrected"):  # one decade stronger (warm start, bias term), the rule's
                 rest = [v for v in (10.0 * s_noise, s_noise)
                         if not any(math.isclose(v, d, rel_tol=1e-9) for d in done)]
                 return rest[0] if rest else None
@@ -324,13 +335,20 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             problem.set_weights(stage_cfg, x)
             log.info("regularisation scale %.3g: (alpha, beta, gamma) = (%.3g, %.3g, %.3g)", s, stage_cfg.alpha,
                      stage_cfg.beta, stage_cfg.gamma)
-            out = optimise(stage_cfg, start_local)
+            if probes is not None:
+                probes.set_weights(stage_cfg)
+                its0, capped0 = probes.inner_iterations, probes.inner_capped
+            out = optimise(stage_cfg, start_local, probes)
+            if probes is not None:
+                out = {**out, "probe_inner_iterations": probes.inner_iterations - its0}
+                out["inner_capped"] = int(out.get("inner_capped", 0)) + probes.inner_capped - capped0
             problem.evaluate(x)
             last = problem.last
             records.append({"scale": s, "D": float(last["D"]), "misfit": float(sum(last["misfits"])),
                             "R": float(last["R"]), "reason": out["reason"], "iterations": int(out["iterations"]),
                             "inner_capped": int(out.get("inner_capped", 0)),
-                            "refine": bool(meta["refined"] and s not in A.PATH_SCALES)})
+                            "refine": bool(meta["refined"] and s not in A.PATH_SCALES),
+                            "corrected": probes is not None})
             log.info("scale %.3g: D = %.6f, misfit %.4g (noise level %s), R = %.4g, %s", s, last["D"],
                      records[-1]["misfit"], "unknown" if target is None else f"{target:.4g}", last["R"],
                      out["reason"])
@@ -338,7 +356,12 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
             meta["scale"] = None
         # choose
         if meta["phase"] == "path":
-            if rule_name == "noise":
+            if rule_name == "corrected":
+                kc = len(records) - 1
+                rule = (f"noise-corrected estimating equation j'(delta) - sigma^2 T'(delta) = 0 ({cfg.noise_probes} "
+                        f"noise probes) at scale {A.CORRECTED_SCALE_PER_SIGMA2:g} x (sigma / robust intensity)^2 = "
+                        f"{s_noise:.3g} (clipped to [{A.PATH_SCALES[-1]:g}, 1]); " + noise_rule)
+            elif rule_name == "noise":
                 kc = len(records) - 1
                 rule = (f"noise rule: scale = {A.SCALE_PER_SIGMA2:g} x (sigma / robust intensity)^2 = "
                         f"{s_noise:.3g} (clipped to [{A.PATH_SCALES[-1]:g}, 1]); " + noise_rule)
@@ -383,10 +406,14 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
         if sigma is None:  # no noise level: the residual's at the chosen scale (interior nodes, scans >= 1)
             sigma_ci = math.sqrt(max(chosen["misfit"], 0.0) / max(m_int * (n_obs - 1), 1e-300))
         ci, extra = _interval(problem, final_cfg, x, meta, sigma_ci, vm, subject, records, kc, grid, data, comm,
-                              checkpointer, state_fn, history, dt, warnings)
+                              checkpointer, state_fn, history, dt, warnings,
+                              probes=probes if chosen.get("corrected") else None)
+        if probes is not None:
+            extra["probe_inner_iterations"] = probes.inner_iterations
+            probes.close()
         if sigma is None:
             extra["noise_sigma_from_residual"] = sigma_ci * scale
-        if target is not None and rule_name == "noise" and target > 0:
+        if target is not None and rule_name in ("noise", "corrected") and target > 0:
             extra["misfit_over_noise_level"] = chosen["misfit"] / target
         selection = {"rule": meta["rule"], "scale": chosen["scale"],
                      "weights": [final_cfg.alpha, final_cfg.beta, final_cfg.gamma],
@@ -422,8 +449,13 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
 
 
 def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data, comm, checkpointer, state_fn,
-              history, dt, warnings):
-    """(D_ci95 [lo, hi], details): Laplace (noise) part widened by the measured sensitivity (see fem.auto)."""
+              history, dt, warnings, probes=None):
+    """(D_ci95 [lo, hi], details): Laplace (noise) part widened by the measured sensitivity (see fem.auto).
+
+    ``probes``: the :class:`glymphmpi.fem.projection.NoiseProbes` when D solves the noise-corrected
+    equation F = j' - sigma^2 T' = 0: the noise part then comes from F's slope and the probes' spread
+    (see fem.auto), and the time-step check solves the corrected equation on the finer grid.
+    """
     from glymphmpi.fem import auto as A
     from glymphmpi.fem.projection import ReducedFunctional
 
@@ -435,16 +467,35 @@ def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data
     # approximation's precision and the Newton step of the time-step check
     h = 0.02 if cfg.d_param == "sigmoid" else 0.01 * max(abs(delta), 1e-3)
     rf = ReducedFunctional(problem, cfg, x, atol=meta["solver"].get("atol"))
+    npb = probes
     try:
         _, pp = rf(delta + h)
         _, pm = rf(delta - h)
-        rf(delta)  # back to the solution (x holds its g again)
+        _, p0 = rf(delta)  # back to the solution (x holds its g again)
+        if npb is not None:  # the search's last evaluation was at the estimate
+            t0 = npb.last[1] if npb.last is not None and npb.last[0] == delta else npb.slopes(delta)
+            tp, tm = npb.slopes(delta + h), npb.slopes(delta - h)
     finally:
         rf.close()
     jpp = (pp - pm) / (2.0 * h) * problem.J_scale
     out["curvature_j_delta"] = jpp
-    if sigma is not None and sigma > 0:
-        v = float(abs(np.linalg.det(np.asarray(subject.affine)[:3, :3])))
+    slope, target = jpp, 0.0
+    v = float(abs(np.linalg.det(np.asarray(subject.affine)[:3, :3])))
+    if npb is not None:
+        s2 = sigma ** 2
+        target = s2 * float(np.mean(t0))
+        slope = jpp - s2 * (float(np.mean(tp)) - float(np.mean(tm))) / (2.0 * h)
+        var_probe = float(np.var(t0, ddof=1)) if len(t0) > 1 else 0.0
+        out.update(noise_correction={"probes": len(t0), "sigma2_T_prime": target, "probe_sd": math.sqrt(var_probe),
+                                     "residual": p0 * problem.J_scale - target, "slope": slope})
+        if slope > 0:
+            var_d = (2.0 * s2 * v * slope + s2 ** 2 * var_probe * (1.0 + 1.0 / len(t0))) / slope ** 2
+            sd = abs(dDdd) * math.sqrt(var_d)
+        else:
+            warnings.append("the noise-corrected estimating equation does not increase in D at the estimate: "
+                            "no noise interval")
+            sd = float("nan")
+    elif sigma is not None and sigma > 0:
         if jpp > 0:
             sd = abs(dDdd) * math.sqrt(2.0 * sigma ** 2 * v / jpp)
         else:
@@ -459,7 +510,7 @@ def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data
             b_reg = max(b_reg, abs(r["D"] - D) * 0.5 / ld)
     b_dt = 0.0
     if cfg.check_dt:
-        D_half = _half_step_D(problem, cfg, x, grid, data, dt, jpp, checkpointer, state_fn, history)
+        D_half = _half_step_D(problem, cfg, x, grid, data, dt, slope, checkpointer, state_fn, history, target)
         b_dt = abs(D_half - D)
         out["D_half_dt"] = D_half
         if math.isfinite(sd) and b_dt > 1.96 * sd and sd > 0:
@@ -472,12 +523,18 @@ def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data
                         f"includes it, and D itself may be off by that much")
     ci = A.interval(D, sd if math.isfinite(sd) else 0.0, bias)
     out.update(D_sd_noise=sd, bias_regularisation=b_reg, bias_time_step=b_dt,
-               interval_rule="D -+ (1.96 sd_Laplace + max(|D(dt/2) - D|, dD per half decade of scale))")
+               interval_rule="D -+ (1.96 sd_noise + max(|D(dt/2) - D|, dD per half decade of scale))" + (
+                   "; sd_noise from the slope of j' - sigma^2 T' and the probes' spread" if npb is not None
+                   else "; sd_noise by the Laplace approximation"))
     return ci, out
 
 
-def _half_step_D(problem, cfg, x, grid, data, dt, jpp, checkpointer=None, state_fn=None, history=None):
+def _half_step_D(problem, cfg, x, grid, data, dt, jpp, checkpointer=None, state_fn=None, history=None,
+                 target: float = 0.0):
     """D with half the time step: a Newton and a secant step of the reduced functional on the finer grid.
+
+    Solves j_half'(delta) = ``target`` (unnormalised; the noise correction sigma^2 T' at the estimate
+    when D solves the corrected equation, taken as unchanged by the time step), ``jpp`` its slope.
 
     g is interpolated in time from the solution, the finer grid's best g for
     the estimate's delta is one inner solve warm-started from it, the Newton
@@ -512,10 +569,12 @@ def _half_step_D(problem, cfg, x, grid, data, dt, jpp, checkpointer=None, state_
         rf = ReducedFunctional(fp, cfg, xf)
         try:
             _, p0 = rf(delta)
+            p0 = p0 - target / fp.J_scale
             d1 = delta - (p0 * fp.J_scale / jpp if jpp > 0 else 0.0)
             d2 = d1
             if d1 != delta:  # one secant step through the Newton point (the curvatures of the grids differ)
                 _, p1 = rf(d1)
+                p1 = p1 - target / fp.J_scale
                 d2 = d1 - p1 * (d1 - delta) / (p1 - p0) if p1 != p0 else d1
         finally:
             rf.close()
