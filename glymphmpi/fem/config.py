@@ -120,7 +120,7 @@ class FemConfig:
     gamma: NonNegative = 0.01
     optimizer: Literal["tao", "projection"] = "tao"
     inner_rtol: Annotated[float, Range(gt=0, lt=1)] = 1e-4
-    inner_max_iterations: PositiveInt = 200
+    inner_max_iterations: PositiveInt = 500
     inner_options: dict = field(default_factory=dict)
     inner_probe: bool = True
     outer_step: Positive = 0.2
