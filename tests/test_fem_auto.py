@@ -110,6 +110,14 @@ def test_corrected_scale_rule():
     assert A.corrected_scale(10.0) == 1.0
 
 
+def test_scan_gap_warning():
+    """Rule "corrected" warns whenever scans are further apart than the spacing D was accurate at."""
+    assert A.scan_gap_warning([0.0, 4.0, 8.0, 12.0]) is None
+    assert A.scan_gap_warning([0.0]) is None
+    w = A.scan_gap_warning([0.0, 7.0, 24.0, 46.0])
+    assert w is not None and "22 h apart" in w and "upper estimate" in w
+
+
 def test_noise_scale_rule():
     """s = 30 sigma^2 within [1e-4, 1]: 5% noise -> 0.075, noise-free -> the weakest scale, huge noise -> 1."""
     assert A.noise_scale(0.05) == pytest.approx(0.075)

@@ -400,6 +400,10 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
         low = A.low_noise_warning(sigma, [r for r in records if not r.get("refine")], subject.times_h)
         if low:
             warnings.append(low)
+        elif rule_name == "corrected":
+            gap = A.scan_gap_warning(subject.times_h)
+            if gap:
+                warnings.append(gap)
         total_its = history["iteration"][-1] if history["iteration"] else 0
         # interval: Laplace approximation of j(delta) = min_g J, widened by the measured sensitivity
         sigma_ci = sigma
