@@ -496,14 +496,17 @@ def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data
             var_d = (2.0 * s2 * v * slope + s2 ** 2 * var_probe * (1.0 + 1.0 / len(t0))) / slope ** 2
             sd = abs(dDdd) * math.sqrt(var_d)
         else:
-            warnings.append("the noise-corrected estimating equation does not increase in D at the estimate: "
-                            "no noise interval")
+            warnings.append(f"the noise-corrected estimating equation does not increase in D at the estimate "
+                            f"(slope {slope:.3g}): the data do not determine D, and the interval is the whole "
+                            f"range of D's parametrisation [{cfg.d_min:g}, {cfg.d_max:g}]")
             sd = float("nan")
     elif sigma is not None and sigma > 0:
         if jpp > 0:
             sd = abs(dDdd) * math.sqrt(2.0 * sigma ** 2 * v / jpp)
         else:
-            warnings.append("the reduced functional is not convex in D at the estimate: no noise interval")
+            warnings.append(f"the reduced functional is not convex in D at the estimate: the data do not "
+                            f"determine D, and the interval is the whole range of D's parametrisation "
+                            f"[{cfg.d_min:g}, {cfg.d_max:g}]")
             sd = float("nan")
     # sensitivity to the regularisation scale: change of D per half decade around the chosen scale
     sc = records[kc]["scale"]
@@ -525,8 +528,9 @@ def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data
         warnings.append(f"D depends on the regularisation scale: half its change over the decade to the next "
                         f"stronger scale is {b_reg:.3g} mm^2/h ({100 * b_reg / abs(D):.1f}% of D); the interval "
                         f"includes it, and D itself may be off by that much")
-    ci = A.interval(D, sd if math.isfinite(sd) else 0.0, bias)
-    out.update(D_sd_noise=sd, bias_regularisation=b_reg, bias_time_step=b_dt,
+    # no curvature: nothing bounds D but its parametrisation (never a narrow interval made of the bias alone)
+    ci = A.interval(D, sd, bias) if math.isfinite(sd) else [float(cfg.d_min), float(cfg.d_max)]
+    out.update(D_sd_noise=sd if math.isfinite(sd) else None, bias_regularisation=b_reg, bias_time_step=b_dt,
                interval_rule="D -+ (1.96 sd_noise + max(|D(dt/2) - D|, dD per half decade of scale))" + (
                    "; sd_noise from the slope of j' - sigma^2 T' and the probes' spread" if npb is not None
                    else "; sd_noise by the Laplace approximation"))
