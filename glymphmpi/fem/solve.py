@@ -471,21 +471,20 @@ def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data
     # approximation's precision and the Newton step of the time-step check
     h = 0.02 if cfg.d_param == "sigmoid" else 0.01 * max(abs(delta), 1e-3)
     rf = ReducedFunctional(problem, cfg, x, atol=meta["solver"].get("atol"))
-    npb = probes
     try:
         _, pp = rf(delta + h)
         _, pm = rf(delta - h)
         _, p0 = rf(delta)  # back to the solution (x holds its g again)
-        if npb is not None:  # the search's last evaluation was at the estimate
-            t0 = npb.last[1] if npb.last is not None and npb.last[0] == delta else npb.slopes(delta)
-            tp, tm = npb.slopes(delta + h), npb.slopes(delta - h)
+        if probes is not None:  # the search's last evaluation was at the estimate
+            t0 = probes.last[1] if probes.last is not None and probes.last[0] == delta else probes.slopes(delta)
+            tp, tm = probes.slopes(delta + h), probes.slopes(delta - h)
     finally:
         rf.close()
     jpp = (pp - pm) / (2.0 * h) * problem.J_scale
     out["curvature_j_delta"] = jpp
     slope, target = jpp, 0.0
     v = float(abs(np.linalg.det(np.asarray(subject.affine)[:3, :3])))
-    if npb is not None:
+    if probes is not None:
         s2 = sigma ** 2
         target = s2 * float(np.mean(t0))
         slope = jpp - s2 * (float(np.mean(tp)) - float(np.mean(tm))) / (2.0 * h)
@@ -532,7 +531,7 @@ def _interval(problem, cfg, x, meta, sigma, vm, subject, records, kc, grid, data
     ci = A.interval(D, sd, bias) if math.isfinite(sd) else [float(cfg.d_min), float(cfg.d_max)]
     out.update(D_sd_noise=sd if math.isfinite(sd) else None, bias_regularisation=b_reg, bias_time_step=b_dt,
                interval_rule="D -+ (1.96 sd_noise + max(|D(dt/2) - D|, dD per half decade of scale))" + (
-                   "; sd_noise from the slope of j' - sigma^2 T' and the probes' spread" if npb is not None
+                   "; sd_noise from the slope of j' - sigma^2 T' and the probes' spread" if probes is not None
                    else "; sd_noise by the Laplace approximation"))
     return ci, out
 
