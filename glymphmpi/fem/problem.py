@@ -158,15 +158,17 @@ class ControlProblem:
         self.g_extra = np.asarray(extra, dtype=np.float64)
         self.gs = self._scale_from(self._known_diag + self.g_extra[:, None])
 
-    def set_weights(self, cfg, x=None) -> None:
+    def set_weights(self, cfg, x=None, g_extra=None) -> None:
         """Switch to ``cfg``'s regularisation weights (a point of the regularisation path).
 
         The g scaling follows the new weights (keeping the probed diffusive
-        curvature); ``x``, when given, keeps its physical g.
+        curvature, or taking ``g_extra`` as the new one); ``x``, when given, keeps its physical g.
         """
         g = self.split(x)[1][1:].copy() if (x is not None and self.full) else None
         self.cfg = cfg
         if self.gs is not None:
+            if g_extra is not None:
+                self.g_extra = np.asarray(g_extra, dtype=np.float64)
             extra = getattr(self, "g_extra", None)
             self._g_scale()
             self.gs = self._scale_from(self._known_diag + (extra[:, None] if extra is not None else 0.0))

@@ -281,8 +281,9 @@ class NoiseProbes:
             for _ in range(self.probes):
                 z = np.stack([rng.standard_normal(nvox)[vox] for _ in range(problem.data.shape[0])])
                 pz = ControlProblem(model, z, self.cfg)
-                if problem.g_extra is not None:  # the probed diffusive curvature, in the probe's normalisation
-                    pz.set_g_extra(np.asarray(problem.g_extra) * problem.J_scale / pz.J_scale)
+                extra = self._g_extra_for(pz)
+                if extra is not None:
+                    pz.set_g_extra(extra)
                 xz = pz.initial()
                 arr = xz.array  # every rank takes the array: PETSc's cached norms stay consistent
                 arr[pz.nd:] = 0.0
@@ -307,21 +308,21 @@ class NoiseProbes:
         self.cfg = cfg
         self._stale = True
 
-    def _sync(self) -> None:
-        """Weights and g scaling from the data's problem (its optimiser may have re-probed g_extra)."""
+    def _g_extra_for(self, pz):
+        """The data problem's probed diffusive curvature in probe ``pz``'s normalisation, or None."""
         import numpy as np
 
+        if self.problem.g_extra is None:
+            return None
+        return np.asarray(self.problem.g_extra) * self.problem.J_scale / pz.J_scale
+
+    def _sync(self) -> None:
+        """Weights and g scaling from the data's problem (its optimiser may have re-probed g_extra)."""
         for i, (pz, xz, rf) in enumerate(self.items):
             self._iterations += rf.inner_iterations
             self._capped += rf.inner_capped
             rf.close()
-            g = pz.split(xz)[1][1:].copy() if pz.full else None
-            if self.problem.g_extra is not None:
-                pz.set_g_extra(np.asarray(self.problem.g_extra) * self.problem.J_scale / pz.J_scale)
-            pz.set_weights(self.cfg)
-            if g is not None:
-                arr = xz.array  # every rank takes the array: PETSc's cached norms stay consistent
-                arr[pz.nd:] = pz.pack_g(g)
+            pz.set_weights(self.cfg, xz, g_extra=self._g_extra_for(pz))  # keeps each probe's physical g
             self.items[i] = (pz, xz, ReducedFunctional(pz, self._inner_cfg(), xz))
         self._stale = False
 

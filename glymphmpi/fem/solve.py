@@ -337,10 +337,9 @@ def estimate(subject, cfg, comm, checkpointer=None, quiet: bool = True) -> FemRe
                      stage_cfg.beta, stage_cfg.gamma)
             if probes is not None:
                 probes.set_weights(stage_cfg)
-                its0, capped0 = probes.inner_iterations, probes.inner_capped
+                capped0 = probes.inner_capped
             out = optimise(stage_cfg, start_local, probes)
             if probes is not None:
-                out = {**out, "probe_inner_iterations": probes.inner_iterations - its0}
                 out["inner_capped"] = int(out.get("inner_capped", 0)) + probes.inner_capped - capped0
             problem.evaluate(x)
             last = problem.last
