@@ -97,6 +97,9 @@ class Method:
         template: job template ``jobs/TEMPLATE.sbatch`` (None: ``jobs/run.sbatch``, the generic one;
             the renderer sets METHOD and KIND, so any template serves any method).
         cohort_default: part of a cohort's method list when it names none.
+        keep_negative: load the scans with their negative values (noise) rather than clipped to 0
+            (:func:`glymphmpi.subject.load_subject`): for a least-squares fit whose noise model is
+            zero-mean.
         updates: for a method that re-processes a finished run of another method (``romt-post``):
             that method's name. Its command takes ``RESULTS_DIR [--subject S]`` instead of
             ``SUBJECT --out DIR``, and its fields are merged into the existing summary.json.
@@ -119,6 +122,7 @@ class Method:
     template: str | None = None
     cohort_default: bool = False
     updates: str | None = None
+    keep_negative: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -194,7 +198,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
         comm="mpi", requires=("dolfinx", None),
         summary=("D_mm2_per_h", "D_ci95_mm2_per_h", "iterations", "J"),
         figures="glymphmpi.report.fem_figures:figures",
-        kind="mpi", default_ranks=2, template="fem", cohort_default=True),
+        kind="mpi", default_ranks=2, template="fem", cohort_default=True, keep_negative=True),
     Method(
         "pinn", "physics-informed neural network estimate of D (torchrun/srun/mpirun for DDP)",
         config="glymphmpi.pinn.config:PinnConfig", solve="glymphmpi.pinn.run:solve", title="PINN",

@@ -137,7 +137,7 @@ def _run(m: Method, args, cfg, comm, solve, figures) -> dict:
     from glymphmpi.store import RunDir, run_identity
 
     subject_cfg = load_config("subject", args.config, overrides(m, args))
-    subject = load_subject(args.subject, subject_cfg)
+    subject = load_subject(args.subject, subject_cfg, keep_negative=m.keep_negative)
     # locks OUT (one run at a time) and refuses to resume another run's unfinished state
     rundir = RunDir(args.out, comm=comm, force=args.force, fresh=args.fresh).prepare(
         identity=run_identity(m.name, subject, cfg))

@@ -201,6 +201,26 @@ def test_small_negatives_clipped_with_one_warning(tmp_path, caplog):
     assert s.clipped_mass[0] == 0 and s.clipped_mass[2] == 0
 
 
+def test_negatives_kept_for_zero_mean_fits(tmp_path, caplog):
+    """keep_negative (the FEM's least squares): the scans keep their negative values, nothing is
+    recorded as clipped and no clipping warning is logged; the registry asks for it for the FEM only
+    (rOMT needs a density, the PINN's default L1 loss fits the median, which clipping keeps at 0)."""
+    from glymphmpi.methods import get
+
+    toml, scans, mask = make(tmp_path)
+    s1 = scans[1].astype(np.float32).copy()
+    s1[2, 2, 2] = -0.05
+    nib.save(nib.Nifti1Image(s1, AFF), str(tmp_path / "conc_01.nii.gz"))
+    with caplog.at_level("INFO", logger="glymphmpi"):
+        s = load_subject(toml, keep_negative=True)
+    assert s.scans[1, 2, 2, 2] == pytest.approx(-0.05, rel=1e-6) and s.scans.min() < 0
+    assert not s.clipped_mass.any()
+    assert not any("clipped" in r.getMessage() for r in caplog.records)
+    assert sum("negative values kept in 1 scan" in r.getMessage() for r in caplog.records) == 1
+    np.testing.assert_array_equal(np.maximum(s.scans, 0.0), load_subject(toml).scans)
+    assert get("fem").keep_negative and not get("romt").keep_negative and not get("pinn").keep_negative
+
+
 def test_large_negative_mass_is_error(tmp_path, capsys):
     toml, scans, mask = make(tmp_path)
     nib.save(nib.Nifti1Image(-scans[1].astype(np.float32), AFF), str(tmp_path / "conc_01.nii.gz"))
@@ -214,8 +234,9 @@ def test_negative_limit_is_configurable(tmp_path):
     s1 = scans[1].astype(np.float32).copy()
     s1[1:3, 1:3, 1:3] = -0.5
     nib.save(nib.Nifti1Image(s1, AFF), str(tmp_path / "conc_01.nii.gz"))
-    with pytest.raises(InputError, match="negative values hold"):
-        load_subject(toml, SubjectConfig(max_negative_mass_fraction=0.01))
+    for keep in (False, True):  # the limit holds whether or not the negatives are kept
+        with pytest.raises(InputError, match="negative values hold"):
+            load_subject(toml, SubjectConfig(max_negative_mass_fraction=0.01), keep_negative=keep)
     assert load_subject(toml, SubjectConfig(max_negative_mass_fraction=0.9)).scans.min() == 0
 
 
