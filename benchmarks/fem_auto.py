@@ -22,7 +22,7 @@ noisy phantoms.
 Scan times: the default 0, 7, 24, 46 h (a human protocol) do not determine D
 on these blocks, noise-free or noisy: the unobserved boundary history between
 the scans is what D would have to explain, and the corrected equation is flat
-in D there (fem_auto seed 1129 p01: slope -3e-4 against 0.2-20 with scans
+in D there (fem_auto seed 1129 p01: slope -3e-4 against 0.14-20 with scans
 every 4 h; the run then reports the whole range of D as its interval, with a
 warning). ``--times 0,4,8,12`` samples the boundary peak; the README's
 figures for the targets were measured with it (glymphmpi/fem/README.md).
