@@ -341,9 +341,9 @@ def load_subject(path, config: SubjectConfig | None = None, keep_negative: bool 
                 scan_paths[n],
             )
         clipped[n] = 0.0 if keep_negative else neg * vol_mm3
-    if keep_negative and any(v > 0 for v in negs):
-        log.info("%s: negative values kept in %d scan(s) (the fit's noise model is zero-mean)", path,
-                 sum(v > 0 for v in negs))
+    n_negative = sum(v > 0 for v in negs)
+    if keep_negative and n_negative:
+        log.info("%s: negative values kept in %d scan(s) (the fit's noise model is zero-mean)", path, n_negative)
     if clipped.any():
         log.warning(
             "%s: clipped negative values to 0 in %d scan(s); clipped mass %s (conc x mm^3), %.3g%% of the total",
