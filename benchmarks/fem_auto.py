@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/fem_auto.py [--noisy 10] [--clean 3] [--blocks 24 36] [--seed 2026] [--out DIR]
-                                  [--ranks 1] [--times 0,7,24,46] [--only K ...]
+                                  [--ranks 1] [--times 0,7,24,46] [--only K ...] [--replicates N] [--twin]
 
 Each phantom (``glymphmpi.synth.brain_diffusion``) gets a fresh random D
 (uniform in [0.4, 1.0] mm^2/h), a random block edge in [--blocks] mm (the
@@ -26,6 +26,13 @@ in D there (fem_auto seed 1129 p01: slope -3e-4 against 0.14-20 with scans
 every 4 h; the run then reports the whole range of D as its interval, with a
 warning). ``--times 0,4,8,12`` samples the boundary peak; the README's
 figures for the targets were measured with it (glymphmpi/fem/README.md).
+
+Bias or noise: ``--replicates N`` refits each selected noisy phantom with N
+further noise seeds (ids ``pKKrJ``: same D, block and centre), and ``--twin``
+adds its noise-free copy (``pKKnf``). The summary then prints, per phantom, the
+mean and standard deviation of the error over its noisy copies beside the
+noise sd the runs reported: a mean far from 0 against that sd is a bias of the
+method, an error of one copy within it is the noise.
 """
 
 from __future__ import annotations
@@ -64,6 +71,18 @@ def draw(n_noisy: int, n_clean: int, blocks, seed: int) -> list[dict]:
                     "centre_mm": centre, "noise": 0.05 if k < n_noisy else 0.0,
                     "seed": int(rng.integers(1, 2**31 - 1))})
     return sorted(out, key=lambda p: (p["block"], p["id"]))
+
+
+def copies(p: dict, replicates: int, twin: bool) -> list[dict]:
+    """``p`` with further noise seeds (reproducible from its own seed) and, with ``twin``, its noise-free copy."""
+    out = [p]
+    if p["noise"] > 0:
+        rng = np.random.default_rng(p["seed"])
+        out += [{**p, "id": f"{p['id']}r{j}", "seed": int(rng.integers(1, 2**31 - 1)), "of": p["id"]}
+                for j in range(1, replicates + 1)]
+        if twin:
+            out.append({**p, "id": f"{p['id']}nf", "noise": 0.0, "of": p["id"]})
+    return out
 
 
 def make(p: dict, out: Path, times=None) -> Path:
@@ -107,16 +126,22 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, nargs=2, default=[24, 36])
     ap.add_argument("--seed", type=int, default=2026)
     ap.add_argument("--ranks", type=int, default=1)
-    ap.add_argument("--only", nargs="*", help="phantom ids to run (default: all, smaller blocks first)")
+    ap.add_argument("--only", nargs="*", help="phantom ids to run (default: all, smaller blocks first); a copy's "
+                                               "id (pKKrJ, pKKnf) runs that copy alone")
     ap.add_argument("--times", default=None, help="scan times in hours, comma-separated (default: the phantom's "
                                                   "0,7,24,46); the draws do not depend on it")
+    ap.add_argument("--replicates", type=int, default=0, help="further noise seeds per selected noisy phantom")
+    ap.add_argument("--twin", action="store_true", help="also fit each selected noisy phantom without noise")
     ap.add_argument("--out", default="benchmark-output/fem_auto")
     args = ap.parse_args()
+    if args.replicates < 0:
+        ap.error("--replicates must be >= 0")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     phantoms = draw(args.noisy, args.clean, args.blocks, args.seed)
-    if args.only:
-        phantoms = [p for p in phantoms if p["id"] in args.only]
+    phantoms = [c for p in phantoms for c in copies(p, args.replicates, args.twin)]
+    if args.only:  # a phantom's id selects it with its copies; a copy's id selects that copy alone
+        phantoms = [p for p in phantoms if p["id"] in args.only or p.get("of") in args.only]
     rows = []
     print(f"{'id':>4} {'block':>5} {'noise':>5} {'D true':>7} {'D est':>7} {'error':>7} {'95% interval':>17} "
           f"{'inside':>6} {'conv':>5} {'min':>5} {'cpu min':>7}", flush=True)
@@ -136,8 +161,18 @@ def main() -> None:
             print(f"{p['id']:>4} {p['block']:>5} {p['noise']:>5.2f} {p['D']:>7.4f} failed: {r['failed']}", flush=True)
         rows.append(r)
         (out / "fem_auto.json").write_text(json.dumps(rows, indent=2))
-    noisy = [r for r in rows if r["noise"] > 0 and "D_est" in r]
-    clean = [r for r in rows if r["noise"] == 0 and "D_est" in r]
+    for base in sorted({r["of"] for r in rows if "of" in r}):
+        group = [r for r in rows if "D_est" in r and r["noise"] > 0 and base in (r["id"], r.get("of"))]
+        err = np.array([r["error"] for r in group])
+        sd = [r["D_sd_noise"] / r["D"] for r in group if r.get("D_sd_noise") is not None]
+        twin_row = [r for r in rows if r["id"] == f"{base}nf" and "D_est" in r]
+        print(f"{base}: {len(err)} noisy copies, error mean {100 * err.mean():+.1f}% sd "
+              f"{100 * err.std(ddof=1) if len(err) > 1 else float('nan'):.1f}% (reported noise sd "
+              f"{100 * float(np.mean(sd)) if sd else float('nan'):.1f}% of D); inside "
+              f"{sum(r['inside'] for r in group)}/{len(group)}"
+              + (f"; noise-free copy {100 * twin_row[0]['error']:+.1f}%" if twin_row else ""))
+    noisy = [r for r in rows if r["noise"] > 0 and "D_est" in r and "of" not in r]
+    clean = [r for r in rows if r["noise"] == 0 and "D_est" in r and "of" not in r]
     if noisy:
         print(f"noisy: {sum(abs(r['error']) <= 0.07 for r in noisy)}/{len(noisy)} within 7%, truth inside the "
               f"interval in {sum(r['inside'] for r in noisy)}/{len(noisy)}")
