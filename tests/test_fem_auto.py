@@ -172,3 +172,11 @@ def test_low_noise_warning_on_brain_phantoms():
     assert A.low_noise_warning(levels[0.0], moving[:1]) is None  # one scale: no movement measured
     two_decades = [{"scale": 1e-2, "D": 0.83}, {"scale": 1e-4, "D": 0.81}]  # 2.5% over two decades: 1.2% each
     assert "1.2%" in A.low_noise_warning(levels[0.0], two_decades)
+    # D that rose as the scale weakened (the rat: 0.390 -> 0.624) is not called an upper estimate
+    rising = [{"scale": 1.41e-3, "D": 0.3897}, {"scale": 1.41e-4, "D": 0.6241}]
+    w = A.low_noise_warning(levels[0.0], rising, [0, 1 / 6, 2 / 6])
+    assert w is not None and "38% per decade" in w and "rose as the regularisation weakened" in w
+    assert "not determined" in w and "upper estimate" not in w and "biased high" not in w
+    w = A.low_noise_warning(levels[0.0], rising, list(bd.DEFAULT_TIMES_H))  # sparse scans too: still no sign
+    assert "up to 22 h apart" in w and "upper estimate" not in w
+    assert "upper estimate" in A.low_noise_warning(levels[0.0], moving, [0, 4, 8, 12])  # D fell: flattening
