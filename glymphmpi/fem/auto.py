@@ -141,15 +141,12 @@ def highpass_sigma(scans: np.ndarray, mask: np.ndarray, order: int | None = None
     if order not in (None, 2, 4):
         raise ValueError(f"order must be 2 or 4, not {order!r}")
     inner = ndimage.binary_erosion(m, structure=face, iterations=2, border_value=0)
-    if order == 2 or (order is None and inner.sum() < 100):
+    if order is None:
+        order = 4 if inner.sum() >= 100 else 2
+    if order == 2:
         inner = ndimage.binary_erosion(m, structure=face, border_value=0)
-        order = 2
-        if inner.sum() < 100:
-            return None, "the mask is too thin for a high-pass estimate"
-    elif inner.sum() < 100:
+    if inner.sum() < 100:
         return None, "the mask is too thin for a high-pass estimate"
-    else:
-        order = 4
     k1 = _face_mean(1)
     k2 = _face_mean(2)
     rs, mus = [], []
@@ -204,8 +201,10 @@ def noise_level(times_h, scans: np.ndarray, mask: np.ndarray, given: float | Non
         why = (f"the pre-contrast scan (t = {float(times_h[0]):g} h) is exactly zero in more than 3/4 of the mask "
                f"(a baseline-subtracted scan carries no noise information)")
     hp, how = highpass_sigma(scans, mask)
-    if hp is None or not hp > 0:
-        return None, why + f"; {how}: noise level unknown" if hp is None else why + "; noise level unknown"
+    if hp is None:
+        return None, f"{why}; {how}: noise level unknown"
+    if not hp > 0:
+        return None, f"{why}; noise level unknown"
     return hp / scale, why + f": sigma = {hp:.4g} in the data's units from the scans' {how}"
 
 
