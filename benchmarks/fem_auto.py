@@ -170,11 +170,15 @@ def main() -> None:
         err = np.array([r["error"] for r in group])
         sd = [r["D_sd_noise"] / r["D"] for r in group if r.get("D_sd_noise") is not None]
         twin_row = [r for r in rows if r["id"] == f"{base}nf" and "D_est" in r]
-        print(f"{base}: {len(err)} noisy copies, error mean {100 * err.mean():+.1f}% sd "
-              f"{100 * err.std(ddof=1) if len(err) > 1 else float('nan'):.1f}% (reported noise sd "
-              f"{100 * float(np.mean(sd)) if sd else float('nan'):.1f}% of D); inside "
-              f"{sum(r['inside'] for r in group)}/{len(group)}"
-              + (f"; noise-free copy {100 * twin_row[0]['error']:+.1f}%" if twin_row else ""))
+        parts = [f"{len(err)} noisy copies"]
+        if len(err):  # a twin run alone has no noisy copy to average
+            parts[0] += (f", error mean {100 * err.mean():+.1f}% sd "
+                         f"{100 * err.std(ddof=1) if len(err) > 1 else float('nan'):.1f}% (reported noise sd "
+                         f"{100 * float(np.mean(sd)) if sd else float('nan'):.1f}% of D); inside "
+                         f"{sum(r['inside'] for r in group)}/{len(group)}")
+        if twin_row:
+            parts.append(f"noise-free copy {100 * twin_row[0]['error']:+.1f}%")
+        print(f"{base}: " + "; ".join(parts))
     noisy = [r for r in rows if r["noise"] > 0 and "D_est" in r and "of" not in r]
     clean = [r for r in rows if r["noise"] == 0 and "D_est" in r and "of" not in r]
     if noisy:

@@ -141,8 +141,9 @@ def highpass_sigma(scans: np.ndarray, mask: np.ndarray, order: int | None = None
     if order not in (None, 2, 4):
         raise ValueError(f"order must be 2 or 4, not {order!r}")
     inner = ndimage.binary_erosion(m, structure=face, iterations=2, border_value=0)
+    too_thin = order is None and inner.sum() < 100
     if order is None:
-        order = 4 if inner.sum() >= 100 else 2
+        order = 2 if too_thin else 4
     if order == 2:
         inner = ndimage.binary_erosion(m, structure=face, border_value=0)
     if inner.sum() < 100:
@@ -165,9 +166,9 @@ def highpass_sigma(scans: np.ndarray, mask: np.ndarray, order: int | None = None
         rr = r[sel]
         sigma = 1.4826 * float(np.median(np.abs(rr - np.median(rr)))) / f
     how = ("fourth-order high-pass residual (c - 4/3 mean of the 6 neighbours + 1/3 mean of the 6 at distance 2)"
-           if order == 4 else "second-order high-pass residual (c - mean of its 6 neighbours; the mask is too thin "
-                              "for the fourth-order one, and this one also counts the signal's curvature: sigma "
-                              "is overestimated at low noise)")
+           if order == 4 else "second-order high-pass residual (c - mean of its 6 neighbours; "
+                              + ("the mask is too thin for the fourth-order one, and " if too_thin else "")
+                              + "this one also counts the signal's curvature: sigma is overestimated at low noise)")
     return (sigma if math.isfinite(sigma) else None), how
 
 
